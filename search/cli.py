@@ -1,0 +1,79 @@
+"""The ``difftune`` command line: thin entry points over ``search`` and ``trainables``.
+
+Every subcommand lives in its own module with ``add_parser(subparsers)`` and a ``run(args)``;
+this module only wires them and turns user errors into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from trainables.errors import UserError
+
+logger = logging.getLogger("difftune")
+
+#: subcommand modules, in the order ``--help`` lists them
+COMMANDS = (
+    "search.cmd_search",
+    "search.cmd_export",
+    "search.cmd_train",
+    "search.cmd_ui",
+    "search.cmd_extract",
+    "search.cmd_cache",
+    "search.cmd_pretrain",
+    "search.cmd_probe",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difftune",
+        description=(
+            "Search which frozen guided-diffusion U-Net features (block, timestep, pooling) "
+            "and which head on top of them classify a dataset best. Run `difftune search` "
+            "with no arguments for the demo search."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # a subcommand not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"difftune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"difftune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

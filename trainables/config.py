@@ -1,0 +1,118 @@
+"""The configuration of one trial, built from the plain dict Ray Tune hands a trial.
+
+An unknown key is an error (a misspelled setting must fail loudly, never fall back to a
+default), and so is a value of the wrong kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+HEAD_TYPES = ("linear", "mlp", "attention", "difformer", "diffeed")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(UserError):
+    """A trial configuration a user wrote is invalid (exit code 2)."""
+
+
+@dataclass
+class TrialConfig:
+    """Everything one trial needs: what to extract, which head, how to train it."""
+
+    # what to read
+    model: str = "demo"
+    checkpoint: str | None = None
+    data: str = "digits"
+    label_fraction: float | str | None = None
+    block: int = 10
+    t: int = 90
+    pool: int = 2
+    noise_seed: int = 0
+    # head
+    head: str = "linear"
+    hidden: list[int] = field(default_factory=lambda: [256])
+    dropout: float = 0.0
+    # attention / DifFormer / DifFeed head settings
+    dim: int = 1024
+    heads: int = 8
+    depth: int = 2
+    mlp_ratio: float = 4.0
+    pre_pool: int = 16
+    norm: str = "layernorm"
+    blocks: list[int] = field(default_factory=lambda: [19, 24, 30])
+    timesteps: list[int] = field(default_factory=lambda: [90, 150, 300])
+    feedback_blocks: list[int] = field(default_factory=lambda: [21, 24, 27, 30, 33, 36])
+    feedback_arch: str = "C_B_R"
+    # training (the paper's released recipe by default)
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 28
+    batch_size: int = 32
+    step_size: int = 7
+    gamma: float = 0.1
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrialConfig:
+        """Build from a trial dict; unknown keys and wrong types raise :class:`ConfigError`."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown trial setting(s) {unknown}; allowed: {sorted(known)}"
+            )
+        values = {k: _coerce(k, v, known[k]) for k, v in config.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.head not in HEAD_TYPES:
+            raise ConfigError(f"head={self.head!r} is unknown; allowed: {list(HEAD_TYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is unknown; allowed: {list(OPTIMIZERS)}")
+        for name in ("pool", "epochs", "batch_size", "step_size", "pre_pool", "dim", "heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """Accept what YAML/Optuna produce (ints as floats, tuples as lists); refuse the rest."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None:
+        return None
+    if name == "label_fraction":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)  # a file listing the images to keep
+    try:
+        if isinstance(default, bool):
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, (int, float)):
+                value = [value]
+            return [int(v) for v in value]
+        if isinstance(default, str) or default is None:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"trial setting {name}={value!r} has the wrong type")

@@ -1,0 +1,210 @@
+"""Datasets: scikit-learn's digits (built in, no download) and ImageFolder trees.
+
+Every dataset yields ``(image [3 x H x W] in [-1, 1], label)``. A label-fraction subset is
+a ``torch.utils.data.Subset`` whose ``indices`` are positions in the full split, so that the
+seeded noise of an image (keyed by that index) does not depend on the subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(UserError):
+    """The data a user asked for is missing or malformed (a user error, exit code 2)."""
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one ``[N x 3 x H x W]`` tensor."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.targets = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def _digits(split: str, image_size: int) -> TensorImages:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    idx = np.arange(len(digits.target))
+    train_idx, val_idx = train_test_split(
+        idx, test_size=0.2, stratify=digits.target, random_state=0
+    )
+    keep = np.sort(train_idx if split == "train" else val_idx)
+    x = torch.from_numpy(digits.images[keep]).float() / 16.0 * 2.0 - 1.0  # [N x 8 x 8]
+    x = x[:, None]
+    if image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                            align_corners=False).clamp(-1, 1)
+    x = x.repeat(1, 3, 1, 1).contiguous()
+    labels = torch.from_numpy(digits.target[keep]).long()
+    return TensorImages(x, labels, [str(c) for c in range(10)])
+
+
+def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
+    from torchvision import datasets, transforms
+
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(
+            f"data folder {root} has no {split}/ subfolder (expected {root}/train/CLASS/*.jpg "
+            f"and {root}/val/CLASS/*.jpg)"
+        )
+    classes = [d.name for d in os.scandir(split_dir) if d.is_dir()]
+    if not classes:
+        raise DataError(f"data folder {split_dir} has no class subfolders (expected {split_dir}/CLASS/*.jpg)")
+    tf = transforms.Compose([
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),
+        ])
+    try:
+        return datasets.ImageFolder(str(split_dir), transform=tf, loader=_rgb_loader)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"data folder {split_dir}: {exc}") from None
+
+
+def _rgb_loader(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"image {path} cannot be read ({exc}); remove or replace it") from None
+
+
+def _subset_indices(targets: list[int], label_fraction: float | str | Path, seed: int,
+                    samples: list | None) -> list[int]:
+    if isinstance(label_fraction, (str, Path)) and not _is_number(label_fraction):
+        path = Path(label_fraction)
+        if not path.is_file():
+            raise DataError(f"label_fraction file {path} does not exist")
+        wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        if samples is None:
+            raise DataError("label_fraction as a file list works only with an image folder")
+        keep = [i for i, (p, _) in enumerate(samples)
+                if os.path.basename(p) in wanted or _rel(p) in wanted]
+        if not keep:
+            raise DataError(f"label_fraction file {path} names none of the training images")
+        return keep
+    frac = float(label_fraction)
+    if not 0 < frac <= 1:
+        raise DataError(f"label_fraction must be in (0, 1], got {frac}")
+    if frac == 1:
+        return list(range(len(targets)))
+    rng = np.random.default_rng(seed)
+    targets_arr = np.asarray(targets)
+    keep: list[int] = []
+    for c in np.unique(targets_arr):
+        members = np.flatnonzero(targets_arr == c)
+        k = max(1, int(round(frac * len(members))))
+        keep.extend(rng.choice(members, size=k, replace=False).tolist())
+    return sorted(keep)
+
+
+def _rel(p: str) -> str:
+    parts = Path(p).parts
+    return "/".join(parts[-2:])
+
+
+def _is_number(x: object) -> bool:
+    try:
+        float(x)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def load_dataset(
+    name_or_path: str,
+    *,
+    split: str,
+    image_size: int,
+    label_fraction: float | str | None = None,
+    seed: int = 0,
+) -> tuple[Dataset, list[str]]:
+    """Load a split of a dataset.
+
+    :param name_or_path: ``digits`` or a folder with ``train/`` and ``val/`` ImageFolder trees.
+    :param split: ``train`` or ``val``.
+    :param image_size: side of the square images the U-Net sees.
+    :param label_fraction: keep a seeded, stratified fraction of the training labels (or a
+        file listing the images to keep); the val split is never subsampled.
+    :return: ``(dataset, class_names)``; items are ``(image [3 x H x W] in [-1, 1], label)``.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if name_or_path == "digits":
+        ds: Dataset = _digits(split, image_size)
+        classes = ds.classes
+        samples = None
+    else:
+        root = Path(name_or_path)
+        if not root.is_dir():
+            raise DataError(
+                f"data {name_or_path!r} is neither 'digits' nor an existing folder with "
+                "train/ and val/ ImageFolder trees"
+            )
+        ds = _image_folder(root, split, image_size)
+        classes, samples = ds.classes, ds.samples
+    if label_fraction is not None and split == "train":
+        keep = _subset_indices(list(ds.targets), label_fraction, seed, samples)
+        ds = Subset(ds, keep)
+    return ds, list(classes)
+
+
+def dataset_indices(ds: Dataset) -> list[int]:
+    """Positions of ``ds``'s items in the full split (the keys of their seeded noise)."""
+    if isinstance(ds, Subset):
+        return list(ds.indices)
+    return list(range(len(ds)))
+
+
+def targets_of(ds: Dataset) -> list[int]:
+    """Labels of every item of ``ds`` without loading images."""
+    if isinstance(ds, Subset):
+        base = targets_of(ds.dataset)
+        return [base[i] for i in ds.indices]
+    return list(ds.targets)
+
+
+def data_fingerprint(name_or_path: str, *, split: str, image_size: int,
+                     label_fraction: float | str | None = None, seed: int = 0) -> str:
+    """A fingerprint of a dataset split: its files (names, sizes, mtimes), transform, subset."""
+    h = hashlib.sha256(f"{split}|{image_size}|{label_fraction}|{seed}".encode())
+    if name_or_path == "digits":
+        import sklearn
+
+        h.update(f"digits|sklearn-{sklearn.__version__}".encode())
+    else:
+        root = Path(name_or_path) / split
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

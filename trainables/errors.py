@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can make (bad setting, missing file, ...).
+
+The CLI turns it into one line on stderr and exit code 2; anything else is a bug.
+"""
+
+
+class UserError(ValueError):
+    """A setting or input the user gave is invalid; the message names it and what is allowed."""
