@@ -7,9 +7,9 @@ Features come from a *feature source*: :class:`DirectFeatures` extracts them in 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -134,8 +134,12 @@ def run_trial(
     head_state: dict | None = None,
     optimizer_state: dict | None = None,
     start_epoch: int = 0,
+    on_data: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train and evaluate the head of ``cfg`` on its features.
+
+    :param on_data: called once the features are ready with ``{"shapes", "num_classes"}``
+        (what a checkpoint needs to rebuild the head).
 
     :return: ``(head, per-epoch metrics)``.
     """
@@ -147,6 +151,8 @@ def run_trial(
     source = source or DirectFeatures(device=device)
     model, _ = cached_unet(cfg.model, cfg.checkpoint, device)
     data = source.prepare(cfg, clamp_requests(model, feature_requests(cfg)))
+    if on_data is not None:
+        on_data({"shapes": data.shapes, "num_classes": data.num_classes})
     head = build_head(cfg, data.shapes, data.num_classes)
     if head_state is not None:
         head.load_state_dict(head_state)

@@ -1,0 +1,122 @@
+"""``difftune search``: run a search (the demo with no arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="run a hyperparameter search (no arguments: the demo search)",
+        description="Search blocks, timesteps, pooling and heads with Ray Tune + Optuna, "
+        "recording every trial in MLflow. With no arguments: the demo search (the shipped "
+        "demo U-Net on scikit-learn's digits, 20 trials, a few minutes on 2 CPU cores).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--space", default="demo",
+                   help="a preset (demo, linear, attention, difformer, diffeed) or a YAML file")
+    p.add_argument("--model", help="override the space's model: demo, paper256 or a checkpoint path")
+    p.add_argument("--checkpoint", help="weights for a preset model (paper256 needs one)")
+    p.add_argument("--data", help="override the space's data: digits or an ImageFolder root")
+    p.add_argument("--trials", type=int, help="number of trials (default: the space's)")
+    p.add_argument("--seed", type=int, help="Optuna sampler seed (default: the space's)")
+    p.add_argument("--experiment", default="difftune-demo", help="MLflow experiment name")
+    p.add_argument("--model-name", help="registered model name for the champion head "
+                   "(default: difftune-EXPERIMENT)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db "
+                   "in the working directory)")
+    p.add_argument("--address", help="Ray cluster address to join (default: a local Ray)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--storage", help="Ray Tune storage path (a shared folder or s3:// on a "
+                   "cluster; default: ./difftune_runs)")
+    p.add_argument("--cache", help="feature cache folder or URI (default: ./difftune_cache, "
+                   "or $DIFFTUNE_CACHE)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="the paper's behaviour: rerun the U-Net on every batch of every epoch")
+    p.add_argument("--set", dest="pins", action="append", default=[], metavar="NAME=VALUE",
+                   help="pin a setting of the space, e.g. --set head=mlp --set epochs=3")
+    p.add_argument("--top", type=int, default=10, help="rows of the closing table")
+    p.set_defaults(run=run)
+
+
+def _cache_default() -> str:
+    try:
+        from trainables.cache import DEFAULT_CACHE
+    except ImportError:
+        DEFAULT_CACHE = "difftune_cache"
+    return os.environ.get("DIFFTUNE_CACHE", DEFAULT_CACHE)
+
+
+def _blocks_of(space) -> tuple[int, ...]:
+    """Every block number the space can ask for (a cache miss extracts them all)."""
+    from search.space import BLOCK_KEYS, _all_settings
+
+    blocks: set[int] = set()
+    for key, values, _ in _all_settings(space):
+        if key in BLOCK_KEYS:
+            for v in values:
+                blocks.update(v if isinstance(v, list) else [v])
+    spec = space.params.get("block", {})
+    if "int" in spec:
+        lo, hi = spec["int"]
+        blocks.update(range(lo, hi + 1))
+    return tuple(sorted(blocks))
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.space import load_space, parse_set
+    from search.tracking import check_reachable, resolve_uri
+    from search.tuner import run_search
+    from trainables.trainable import RuntimeOptions
+
+    space = load_space(
+        args.space, model=args.model, checkpoint=args.checkpoint, data=args.data,
+        overrides=parse_set(args.pins),
+        search_overrides={"trials": args.trials, "seed": args.seed,
+                          "gpus_per_trial": args.gpus_per_trial,
+                          "cpus_per_trial": args.cpus_per_trial,
+                          "max_concurrent": args.max_concurrent},
+    )
+    uri = resolve_uri(args.tracking_uri)
+    check_reachable(uri)
+    cache = None if args.no_cache else os.path.abspath(args.cache or _cache_default()) \
+        if "://" not in (args.cache or "") else args.cache
+    runtime = RuntimeOptions(cache=cache, online=args.no_cache,
+                             store_pool=space.search.get("cache_pool"),
+                             extra_blocks=_blocks_of(space),
+                             threads=max(1, int(space.search["cpus_per_trial"])))
+    logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
+                space.search["trials"], space.model, space.data, uri)
+    result = run_search(space, experiment=args.experiment, tracking_uri=uri, runtime=runtime,
+                        storage_path=args.storage, address=args.address,
+                        model_name=args.model_name)
+    print_summary(result, top=args.top)
+    return 0
+
+
+def print_summary(result, *, top: int = 10) -> None:
+    cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
+    print(f"\nbest trials of experiment {result.experiment!r} "
+          f"({len(result.rows)} finished):")
+    print("  ".join(f"{c:>10}" for c in cols))
+    for row in result.rows[:top]:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            cells.append(f"{str(v if v is not None else '-')[:10]:>10}")
+        print("  ".join(cells))
+    if result.best_run_id:
+        print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
+              f"registered as version {result.model_version} (alias 'champion')")
+    print(f"open the MLflow UI:  difftune ui --tracking-uri {result.tracking_uri}")
+    print(f"export the best:     difftune export --experiment {result.experiment} "
+          f"--tracking-uri {result.tracking_uri} --out best.yaml")

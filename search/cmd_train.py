@@ -1,0 +1,83 @@
+"""``difftune train``: retrain and evaluate an exported config (same seed, same numbers)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="retrain and evaluate a config exported by `difftune export`",
+        description="Retrain the head of an exported config on its features and report val "
+        "top-1/top-5 per epoch; with the same seed it reproduces the trial.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("file", help="YAML written by difftune export")
+    p.add_argument("--rank", type=int, default=1, help="which config of the file")
+    p.add_argument("--cache", help="feature cache to use (default: the search's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--save", help="folder to save the trained head checkpoint in")
+    p.set_defaults(run=run)
+
+
+def load_export(path: str, rank: int):
+    from trainables.config import TrialConfig
+    from trainables.errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+    if isinstance(data, dict) and "configs" in data:
+        entries = data["configs"]
+        if not 1 <= rank <= len(entries):
+            raise UserError(f"--rank {rank} is out of range; {path} has ranks 1..{len(entries)}")
+        entry = entries[rank - 1]
+        return TrialConfig.from_dict(entry["config"]), data.get("runtime") or {}, entry
+    if isinstance(data, dict):  # a bare trial config
+        return TrialConfig.from_dict(data), {}, {}
+    raise UserError(f"config file {path} must be a mapping (the output of difftune export)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from trainables.pipeline import run_trial
+    from trainables.trainable import RuntimeOptions, make_source, save_head
+
+    cfg, runtime_dict, entry = load_export(args.file, args.rank)
+    runtime_dict = {k: v for k, v in runtime_dict.items() if k in RuntimeOptions.__dataclass_fields__}
+    if args.cache:
+        runtime_dict["cache"] = args.cache
+    runtime = RuntimeOptions(**{**runtime_dict,
+                                "extra_blocks": tuple(runtime_dict.get("extra_blocks", ()))})
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    holder: dict = {}
+
+    def on_epoch(epoch, metrics, head, opt, sched):
+        logger.info("epoch %d: train_loss %.4f val_top1 %.2f val_top5 %.2f", epoch,
+                    metrics["train_loss"], metrics["val_top1"], metrics["val_top5"])
+
+    head, history = run_trial(cfg, source=make_source(runtime, args.device), device=args.device,
+                              on_epoch=on_epoch, on_data=holder.update)
+    final = history[-1]
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        save_head(Path(args.save), head, cfg, epoch=final["epoch"],
+                  shapes=holder.get("shapes", {}), num_classes=holder.get("num_classes", 0))
+    msg = f"val_top1 {final['val_top1']:.2f}  val_top5 {final['val_top5']:.2f}"
+    if entry.get("val_top1") is not None:
+        msg += f"  (recorded in the search: {entry['val_top1']:.2f})"
+    print(msg)
+    return 0

@@ -1,0 +1,432 @@
+"""Search spaces: YAML files turned into an Optuna define-by-run function for OptunaSearch.
+
+A space file (see ``spaces/demo.yaml``) has these top-level keys::
+
+    description: free text
+    model: demo | paper256 | PATH     checkpoint: PATH or null     data: digits | PATH
+    search:  trials, seed, metric, mode, scheduler {grace_period, reduction_factor},
+             max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, cache_pool
+    fixed:   trial settings that are not searched (epochs, batch_size, ...)
+    params:  searched settings, each one of
+               {choice: [a, b, ...]}                    categorical (lists allowed as values)
+               {int: [lo, hi], step: s, log: bool}      integer range (inclusive)
+               {float: [lo, hi], step: s, log: bool}    float range
+               {subset: [a, b, ...], min: 1}            a non-empty subset (e.g. DifFormer blocks)
+             ``head: {choice: {linear: {}, mlp: {hidden: ...}}}`` gives each head type its own
+             conditional sub-space (suggested only when that head is chosen).
+    paper_config: the paper's best trial, enqueued first when it lies inside the space
+
+Optuna parameter names are the setting names; a head's sub-space parameters are named
+``HEAD:NAME`` and subset members ``NAME@VALUE`` (Ray Tune splits names on ``/``, so that is
+avoided); :func:`trainables.trainable.decode_config` turns them back into trial settings.
+Nothing is computed in the define-by-run function.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.config import HEAD_TYPES, TrialConfig
+from trainables.errors import UserError
+from trainables.unet import ModelError, full_flags, resolve
+
+logger = logging.getLogger(__name__)
+
+TOP_KEYS = {"description", "model", "checkpoint", "data", "label_fraction", "search", "fixed",
+            "params", "paper_config"}
+SEARCH_DEFAULTS: dict[str, Any] = dict(
+    trials=20, seed=0, metric="val_top1", mode="max", grace_period=1, reduction_factor=2,
+    max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=0.0, max_failures=2, cache_pool=None,
+)
+TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
+BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
+TIME_KEYS = ("t", "timesteps")
+POSITIVE_KEYS = ("pool", "pre_pool", "epochs", "batch_size", "dim", "heads", "depth")
+KINDS = ("choice", "int", "float", "subset")
+
+
+class SpaceError(UserError):
+    """A space file or a --set override is invalid."""
+
+
+@dataclass
+class Space:
+    """A loaded, validated search space."""
+
+    name: str
+    model: str
+    data: str
+    checkpoint: str | None
+    label_fraction: float | str | None
+    search: dict[str, Any]
+    fixed: dict[str, Any]
+    params: dict[str, dict]
+    paper_config: dict[str, Any] | None = None
+    description: str = ""
+    num_blocks: int = 0
+    num_timesteps: int = 0
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    # ---- Optuna -------------------------------------------------------------------------
+    def define_by_run(self, trial) -> dict[str, Any]:
+        """Suggest one trial's parameters; returns the constant settings."""
+        const: dict[str, Any] = {"model": self.model, "data": self.data,
+                                 "checkpoint": self.checkpoint,
+                                 "label_fraction": self.label_fraction, **self.fixed}
+        for name, spec in self.params.items():
+            _suggest(trial, name, spec, const, prefix="")
+        return const
+
+    def point(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """Optuna parameter values for a trial config, or None if it is not in the space."""
+        out: dict[str, Any] = {}
+        for name, spec in self.params.items():
+            if not _encode(name, spec, config, out, prefix=""):
+                return None
+        for k, v in self.fixed.items():
+            if k in config and config[k] != v:
+                return None
+        return out
+
+    def points_to_evaluate(self) -> list[dict[str, Any]]:
+        if not self.paper_config:
+            return []
+        p = self.point(self.paper_config)
+        if p is None:
+            logger.info("the paper's config %s is not inside this space; not enqueued",
+                        self.paper_config)
+            return []
+        return [p]
+
+    def names(self) -> set[str]:
+        """Every setting name the space mentions (params, head sub-spaces, fixed)."""
+        out = set(self.params) | set(self.fixed)
+        head = self.params.get("head", {})
+        if isinstance(head.get("choice"), dict):
+            for sub in head["choice"].values():
+                out |= set(sub or {})
+        return out
+
+    def resolved(self) -> dict[str, Any]:
+        """The space as a plain dict (what the parent MLflow run records)."""
+        return {"name": self.name, "description": self.description, "model": self.model,
+                "checkpoint": self.checkpoint, "data": self.data,
+                "label_fraction": self.label_fraction, "search": self.search,
+                "fixed": self.fixed, "params": self.params, "paper_config": self.paper_config}
+
+
+def _enc_choice(v: Any) -> Any:
+    return json.dumps(v) if isinstance(v, (list, tuple)) else v
+
+
+def _suggest(trial, name: str, spec: dict, const: dict, prefix: str) -> None:
+    key = prefix + name
+    if "choice" in spec:
+        choices = spec["choice"]
+        if isinstance(choices, dict):  # conditional sub-spaces (head types)
+            options = list(choices)
+            value = options[0] if len(options) == 1 else trial.suggest_categorical(key, options)
+            if len(options) == 1:
+                const[key] = value
+            for sub_name, sub_spec in (choices[value] or {}).items():
+                _suggest(trial, sub_name, sub_spec, const, prefix=f"{value}:")
+            return
+        trial.suggest_categorical(key, [_enc_choice(c) for c in choices])
+    elif "int" in spec:
+        lo, hi = spec["int"]
+        trial.suggest_int(key, lo, hi, step=spec.get("step", 1), log=spec.get("log", False))
+    elif "float" in spec:
+        lo, hi = spec["float"]
+        trial.suggest_float(key, lo, hi, step=spec.get("step"), log=spec.get("log", False))
+    elif "subset" in spec:
+        members = spec["subset"]
+        chosen = 0
+        for i, m in enumerate(members):
+            mkey = f"{key}@{m}"
+            # the last member is forced in when fewer than `min` were chosen before it
+            if i == len(members) - 1 and chosen < spec.get("min", 1):
+                const[mkey] = True
+            elif trial.suggest_categorical(mkey, [True, False]):
+                chosen += 1
+
+
+def _encode(name: str, spec: dict, config: dict, out: dict, prefix: str) -> bool:
+    key = prefix + name
+    if name not in config:
+        return False
+    v = config[name]
+    if "choice" in spec:
+        choices = spec["choice"]
+        if isinstance(choices, dict):
+            if v not in choices:
+                return False
+            if len(choices) > 1:
+                out[key] = v
+            return all(_encode(n, s, config, out, prefix=f"{v}:")
+                       for n, s in (choices[v] or {}).items())
+        if _enc_choice(v) not in [_enc_choice(c) for c in choices]:
+            return False
+        out[key] = _enc_choice(v)
+    elif "int" in spec or "float" in spec:
+        lo, hi = spec.get("int") or spec.get("float")
+        if not lo <= v <= hi:
+            return False
+        step = spec.get("step")
+        if step and abs((v - lo) / step - round((v - lo) / step)) > 1e-9:
+            return False
+        out[key] = v
+    elif "subset" in spec:
+        members = spec["subset"]
+        if not v or not set(v) <= set(members):
+            return False
+        for m in members[:-1]:
+            out[f"{key}@{m}"] = m in v
+        if members[-1] not in v and len(v) >= spec.get("min", 1):
+            out[f"{key}@{members[-1]}"] = False
+        elif members[-1] not in v:
+            return False
+    return True
+
+
+# ---- loading ------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("spaces").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_space_file(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Read a preset by name or a YAML file by path (``yaml.safe_load``)."""
+    if name_or_path in preset_names():
+        text = resources.files("spaces").joinpath(f"{name_or_path}.yaml").read_text()
+        name = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise SpaceError(f"--space {name_or_path!r} is neither a preset "
+                             f"({', '.join(preset_names())}) nor an existing YAML file")
+        text, name = path.read_text(), path.stem
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpaceError(f"space {name_or_path} is not valid YAML{where}: "
+                         f"{getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"space {name_or_path} must be a YAML mapping with keys {sorted(TOP_KEYS)}")
+    return name, raw
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set NAME=VALUE`` strings -> {name: value}; values are parsed as YAML scalars/lists."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpaceError(f"--set {item!r} must look like NAME=VALUE (e.g. --set head=mlp)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise SpaceError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def load_space(
+    name_or_path: str = "demo",
+    *,
+    model: str | None = None,
+    checkpoint: str | None = None,
+    data: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    search_overrides: dict[str, Any] | None = None,
+) -> Space:
+    """Load, override and validate a space against its model. Raises :class:`SpaceError`."""
+    name, raw = read_space_file(name_or_path)
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise SpaceError(f"space {name}: unknown key(s) {unknown}; allowed: {sorted(TOP_KEYS)}")
+    raw = copy.deepcopy(raw)
+    search = dict(SEARCH_DEFAULTS)
+    given_search = raw.get("search") or {}
+    bad = sorted(set(given_search) - set(SEARCH_DEFAULTS))
+    if bad:
+        raise SpaceError(f"space {name}: unknown search setting(s) {bad}; "
+                         f"allowed: {sorted(SEARCH_DEFAULTS)}")
+    search.update(given_search)
+    search.update({k: v for k, v in (search_overrides or {}).items() if v is not None})
+    space = Space(
+        name=name,
+        model=model or raw.get("model") or "demo",
+        checkpoint=checkpoint if checkpoint is not None else raw.get("checkpoint"),
+        data=data or raw.get("data") or "digits",
+        label_fraction=raw.get("label_fraction"),
+        search=search,
+        fixed=dict(raw.get("fixed") or {}),
+        params=dict(raw.get("params") or {}),
+        paper_config=raw.get("paper_config"),
+        description=raw.get("description", ""),
+        raw=raw,
+    )
+    for k in space.fixed:
+        if k not in TRIAL_KEYS:
+            raise SpaceError(f"space {name}: fixed.{k} is not a trial setting; "
+                             f"allowed: {sorted(TRIAL_KEYS)}")
+    _check_params(space.params, f"space {name}: params")
+    if overrides:
+        _apply_pins(space, overrides)
+    _validate_against_model(space)
+    return space
+
+
+def _check_params(params: dict, where: str, *, in_head: bool = False) -> None:
+    if not isinstance(params, dict):
+        raise SpaceError(f"{where} must be a mapping of setting: spec")
+    for k, spec in params.items():
+        if k not in TRIAL_KEYS:
+            raise SpaceError(f"{where}.{k} is not a trial setting; allowed: {sorted(TRIAL_KEYS)}")
+        if not isinstance(spec, dict) or len([x for x in KINDS if x in spec]) != 1:
+            raise SpaceError(f"{where}.{k} must be a mapping with exactly one of {list(KINDS)} "
+                             f"(e.g. {{choice: [1, 2, 4]}}); got {spec!r}")
+        extra = set(spec) - set(KINDS) - {"step", "log", "min"}
+        if extra:
+            raise SpaceError(f"{where}.{k}: unknown option(s) {sorted(extra)}; "
+                             "allowed: step, log, min")
+        if "choice" in spec:
+            choices = spec["choice"]
+            if not choices:
+                raise SpaceError(f"{where}.{k}.choice is empty; give at least one value")
+            if isinstance(choices, dict):
+                if k != "head" or in_head:
+                    raise SpaceError(f"{where}.{k}: sub-spaces (a mapping of choices) are "
+                                     "only allowed for head")
+                bad = sorted(set(choices) - set(HEAD_TYPES))
+                if bad:
+                    raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
+                                     f"allowed: {list(HEAD_TYPES)}")
+                for h, sub in choices.items():
+                    _check_params(sub or {}, f"{where}.head.{h}", in_head=True)
+            elif k == "head":
+                bad = sorted(set(choices) - set(HEAD_TYPES))
+                if bad:
+                    raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
+                                     f"allowed: {list(HEAD_TYPES)}")
+        elif "subset" in spec:
+            if not spec["subset"]:
+                raise SpaceError(f"{where}.{k}.subset is empty; give at least one value")
+        else:
+            kind = "int" if "int" in spec else "float"
+            rng = spec[kind]
+            if not (isinstance(rng, list) and len(rng) == 2 and rng[0] <= rng[1]):
+                raise SpaceError(f"{where}.{k}.{kind} must be [low, high] with low <= high")
+            if spec.get("log") and rng[0] <= 0:
+                raise SpaceError(f"{where}.{k}: a log range needs low > 0")
+
+
+def _values(spec: dict) -> list[Any]:
+    """Every value (or range end) a spec can produce, for validation."""
+    if "choice" in spec:
+        vals = spec["choice"]
+        return list(vals) if not isinstance(vals, dict) else list(vals)
+    if "subset" in spec:
+        return list(spec["subset"])
+    return list(spec.get("int") or spec.get("float"))
+
+
+def _all_settings(space: Space) -> list[tuple[str, list[Any], str]]:
+    """(setting, values it can take, where) over fixed, params and head sub-spaces."""
+    out = [(k, [v], f"fixed.{k}") for k, v in space.fixed.items()]
+    for k, spec in space.params.items():
+        if k == "head" and isinstance(spec.get("choice"), dict):
+            out.append(("head", list(spec["choice"]), "params.head"))
+            for h, sub in spec["choice"].items():
+                out += [(n, _values(s), f"params.head.{h}.{n}") for n, s in (sub or {}).items()]
+        else:
+            out.append((k, _values(spec), f"params.{k}"))
+    return out
+
+
+def model_geometry(model: str, checkpoint: str | None = None) -> tuple[int, int]:
+    """``(number of blocks, diffusion steps T)`` of a model, from its flags alone."""
+    flags, _ = resolve(model, checkpoint=checkpoint)
+    flags = full_flags(flags)
+    mult = flags["channel_mult"]
+    if mult:
+        levels = len(str(mult).split(","))
+    else:
+        levels = {512: 7, 256: 6, 128: 5, 64: 4}.get(int(flags["image_size"]))
+        if levels is None:
+            raise ModelError(f"image_size {flags['image_size']} needs an explicit channel_mult")
+    r = int(flags["num_res_blocks"])
+    n_in = 1 + levels * r + (levels - 1)
+    n_out = levels * (r + 1)
+    steps = int(flags["diffusion_steps"])
+    if flags.get("timestep_respacing"):
+        from guided_diffusion.respace import space_timesteps
+
+        steps = len(space_timesteps(steps, str(flags["timestep_respacing"])))
+    return n_in + 1 + n_out, steps
+
+
+def _validate_against_model(space: Space) -> None:
+    n, steps = model_geometry(space.model, space.checkpoint)
+    space.num_blocks, space.num_timesteps = n, steps
+    middle = (n + 1) // 2
+    for key, values, where in _all_settings(space):
+        flat = []
+        for v in values:
+            flat += v if isinstance(v, list) else [v]
+        if key in BLOCK_KEYS:
+            lo = middle + 1 if key == "feedback_blocks" else 1
+            for b in flat:
+                if not isinstance(b, int) or not lo <= b <= n:
+                    raise SpaceError(f"{where}: block {b!r} is out of range; model "
+                                     f"{space.model} has blocks {lo}..{n}"
+                                     + (" (decoder blocks)" if lo > 1 else ""))
+        elif key in TIME_KEYS:
+            for t in flat:
+                if not isinstance(t, int) or not 0 <= t < steps:
+                    raise SpaceError(f"{where}: timestep {t!r} is out of range; allowed 0..{steps - 1}")
+        elif key in POSITIVE_KEYS:
+            for p in flat:
+                if not isinstance(p, int) or p <= 0:
+                    raise SpaceError(f"{where}: {key}={p!r} is invalid; allowed: an integer >= 1")
+        elif key == "head":
+            bad = [h for h in flat if h not in HEAD_TYPES]
+            if bad:
+                raise SpaceError(f"{where}: unknown head type(s) {bad}; allowed: {list(HEAD_TYPES)}")
+    # the fixed settings with each head's defaults must make a valid trial config
+    try:
+        TrialConfig.from_dict({k: v for k, v in space.fixed.items()})
+    except UserError as exc:
+        raise SpaceError(f"space {space.name}: fixed: {exc}") from None
+
+
+def _apply_pins(space: Space, pins: dict[str, Any]) -> None:
+    """``--set``: pin a searched setting to one value (or override a fixed one)."""
+    allowed = space.names() | TRIAL_KEYS
+    for k, v in pins.items():
+        if k not in allowed:
+            raise SpaceError(f"--set {k}: the space {space.name} has no setting {k!r}; "
+                             f"allowed: {sorted(allowed)}")
+        if k == "head" and isinstance(space.params.get("head", {}).get("choice"), dict):
+            choices = space.params["head"]["choice"]
+            if v not in HEAD_TYPES:
+                raise SpaceError(f"--set head={v!r}: unknown head type; allowed: {list(HEAD_TYPES)}")
+            space.params["head"] = {"choice": {v: choices.get(v) or {}}}
+            continue
+        if k in space.params:
+            del space.params[k]
+        head = space.params.get("head", {})
+        if isinstance(head.get("choice"), dict):
+            for sub in head["choice"].values():
+                if sub and k in sub:
+                    del sub[k]
+        space.fixed[k] = v

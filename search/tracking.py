@@ -1,0 +1,216 @@
+"""MLflow: one parent run per search, one nested child run per trial, the champion head.
+
+Trials are recorded from the driver by a Ray Tune callback (one writer per store, which
+suits a sqlite file, and no tracking credentials on the workers). A child run is found again
+by its ``difftune.trial_id`` tag, so a retried or resumed trial continues its own run
+instead of making a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from trainables.errors import UserError
+from trainables.trainable import decode_config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_ROLE = "difftune.role"
+TAG_TRIAL = "difftune.trial_id"
+TAG_CONFIG = "difftune.config"
+TAG_RUNTIME = "difftune.runtime"
+METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "lr")
+
+
+class TrackingError(UserError):
+    """The tracking server cannot be reached, or holds nothing to export."""
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: ``--tracking-uri``, else ``sqlite:///mlflow.db`` in the working
+    directory (as an absolute path, so Ray workers and later commands agree)."""
+    if not uri:
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    return uri
+
+
+def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail with one clear line if a remote tracking server does not answer."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as exc:
+            raise TrackingError(f"--tracking-uri {uri} is unreachable ({exc.strerror or exc}); "
+                                "start the server or pass a reachable URI") from None
+    elif parsed.scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"--tracking-uri {uri}: folder {folder} does not exist")
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("difftune")
+    except PackageNotFoundError:
+        v = "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+{sha}" if sha else v
+
+
+def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[str, Any],
+                     runtime: dict[str, Any], tune_path: str) -> str:
+    """Create the search's parent run with the resolved space; returns its run id."""
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+                            tags={TAG_ROLE: "search", TAG_RUNTIME: json.dumps(runtime),
+                                  "difftune.tune_path": tune_path})
+    search = space_dict["search"]
+    params = {"space": space_dict["name"], "model": space_dict["model"],
+              "checkpoint": str(space_dict["checkpoint"]), "data": space_dict["data"],
+              "seed": search["seed"], "trials": search["trials"], "metric": search["metric"],
+              "code_version": code_version()}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_text(run.info.run_id, yaml.safe_dump(space_dict, sort_keys=False), "space.yaml")
+    return run.info.run_id
+
+
+class MLflowTrials(tune.Callback):
+    """Records every trial as a child run of the search's parent run."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, *, epochs_key: str = "epochs"):
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.epochs_key = epochs_key
+        self._runs: dict[str, str] = {}
+        self._last: dict[str, dict] = {}
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def run_id(self, trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        client = self.client
+        parent = client.get_run(self.parent_run_id)
+        found = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and "
+                          f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            config = decode_config(trial.config)
+            run = client.create_run(parent.info.experiment_id, run_name=str(trial),
+                                    tags={"mlflow.parentRunId": self.parent_run_id,
+                                          TAG_TRIAL: trial.trial_id, TAG_ROLE: "trial",
+                                          TAG_CONFIG: json.dumps(config, default=str)})
+            run_id = run.info.run_id
+            client.log_batch(run_id, params=[Param(k, str(v)[:6000])
+                                             for k, v in sorted(config.items())])
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_id(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
+        tags = []
+        if trial.trial_id not in self._last:
+            tags = [RunTag("node_ip", str(result.get("node_ip", ""))),
+                    RunTag("hostname", str(result.get("hostname", "")))]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._last[trial.trial_id] = dict(result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        last = self._last.get(trial.trial_id) or trial.last_result or {}
+        epochs = int(decode_config(trial.config).get(self.epochs_key, 0) or 0)
+        done = int(last.get("epoch", 0))
+        client = self.client
+        ts = int(time.time() * 1000)
+        finals = [Metric(f"final_{k}", float(last[k]), ts, done) for k in ("val_top1", "val_top5")
+                  if k in last]
+        tags = [RunTag("early_stopped", str(bool(epochs and done < epochs)).lower())]
+        client.log_batch(run_id, metrics=finals, tags=tags)
+        client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, "last_failure", _error_line(trial))
+        self.client.set_tag(run_id, "retries", str(trial.num_failures))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        client = self.client
+        client.set_tag(run_id, "error", _error_line(trial))
+        client.set_terminated(run_id, "FAILED")
+
+
+def _error_line(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(path).read_text().strip().splitlines()
+        return text[-1][:500] if text else "unknown error"
+    except OSError:
+        return "unknown error (no error file)"
+
+
+def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
+                 best_run_id: str, checkpoint_dir: str, model_name: str,
+                 best_config: dict[str, Any], metric_value: float) -> int:
+    """Log the best trial's head as an MLflow PyTorch model on its run, register it under
+    ``model_name`` with the alias ``champion``, and put the best config on the parent run.
+
+    :return: the registered model version.
+    """
+    import trainables
+    from trainables.trainable import load_head
+
+    head, _, _ = load_head(checkpoint_dir)
+    head.eval()
+    mlflow.set_tracking_uri(tracking_uri)
+    # pickled with the trainables package beside it, so every head type loads anywhere
+    code = str(Path(trainables.__file__).parent)
+    with mlflow.start_run(run_id=best_run_id):
+        mlflow.log_artifacts(checkpoint_dir, artifact_path="head_checkpoint")
+        info = mlflow.pytorch.log_model(head, name="head", code_paths=[code],
+                                        serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    mv = mlflow.register_model(info.model_uri, model_name)
+    client.set_registered_model_alias(model_name, "champion", mv.version)
+    client.set_model_version_tag(model_name, mv.version, "run_id", best_run_id)
+    client.log_text(parent_run_id, yaml.safe_dump(best_config, sort_keys=True), "best_config.yaml")
+    client.log_metric(parent_run_id, "best_val_top1", metric_value)
+    client.set_tag(parent_run_id, "best_run_id", best_run_id)
+    return int(mv.version)
