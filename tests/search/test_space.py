@@ -1,0 +1,127 @@
+"""Search spaces: presets, validation against the model, --set pins, the define-by-run."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search.space import SpaceError, load_space, parse_set, preset_names
+from trainables.config import TrialConfig
+from trainables.trainable import decode_config
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+BASE = """
+model: demo
+data: digits
+fixed: {epochs: 1}
+params:
+  block: {int: [1, 19]}
+  t: {choice: [10, 90]}
+  pool: {choice: [1, 2]}
+  head: {choice: {linear: {}, mlp: {hidden: {choice: [[64], [64, 64]]}}}}
+"""
+
+
+def test_presets_found_by_name():
+    assert {"demo", "linear"} <= set(preset_names())
+    demo = load_space("demo")
+    assert demo.num_blocks == 19 and demo.num_timesteps == 1000
+    assert load_space("linear").num_blocks == 37
+
+
+def test_define_by_run_gives_valid_trial_configs():
+    space = load_space("demo")
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    heads = set()
+    for _ in range(12):
+        trial = study.ask()
+        const = space.define_by_run(trial)
+        cfg = TrialConfig.from_dict(decode_config({**trial.params, **const}))
+        assert 1 <= cfg.block <= 19 and 0 <= cfg.t <= 500 and cfg.pool in (1, 2, 4)
+        if cfg.head == "linear":  # the mlp sub-space is only suggested for mlp trials
+            assert not any(k.startswith("mlp:") for k in trial.params)
+        heads.add(cfg.head)
+        study.tell(trial, 0.0)
+    assert heads == {"linear", "mlp"}
+
+
+def test_paper_config_is_the_first_point_when_inside_the_space():
+    space = load_space("demo")
+    points = space.points_to_evaluate()
+    assert points == [{"block": 10, "t": 90, "pool": 2, "lr": 0.01, "head": "linear"}]
+    # pinning pool to 4 puts the paper's pool 2 outside the space: nothing is enqueued
+    assert load_space("demo", overrides={"pool": 4}).points_to_evaluate() == []
+
+
+def test_set_pins_a_parameter_and_keeps_the_head_subspace():
+    space = load_space("demo", overrides=parse_set(["head=mlp", "epochs=3", "block=12"]))
+    assert space.fixed["epochs"] == 3 and space.fixed["block"] == 12
+    assert "block" not in space.params
+    assert list(space.params["head"]["choice"]) == ["mlp"]
+    trial = optuna.create_study().ask()
+    const = space.define_by_run(trial)
+    cfg = decode_config({**trial.params, **const})
+    assert cfg["head"] == "mlp" and "hidden" in cfg and cfg["block"] == 12
+
+
+def test_subset_parameters_are_never_empty(tmp_path):
+    path = write(tmp_path, """
+model: demo
+params:
+  head: {choice: [difformer]}
+  blocks: {subset: [10, 13, 16]}
+""")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        const = space.define_by_run(trial)
+        cfg = decode_config({**trial.params, **const})
+        assert cfg["blocks"] and set(cfg["blocks"]) <= {10, 13, 16}
+        seen.add(tuple(cfg["blocks"]))
+        study.tell(trial, 0.0)
+    assert len(seen) > 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    (BASE + "bogus: 1\n", "unknown key(s) ['bogus']"),
+    (BASE.replace("int: [1, 19]", "int: [0, 19]"), "block 0 is out of range; model demo has blocks 1..19"),
+    (BASE.replace("int: [1, 19]", "int: [1, 20]"), "block 20 is out of range"),
+    (BASE.replace("[10, 90]", "[10, 1000]"), "timestep 1000 is out of range; allowed 0..999"),
+    (BASE.replace("pool: {choice: [1, 2]}", "pool: {choice: [0, 2]}"), "pool=0 is invalid"),
+    (BASE.replace("[10, 90]", "[]"), "params.t.choice is empty"),
+    (BASE.replace("linear: {}", "svm: {}"), "unknown head type(s) ['svm']"),
+    (BASE.replace("fixed: {epochs: 1}", "fixed: {epoch: 1}"), "fixed.epoch is not a trial setting"),
+    ("model: demo\nparams: {block: [1, 2}\n", "is not valid YAML"),
+    ("model: demo\nparams:\n  head: {choice: [difformer]}\n  blocks: {subset: [10, 20]}\n",
+     "block 20 is out of range"),
+    ("model: demo\nfixed: {head: diffeed, feedback_blocks: [4, 12]}\n",
+     "block 4 is out of range; model demo has blocks 11..19 (decoder blocks)"),
+])
+def test_bad_space_is_one_clear_error(tmp_path, text, needle):
+    with pytest.raises(SpaceError) as exc:
+        load_space(write(tmp_path, text))
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_set_of_unknown_name_is_an_error():
+    with pytest.raises(SpaceError, match="has no setting 'bogus'"):
+        load_space("demo", overrides={"bogus": 1})
+    with pytest.raises(SpaceError, match="must look like NAME=VALUE"):
+        parse_set(["head"])
+
+
+def test_model_override_revalidates_blocks():
+    # the linear preset searches blocks up to 37: on the 19-block demo model that is an error
+    with pytest.raises(SpaceError, match="block 37 is out of range; model demo has blocks 1..19"):
+        load_space("linear", model="demo")
