@@ -38,27 +38,24 @@ def export_best(tracking_uri: str, experiment: str, *, top: int = 1,
     """The top ``top`` finished trials of a search, best first."""
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import TAG_CONFIG, TAG_ROLE, TAG_RUNTIME, TrackingError, check_reachable
+    from search.tracking import (
+        TAG_CONFIG,
+        TAG_RUNTIME,
+        TrackingError,
+        check_reachable,
+        latest_search_run,
+    )
     from trainables.config import TrialConfig
 
-    check_reachable(tracking_uri)
+    check_reachable(tracking_uri, must_exist=True)
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise TrackingError(f"--experiment {experiment!r} does not exist in {tracking_uri}; "
-                            f"experiments there: {names}")
     if search_run is None:
-        parents = client.search_runs([exp.experiment_id],
-                                     filter_string=f"tags.`{TAG_ROLE}` = 'search'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if not parents:
-            raise TrackingError(f"experiment {experiment!r} has no difftune search")
-        parent = parents[0]
+        parent = latest_search_run(client, experiment, what="--experiment")
     else:
         parent = client.get_run(search_run)
+    exp_id = parent.info.experiment_id
     trials = client.search_runs(
-        [exp.experiment_id],
+        [exp_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                       "attributes.status = 'FINISHED'",
         order_by=["metrics.val_top1 DESC"], max_results=max(top, 1) * 4)

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the paper's behaviour: rerun the U-Net on every batch of every epoch")
     p.add_argument("--set", dest="pins", action="append", default=[], metavar="NAME=VALUE",
                    help="pin a setting of the space, e.g. --set head=mlp --set epochs=3")
+    p.add_argument("--resume", metavar="EXPERIMENT",
+                   help="continue the latest search of EXPERIMENT after its driver died "
+                   "(finished trials are kept, unfinished ones continue)")
     p.add_argument("--top", type=int, default=10, help="rows of the closing table")
     p.set_defaults(run=run)
 
@@ -73,8 +76,15 @@ def _blocks_of(space) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     from search.space import load_space, parse_set
     from search.tracking import check_reachable, resolve_uri
-    from search.tuner import run_search
+    from search.tuner import resume_search, run_search
     from trainables.trainable import RuntimeOptions
+
+    if args.resume:
+        uri = resolve_uri(args.tracking_uri)
+        check_reachable(uri, must_exist=True)
+        result = resume_search(experiment=args.resume, tracking_uri=uri, address=args.address)
+        print_summary(result, top=args.top)
+        return 0
 
     space = load_space(
         args.space, model=args.model, checkpoint=args.checkpoint, data=args.data,

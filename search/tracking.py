@@ -48,8 +48,9 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail with one clear line if a remote tracking server does not answer."""
+def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False) -> None:
+    """Fail with one clear line if a remote tracking server does not answer (or, with
+    ``must_exist``, if a sqlite store is not there: reading must not create one)."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -60,9 +61,12 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
             raise TrackingError(f"--tracking-uri {uri} is unreachable ({exc.strerror or exc}); "
                                 "start the server or pass a reachable URI") from None
     elif parsed.scheme == "sqlite":
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise TrackingError(f"--tracking-uri {uri}: folder {folder} does not exist")
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise TrackingError(f"--tracking-uri {uri}: folder {db.parent} does not exist")
+        if must_exist and not db.is_file():
+            raise TrackingError(f"--tracking-uri {uri}: there is no MLflow store at {db} "
+                                "(run a search first or pass the store's URI)")
 
 
 def code_version() -> str:
@@ -81,13 +85,14 @@ def code_version() -> str:
 
 
 def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[str, Any],
-                     runtime: dict[str, Any], tune_path: str) -> str:
+                     runtime: dict[str, Any], tune_path: str, model_name: str) -> str:
     """Create the search's parent run with the resolved space; returns its run id."""
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={TAG_ROLE: "search", TAG_RUNTIME: json.dumps(runtime),
-                                  "difftune.tune_path": tune_path})
+                                  "difftune.tune_path": tune_path,
+                                  "difftune.model_name": model_name})
     search = space_dict["search"]
     params = {"space": space_dict["name"], "model": space_dict["model"],
               "checkpoint": str(space_dict["checkpoint"]), "data": space_dict["data"],
@@ -96,6 +101,41 @@ def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(run.info.run_id, yaml.safe_dump(space_dict, sort_keys=False), "space.yaml")
     return run.info.run_id
+
+
+def latest_search_run(client: MlflowClient, experiment: str, *, what: str):
+    """The latest parent run of ``experiment``; a clear error when there is none."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise TrackingError(f"{what} {experiment!r}: no such experiment in the tracking store; "
+                            f"experiments there: {names}")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'search'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise TrackingError(f"{what} {experiment!r}: the experiment holds no difftune search")
+    return runs[0]
+
+
+def trial_run_ids(client: MlflowClient, parent_run_id: str) -> dict[str, str]:
+    """trial id -> child run id of a search."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=10000)
+    return {r.data.tags[TAG_TRIAL]: r.info.run_id for r in runs if TAG_TRIAL in r.data.tags}
+
+
+def space_from_run(client: MlflowClient, parent_run_id: str):
+    """The resolved space a search ran with, from its parent run's ``space.yaml``."""
+    import tempfile
+
+    from search.space import Space
+
+    with tempfile.TemporaryDirectory() as d:
+        path = client.download_artifacts(parent_run_id, "space.yaml", d)
+        data = yaml.safe_load(Path(path).read_text())
+    return Space(**data)
 
 
 class MLflowTrials(tune.Callback):
@@ -107,6 +147,7 @@ class MLflowTrials(tune.Callback):
         self.epochs_key = epochs_key
         self._runs: dict[str, str] = {}
         self._last: dict[str, dict] = {}
+        self._logged_steps: dict[str, int] = {}  # run id -> last epoch already in MLflow
 
     @property
     def client(self) -> MlflowClient:
@@ -122,9 +163,10 @@ class MLflowTrials(tune.Callback):
             filter_string=f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and "
                           f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
             max_results=1)
-        if found:
+        if found:  # a retried or resumed trial continues its own run
             run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
+            history = client.get_metric_history(run_id, "val_top1")
+            self._logged_steps[run_id] = max((m.step for m in history), default=0)
         else:
             config = decode_config(trial.config)
             run = client.create_run(parent.info.experiment_id, run_name=str(trial),
@@ -138,11 +180,13 @@ class MLflowTrials(tune.Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+        self.client.update_run(self.run_id(trial), status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._logged_steps.get(run_id, 0):
+            return  # a restored trial repeating an epoch MLflow already has
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
         tags = []

@@ -3,6 +3,7 @@ trials, ASHA stops poor ones early, MLflow records them."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,7 +20,16 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.space import Space
-from search.tracking import MLflowTrials, log_champion, start_parent_run
+from search.tracking import (
+    TAG_RUNTIME,
+    MLflowTrials,
+    TrackingError,
+    latest_search_run,
+    log_champion,
+    space_from_run,
+    start_parent_run,
+    trial_run_ids,
+)
 from trainables.trainable import RuntimeOptions, decode_config, train_trial
 
 logger = logging.getLogger(__name__)
@@ -80,12 +90,8 @@ def build_tuner(
         grace_period=int(s["grace_period"]),
         reduction_factor=float(s["reduction_factor"]),
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, runtime=runtime),
-        {"cpu": float(s["cpus_per_trial"]), "gpu": float(s["gpus_per_trial"])},
-    )
     return tune.Tuner(
-        trainable,
+        make_trainable(space, runtime),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
@@ -93,6 +99,7 @@ def build_tuner(
             mode=s["mode"],
             num_samples=int(s["trials"]),
             max_concurrent_trials=int(s["max_concurrent"]),
+            reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
@@ -123,6 +130,15 @@ def ensure_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, **kwargs)
 
 
+def make_trainable(space: Space, runtime: RuntimeOptions):
+    """The function trainable with its runtime options and per-trial resources."""
+    s = space.search
+    return tune.with_resources(
+        tune.with_parameters(train_trial, runtime=runtime),
+        {"cpu": float(s["cpus_per_trial"]), "gpu": float(s["gpus_per_trial"])},
+    )
+
+
 def run_search(
     space: Space,
     *,
@@ -137,27 +153,65 @@ def run_search(
     """Run a whole search: parent run, trials, champion. Returns what the CLI prints."""
     storage_path = str(Path(storage_path or DEFAULT_STORAGE).resolve())
     name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tune_path = f"{storage_path}/{name}"
     client = MlflowClient(tracking_uri)
     parent = start_parent_run(client, experiment, space_dict=space.resolved(),
-                              runtime=runtime.to_dict(), tune_path=f"{storage_path}/{name}")
+                              runtime=runtime.to_dict(), tune_path=tune_path,
+                              model_name=model_name or f"difftune-{experiment}")
     ensure_ray(address)
-    callback = MLflowTrials(tracking_uri, parent)
+    tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
+                        callbacks=[MLflowTrials(tracking_uri, parent)], verbose=verbose)
+    return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
+                           tracking_uri=tracking_uri, tune_path=tune_path,
+                           model_name=model_name or f"difftune-{experiment}")
+
+
+def resume_search(*, experiment: str, tracking_uri: str, address: str | None = None,
+                  verbose: int = 1) -> SearchResult:
+    """Continue the latest search of ``experiment`` after its driver died: Ray Tune restores
+    the trials and the Optuna searcher; finished trials are not rerun and their MLflow runs are
+    left as they are; unfinished ones continue in their own run."""
+    client = MlflowClient(tracking_uri)
+    parent_run = latest_search_run(client, experiment, what="--resume")
+    parent = parent_run.info.run_id
+    tags = parent_run.data.tags
+    tune_path = tags.get("difftune.tune_path", "")
+    if not tune.Tuner.can_restore(tune_path):
+        raise TrackingError(f"--resume {experiment}: the search's Ray Tune state {tune_path} "
+                            "is missing or not restorable (was --storage on another machine?)")
+    space = space_from_run(client, parent)
+    runtime_dict = json.loads(tags.get(TAG_RUNTIME, "{}"))
+    runtime = RuntimeOptions(**{**runtime_dict,
+                                "extra_blocks": tuple(runtime_dict.get("extra_blocks", ()))})
+    ensure_ray(address)
+    client.update_run(parent, status="RUNNING")
+    logger.info("resuming %s from %s", experiment, tune_path)
+    tuner = tune.Tuner.restore(tune_path, trainable=make_trainable(space, runtime),
+                               resume_unfinished=True, resume_errored=True)
+    return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
+                           tracking_uri=tracking_uri, tune_path=tune_path,
+                           model_name=tags.get("difftune.model_name", f"difftune-{experiment}"))
+
+
+def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
+                    experiment: str, tracking_uri: str, tune_path: str,
+                    model_name: str) -> SearchResult:
     status = "FAILED"
     try:
-        tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
-                            callbacks=[callback], verbose=verbose)
         results = tuner.fit()
         status = "FINISHED"
     finally:
         client.set_terminated(parent, status)
     s = space.search
+    runs = trial_run_ids(client, parent)
     rows = []
     for r in results:
         if r.metrics and s["metric"] in r.metrics:
             cfg = decode_config(r.config)
-            rows.append({"trial_id": r.metrics.get("trial_id"), "val_top1": r.metrics.get("val_top1"),
+            tid = r.metrics.get("trial_id")
+            rows.append({"trial_id": tid, "val_top1": r.metrics.get("val_top1"),
                          "val_top5": r.metrics.get("val_top5"), "epochs": r.metrics.get("epoch"),
-                         "run_id": callback._runs.get(r.metrics.get("trial_id")), **cfg})
+                         "run_id": runs.get(tid), **cfg})
     rows.sort(key=lambda row: row[s["metric"]], reverse=s["mode"] == "max")
     best_run = best_cfg = best_val = version = None
     try:
@@ -166,13 +220,13 @@ def run_search(
     except RuntimeError:
         best = None
     if best is not None and best.checkpoint is not None:
-        best_run = callback._runs.get(best.metrics.get("trial_id"))
+        best_run = runs.get(best.metrics.get("trial_id"))
         best_val = float(best.metrics[s["metric"]])
         best_cfg = decode_config(best.config)
         with best.checkpoint.as_directory() as ckpt_dir:
             version = log_champion(client, tracking_uri=tracking_uri, parent_run_id=parent,
                                    best_run_id=best_run, checkpoint_dir=ckpt_dir,
-                                   model_name=model_name or f"difftune-{experiment}",
-                                   best_config=best_cfg, metric_value=best_val)
-    return SearchResult(experiment, parent, tracking_uri, f"{storage_path}/{name}", best_run,
+                                   model_name=model_name, best_config=best_cfg,
+                                   metric_value=best_val)
+    return SearchResult(experiment, parent, tracking_uri, tune_path, best_run,
                         best_val, best_cfg, version, rows)

@@ -7,6 +7,7 @@ default), and so is a value of the wrong kind.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -86,6 +87,13 @@ class TrialConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if self.head in ("attention", "difformer", "diffeed"):
+            if self.norm not in ("layernorm", "batchnorm"):
+                raise ConfigError(f"norm={self.norm!r} is unknown; allowed: ['layernorm', 'batchnorm']")
+            if self.dim % self.heads:
+                raise ConfigError(f"dim={self.dim} must be a multiple of heads={self.heads}")
+            if self.depth < 1 or self.mlp_ratio <= 0:
+                raise ConfigError(f"depth={self.depth} must be >= 1 and mlp_ratio={self.mlp_ratio} > 0")
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
@@ -102,17 +110,28 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
         if isinstance(default, bool):
             return bool(value)
         if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
+            return _integer(value)
         if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         if isinstance(default, list):
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value]
-            return [int(v) for v in value]
+            if not isinstance(value, (list, tuple)):  # "19" must not become [1, 9]
+                raise ValueError
+            return [_integer(v) for v in value]
         if isinstance(default, str) or default is None:
+            if not isinstance(value, (str, os.PathLike)):  # no str() of lists or dicts
+                raise ValueError
             return str(value)
     except (TypeError, ValueError):
         pass
     raise ConfigError(f"trial setting {name}={value!r} has the wrong type")
+
+
+def _integer(value: Any) -> int:
+    """An int from an int, an integral float or a numeric string; bools and 2.5 are refused."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)

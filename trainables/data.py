@@ -81,9 +81,24 @@ def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
         transforms.Normalize([0.5] * 3, [0.5] * 3),
         ])
     try:
-        return datasets.ImageFolder(str(split_dir), transform=tf, loader=_rgb_loader)
+        ds = datasets.ImageFolder(str(split_dir), transform=tf, loader=_rgb_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"data folder {split_dir}: {exc}") from None
+    train_dir = root / "train"
+    if split != "train" and train_dir.is_dir():
+        # labels index the *train* classes in every split: a val/ lacking a class must not
+        # shift every later label by one
+        train_classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
+        extra = sorted(set(ds.classes) - set(train_classes))
+        if extra:
+            raise DataError(f"data folder {split_dir} has classes that train/ lacks: {extra}")
+        if ds.classes != train_classes:
+            to_train = {i: train_classes.index(c) for i, c in enumerate(ds.classes)}
+            ds.samples = ds.imgs = [(p, to_train[y]) for p, y in ds.samples]
+            ds.targets = [y for _, y in ds.samples]
+            ds.classes = train_classes
+            ds.class_to_idx = {c: i for i, c in enumerate(train_classes)}
+    return ds
 
 
 def _rgb_loader(path: str):
@@ -157,6 +172,8 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise DataError(f"image_size must be a positive int, got {image_size!r}")
     if name_or_path == "digits":
         ds: Dataset = _digits(split, image_size)
         classes = ds.classes
@@ -195,6 +212,9 @@ def data_fingerprint(name_or_path: str, *, split: str, image_size: int,
                      label_fraction: float | str | None = None, seed: int = 0) -> str:
     """A fingerprint of a dataset split: its files (names, sizes, mtimes), transform, subset."""
     h = hashlib.sha256(f"{split}|{image_size}|{label_fraction}|{seed}".encode())
+    if label_fraction is not None and not _is_number(label_fraction) \
+            and Path(label_fraction).is_file():
+        h.update(Path(label_fraction).read_bytes())  # a file list: what it lists, not its name
     if name_or_path == "digits":
         import sklearn
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -221,13 +222,14 @@ class Extractor:
         return out
 
 
-_SIZES: dict[int, dict[int, int]] = {}
+# keyed by the model object itself (weakly): an id() would be reused by a later model
+_SIZES: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, int]] = weakref.WeakKeyDictionary()
 
 
 def block_sizes(model: torch.nn.Module) -> dict[int, int]:
     """Block number -> side of its output map at the model's image size (one 1-image
     forward pass on a zero image, remembered per model)."""
-    key = id(model)
+    key = model
     if key not in _SIZES:
         sizes: dict[int, int] = {}
         n = len(block_modules(model))

@@ -147,7 +147,8 @@ def run_trial(
         from .diffeed import run_diffeed_trial
 
         return run_diffeed_trial(cfg, device=device, on_epoch=on_epoch, head_state=head_state,
-                                 optimizer_state=optimizer_state, start_epoch=start_epoch)
+                                 optimizer_state=optimizer_state, start_epoch=start_epoch,
+                                 on_data=on_data)
     source = source or DirectFeatures(device=device)
     model, _ = cached_unet(cfg.model, cfg.checkpoint, device)
     data = source.prepare(cfg, clamp_requests(model, feature_requests(cfg)))

@@ -124,5 +124,5 @@ def test_export_of_unknown_experiment_is_one_clear_error(searched, tmp_path, cap
     rc = main(["export", "--experiment", "nope", "--tracking-uri", searched["uri"],
                "--out", str(tmp_path / "x.yaml")])
     assert rc == 2
-    assert "--experiment 'nope' does not exist" in capsys.readouterr().err
+    assert "--experiment 'nope': no such experiment" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()

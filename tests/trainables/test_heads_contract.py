@@ -1,0 +1,133 @@
+"""The contract every head keeps (linear, mlp, attention, difformer, diffeed) on the demo
+U-Net: output shape, training moves only the head, state_dict round trip, seeded builds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trainables import heads
+from trainables.config import TrialConfig
+from trainables.diffeed import DifFeed, build_diffeed
+from trainables.features import Extractor
+from trainables.pipeline import clamp_requests
+from trainables.unet import DEMO_CHECKPOINT, build, load_unet
+
+N, CLASSES = 6, 10
+TINY = dict(dim=32, heads=2, depth=1, mlp_ratio=2.0, pre_pool=4)
+CONFIGS = {
+    "linear": dict(head="linear", block=10, t=50, pool=2),
+    "mlp": dict(head="mlp", block=13, t=50, pool=2, hidden=[16]),
+    "attention": dict(head="attention", block=13, t=50, **TINY),
+    "difformer": dict(head="difformer", blocks=[10, 16], timesteps=[10, 50], norm="batchnorm",
+                      **TINY),
+    "diffeed": dict(head="diffeed", block=13, t=50, feedback_blocks=[11, 14, 17], **TINY),
+}
+
+
+def load_demo_unet():
+    """The shipped demo U-Net, or its architecture with random weights if not yet shipped."""
+    if DEMO_CHECKPOINT.is_file():
+        return load_unet("demo")
+    if DEMO_CHECKPOINT.with_suffix(".yaml").is_file():
+        return load_unet("demo", random_init=True)
+    from trainables.pretrain import DEMO_FLAGS
+
+    torch.manual_seed(0)
+    model, diffusion = build(DEMO_FLAGS)
+    return model.eval().requires_grad_(False), diffusion
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return load_demo_unet()
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(N, 3, 16, 16, generator=g) * 2 - 1
+    labels = torch.randint(CLASSES, (N,), generator=g)
+    return x, labels
+
+
+_FEATS: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+
+
+def make(name: str, unet, images, *, seed: int = 0):
+    """``(head, inputs)`` for head ``name``; inputs are what its forward takes."""
+    model, diffusion = unet
+    x, _ = images
+    cfg = TrialConfig.from_dict({**CONFIGS[name], "seed": seed})
+    if name == "diffeed":
+        return build_diffeed(cfg, model, diffusion, CLASSES), {"image": x,
+                                                              "index": torch.arange(N)}
+    if name not in _FEATS:  # features do not depend on the head's seed: extract once
+        extractor = Extractor(model, diffusion)
+        _FEATS[name] = {(t, b): extractor.extract(x, t, [b], pool=p)[b]
+                        for t, b, p in clamp_requests(model, heads.feature_requests(cfg))}
+    feats = _FEATS[name]
+    shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+    return heads.build_head(cfg, shapes, CLASSES), feats
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+class TestHeadContract:
+    def test_output_shape(self, name, unet, images):
+        head, inputs = make(name, unet, images)
+        head.eval()
+        with torch.no_grad():
+            out = head(inputs)
+        assert out.shape == (N, CLASSES)
+        assert torch.isfinite(out).all()
+
+    def test_step_changes_only_trainable_parameters(self, name, unet, images):
+        model, _ = unet
+        unet_before = {k: v.clone() for k, v in model.state_dict().items()}
+        head, inputs = make(name, unet, images)
+        head_before = {k: v.clone() for k, v in head.named_parameters()}
+        unet_ids = {id(p) for p in model.parameters()}
+        assert not unet_ids & {id(p) for p in head.parameters()}
+        head.train()
+        opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.5)
+        loss = torch.nn.functional.cross_entropy(head(inputs), images[1])
+        opt.zero_grad()
+        loss.backward()
+        for k, p in head.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {k}"
+        opt.step()
+        assert not model.training
+        assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, unet_before[k]), f"U-Net tensor {k} changed"
+        changed = [k for k, p in head.named_parameters() if not torch.equal(p, head_before[k])]
+        assert changed == [k for k, _ in head.named_parameters()]
+
+    def test_state_dict_round_trip(self, name, unet, images):
+        head, inputs = make(name, unet, images)
+        head.train()
+        with torch.no_grad():
+            head(inputs)  # moves BatchNorm running statistics away from their defaults
+        fresh, _ = make(name, unet, images, seed=1)
+        fresh.load_state_dict(copy.deepcopy(head.state_dict()))
+        head.eval()
+        fresh.eval()
+        with torch.no_grad():
+            assert torch.equal(head(inputs), fresh(inputs))
+        if isinstance(head, DifFeed):
+            n_unet = len(unet[0].state_dict())
+            assert len(head.state_dict()) < n_unet
+            assert not any(k.startswith(("input_blocks", "middle_block", "output_blocks",
+                                         "time_embed", "out.")) for k in head.state_dict())
+
+    def test_same_seed_same_head(self, name, unet, images):
+        outs = []
+        for seed in (3, 3, 4):
+            head, inputs = make(name, unet, images, seed=seed)
+            head.eval()
+            with torch.no_grad():
+                outs.append(head(inputs))
+        assert torch.equal(outs[0], outs[1])
+        assert not torch.allclose(outs[0], outs[2])
