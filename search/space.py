@@ -189,9 +189,10 @@ def _encode(name: str, spec: dict, config: dict, out: dict, prefix: str) -> bool
             return False
         for m in members[:-1]:
             out[f"{key}@{m}"] = m in v
-        if members[-1] not in v and len(v) >= spec.get("min", 1):
-            out[f"{key}@{members[-1]}"] = False
-        elif members[-1] not in v:
+        others = len([m for m in members[:-1] if m in v])
+        if others >= spec.get("min", 1):  # the last member is suggested too
+            out[f"{key}@{members[-1]}"] = members[-1] in v
+        elif members[-1] not in v:  # it would have been forced in
             return False
     return True
 

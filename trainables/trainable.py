@@ -58,7 +58,8 @@ def decode_config(raw: dict[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     subsets: dict[str, list[int]] = {}
-    for key, value in raw.items():
+    # a head's own sub-space wins over a top-level setting of the same name
+    for key, value in sorted(raw.items(), key=lambda kv: ":" in kv[0]):
         name = key.split(":", 1)[-1]
         if "@" in name:
             base, member = name.split("@", 1)

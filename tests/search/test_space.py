@@ -41,16 +41,16 @@ def test_define_by_run_gives_valid_trial_configs():
     space = load_space("demo")
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
     heads = set()
-    for _ in range(12):
+    for _ in range(30):
         trial = study.ask()
         const = space.define_by_run(trial)
         cfg = TrialConfig.from_dict(decode_config({**trial.params, **const}))
         assert 1 <= cfg.block <= 19 and 0 <= cfg.t <= 500 and cfg.pool in (1, 2, 4)
-        if cfg.head == "linear":  # the mlp sub-space is only suggested for mlp trials
-            assert not any(k.startswith("mlp:") for k in trial.params)
+        # a head's sub-space is suggested only for that head
+        assert all(k.startswith(f"{cfg.head}:") for k in trial.params if ":" in k)
         heads.add(cfg.head)
         study.tell(trial, 0.0)
-    assert heads == {"linear", "mlp"}
+    assert heads == {"linear", "mlp", "attention", "difformer", "diffeed"}
 
 
 def test_paper_config_is_the_first_point_when_inside_the_space():
@@ -125,3 +125,19 @@ def test_model_override_revalidates_blocks():
     # the linear preset searches blocks up to 37: on the 19-block demo model that is an error
     with pytest.raises(SpaceError, match="block 37 is out of range; model demo has blocks 1..19"):
         load_space("linear", model="demo")
+
+
+@pytest.mark.parametrize("preset", ["demo", "linear", "attention", "difformer", "diffeed"])
+def test_each_preset_enqueues_the_papers_config_exactly(preset):
+    """The enqueued point, replayed through the define-by-run, gives the paper's config."""
+    space = load_space(preset)
+    (point,) = space.points_to_evaluate()
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    trial = study.ask()
+    const = space.define_by_run(trial)
+    assert set(trial.params) == set(point)  # every suggested name was given by the point
+    cfg = decode_config({**trial.params, **const})
+    for key, value in space.paper_config.items():
+        assert cfg[key] == value, key
+    TrialConfig.from_dict(cfg)
