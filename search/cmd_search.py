@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="Optuna sampler seed (default: the space's)")
     p.add_argument("--experiment", default="difftune-demo", help="MLflow experiment name")
     p.add_argument("--model-name", help="registered model name for the champion head "
-                   "(default: difftune-EXPERIMENT)")
+                   "(default: the experiment name, prefixed with difftune- unless it has it)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db "
                    "in the working directory)")
     p.add_argument("--address", help="Ray cluster address to join (default: a local Ray)")

@@ -246,6 +246,8 @@ def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
     mlflow.set_tracking_uri(tracking_uri)
     # pickled with the trainables package beside it, so every head type loads anywhere
     code = str(Path(trainables.__file__).parent)
+    # the pickle format is deliberate (every head type, code shipped beside it): no warning
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=best_run_id):
         mlflow.log_artifacts(checkpoint_dir, artifact_path="head_checkpoint")
         info = mlflow.pytorch.log_model(head, name="head", code_paths=[code],

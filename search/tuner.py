@@ -130,6 +130,11 @@ def ensure_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, **kwargs)
 
 
+def default_model_name(experiment: str) -> str:
+    """Registered model name of a search's champion head."""
+    return experiment if experiment.startswith("difftune") else f"difftune-{experiment}"
+
+
 def make_trainable(space: Space, runtime: RuntimeOptions):
     """The function trainable with its runtime options and per-trial resources."""
     s = space.search
@@ -154,16 +159,17 @@ def run_search(
     storage_path = str(Path(storage_path or DEFAULT_STORAGE).resolve())
     name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     tune_path = f"{storage_path}/{name}"
+    model_name = model_name or default_model_name(experiment)
     client = MlflowClient(tracking_uri)
     parent = start_parent_run(client, experiment, space_dict=space.resolved(),
                               runtime=runtime.to_dict(), tune_path=tune_path,
-                              model_name=model_name or f"difftune-{experiment}")
+                              model_name=model_name)
     ensure_ray(address)
     tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
                         callbacks=[MLflowTrials(tracking_uri, parent)], verbose=verbose)
     return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
                            tracking_uri=tracking_uri, tune_path=tune_path,
-                           model_name=model_name or f"difftune-{experiment}")
+                           model_name=model_name)
 
 
 def resume_search(*, experiment: str, tracking_uri: str, address: str | None = None,
@@ -190,7 +196,8 @@ def resume_search(*, experiment: str, tracking_uri: str, address: str | None = N
                                resume_unfinished=True, resume_errored=True)
     return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
                            tracking_uri=tracking_uri, tune_path=tune_path,
-                           model_name=tags.get("difftune.model_name", f"difftune-{experiment}"))
+                           model_name=tags.get("difftune.model_name",
+                                               default_model_name(experiment)))
 
 
 def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,

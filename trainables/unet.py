@@ -202,6 +202,8 @@ def load_unet(
             f"model paper256 needs its checkpoint: download {PAPER_CHECKPOINT_NAME} from "
             f"{PAPER_CHECKPOINT_URL} and pass --checkpoint PATH (load_unet(..., checkpoint=PATH))"
         )
+    if not random_init and not ckpt.is_file():  # before paying for building the model
+        raise ModelError(f"checkpoint {ckpt} does not exist")
     device = torch.device(device)
     model_flags = dict(model_flags)
     model_flags["use_fp16"] = bool(model_flags.get("use_fp16")) and device.type == "cuda"
