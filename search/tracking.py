@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -139,7 +141,13 @@ def space_from_run(client: MlflowClient, parent_run_id: str):
 
 
 class MLflowTrials(tune.Callback):
-    """Records every trial as a child run of the search's parent run."""
+    """Records every trial as a child run of the search's parent run.
+
+    Every write goes through an outbox flushed in order: when the tracking server is away,
+    the writes wait (trials keep running) and reach MLflow once it answers again; at the end
+    of the search the callback waits up to ``DIFFTUNE_MLFLOW_WAIT_S`` (default 300) seconds
+    for it.
+    """
 
     def __init__(self, tracking_uri: str, parent_run_id: str, *, epochs_key: str = "epochs"):
         self.tracking_uri = tracking_uri
@@ -148,19 +156,25 @@ class MLflowTrials(tune.Callback):
         self._runs: dict[str, str] = {}
         self._last: dict[str, dict] = {}
         self._logged_steps: dict[str, int] = {}  # run id -> last epoch already in MLflow
+        self._outbox: list[tuple[str, dict, str, Callable[[MlflowClient, str], None]]] = []
+        self._down_since: float | None = None
+
+    def __getstate__(self) -> dict:  # pickled into Tune's state: no pending closures
+        state = dict(self.__dict__)
+        state["_outbox"] = []
+        return state
 
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
 
-    def run_id(self, trial) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        client = self.client
+    def _resolve(self, client: MlflowClient, trial_id: str, config: dict, name: str) -> str:
+        if trial_id in self._runs:
+            return self._runs[trial_id]
         parent = client.get_run(self.parent_run_id)
         found = client.search_runs(
             [parent.info.experiment_id],
-            filter_string=f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and "
+            filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}' and "
                           f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
             max_results=1)
         if found:  # a retried or resumed trial continues its own run
@@ -168,57 +182,96 @@ class MLflowTrials(tune.Callback):
             history = client.get_metric_history(run_id, "val_top1")
             self._logged_steps[run_id] = max((m.step for m in history), default=0)
         else:
-            config = decode_config(trial.config)
-            run = client.create_run(parent.info.experiment_id, run_name=str(trial),
+            run = client.create_run(parent.info.experiment_id, run_name=name,
                                     tags={"mlflow.parentRunId": self.parent_run_id,
-                                          TAG_TRIAL: trial.trial_id, TAG_ROLE: "trial",
+                                          TAG_TRIAL: trial_id, TAG_ROLE: "trial",
                                           TAG_CONFIG: json.dumps(config, default=str)})
             run_id = run.info.run_id
             client.log_batch(run_id, params=[Param(k, str(v)[:6000])
                                              for k, v in sorted(config.items())])
-        self._runs[trial.trial_id] = run_id
+        self._runs[trial_id] = run_id
         return run_id
 
+    def _send(self, trial, fn: Callable[[MlflowClient, str], None]) -> None:
+        self._outbox.append((trial.trial_id, decode_config(trial.config), str(trial), fn))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what waits in the outbox, in order; False if the server is still away."""
+        client = self.client
+        while self._outbox:
+            trial_id, config, name, fn = self._outbox[0]
+            try:
+                fn(client, self._resolve(client, trial_id, config, name))
+            except Exception as exc:  # server away: keep the record, try again later
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    logger.warning("MLflow at %s is not answering (%s); %d record(s) wait and "
+                                   "are sent when it is back", self.tracking_uri,
+                                   str(exc).splitlines()[0][:200], len(self._outbox))
+                return False
+            self._outbox.pop(0)
+        if self._down_since is not None:
+            logger.warning("MLflow is back after %.0f s; waiting records sent",
+                           time.monotonic() - self._down_since)
+            self._down_since = None
+        return True
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.client.update_run(self.run_id(trial), status="RUNNING")
+        self._send(trial, lambda c, run_id: c.update_run(run_id, status="RUNNING"))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.run_id(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step <= self._logged_steps.get(run_id, 0):
-            return  # a restored trial repeating an epoch MLflow already has
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
         tags = []
         if trial.trial_id not in self._last:
             tags = [RunTag("node_ip", str(result.get("node_ip", ""))),
                     RunTag("hostname", str(result.get("hostname", "")))]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._last[trial.trial_id] = dict(result)
 
+        def send(c: MlflowClient, run_id: str) -> None:
+            if step > self._logged_steps.get(run_id, 0):  # a restored trial may repeat one
+                c.log_batch(run_id, metrics=metrics, tags=tags)
+
+        self._send(trial, send)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
         last = self._last.get(trial.trial_id) or trial.last_result or {}
         epochs = int(decode_config(trial.config).get(self.epochs_key, 0) or 0)
         done = int(last.get("epoch", 0))
-        client = self.client
         ts = int(time.time() * 1000)
         finals = [Metric(f"final_{k}", float(last[k]), ts, done) for k in ("val_top1", "val_top5")
                   if k in last]
         tags = [RunTag("early_stopped", str(bool(epochs and done < epochs)).lower())]
-        client.log_batch(run_id, metrics=finals, tags=tags)
-        client.set_terminated(run_id, "FINISHED")
+
+        def send(c: MlflowClient, run_id: str) -> None:
+            c.log_batch(run_id, metrics=finals, tags=tags)
+            c.set_terminated(run_id, "FINISHED")
+
+        self._send(trial, send)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        self.client.set_tag(run_id, "last_failure", _error_line(trial))
-        self.client.set_tag(run_id, "retries", str(trial.num_failures))
+        tags = [RunTag("last_failure", _error_line(trial)),
+                RunTag("retries", str(trial.num_failures))]
+        self._send(trial, lambda c, run_id: c.log_batch(run_id, tags=tags))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        client = self.client
-        client.set_tag(run_id, "error", _error_line(trial))
-        client.set_terminated(run_id, "FAILED")
+        tags = [RunTag("error", _error_line(trial)), RunTag("retries", str(trial.num_failures))]
+
+        def send(c: MlflowClient, run_id: str) -> None:
+            c.log_batch(run_id, tags=tags)
+            c.set_terminated(run_id, "FAILED")
+
+        self._send(trial, send)
+
+    def on_experiment_end(self, trials, **info):
+        deadline = time.monotonic() + float(os.environ.get("DIFFTUNE_MLFLOW_WAIT_S", "300"))
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(5)
+        if self._outbox:
+            logger.error("MLflow at %s did not come back: %d trial record(s) were not written",
+                         self.tracking_uri, len(self._outbox))
 
 
 def _error_line(trial) -> str:

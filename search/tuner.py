@@ -121,6 +121,10 @@ def _trial_name(trial) -> str:
 def ensure_ray(address: str | None) -> None:
     """Join ``address`` (or start a local Ray) unless this process already has a session."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a tracking server that went away must not stall the driver for minutes per request:
+    # MLflowTrials keeps the records and sends them when it is back
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
