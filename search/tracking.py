@@ -253,11 +253,11 @@ class MLflowTrials(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         tags = [RunTag("last_failure", _error_line(trial)),
-                RunTag("retries", str(trial.num_failures))]
+                RunTag("failures", str(trial.num_failures))]
         self._send(trial, lambda c, run_id: c.log_batch(run_id, tags=tags))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        tags = [RunTag("error", _error_line(trial)), RunTag("retries", str(trial.num_failures))]
+        tags = [RunTag("error", _error_line(trial)), RunTag("failures", str(trial.num_failures))]
 
         def send(c: MlflowClient, run_id: str) -> None:
             c.log_batch(run_id, tags=tags)
