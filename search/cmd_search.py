@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from search.space import load_space, parse_set
     from search.tracking import check_reachable, resolve_uri
     from search.tuner import resume_search, run_search
+    from trainables.data import check_data
     from trainables.trainable import RuntimeOptions
+    from trainables.unet import check_model
 
     if args.resume:
         uri = resolve_uri(args.tracking_uri)
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
                           "cpus_per_trial": args.cpus_per_trial,
                           "max_concurrent": args.max_concurrent},
     )
+    check_model(space.model, checkpoint=space.checkpoint)
+    check_data(space.data)
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
     cache = None if args.no_cache else os.path.abspath(args.cache or _cache_default()) \

@@ -65,15 +65,7 @@ def _digits(split: str, image_size: int) -> TensorImages:
 def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
     from torchvision import datasets, transforms
 
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise DataError(
-            f"data folder {root} has no {split}/ subfolder (expected {root}/train/CLASS/*.jpg "
-            f"and {root}/val/CLASS/*.jpg)"
-        )
-    classes = [d.name for d in os.scandir(split_dir) if d.is_dir()]
-    if not classes:
-        raise DataError(f"data folder {split_dir} has no class subfolders (expected {split_dir}/CLASS/*.jpg)")
+    split_dir = _check_split(root, split)
     tf = transforms.Compose([
         transforms.Resize(image_size),
         transforms.CenterCrop(image_size),
@@ -99,6 +91,34 @@ def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
             ds.classes = train_classes
             ds.class_to_idx = {c: i for i, c in enumerate(train_classes)}
     return ds
+
+
+def _check_split(root: Path, split: str) -> Path:
+    """The split folder of an ImageFolder root; a clear error if it or its classes are missing."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(
+            f"data folder {root} has no {split}/ subfolder (expected {root}/train/CLASS/*.jpg "
+            f"and {root}/val/CLASS/*.jpg)"
+        )
+    if not any(d.is_dir() for d in os.scandir(split_dir)):
+        raise DataError(f"data folder {split_dir} has no class subfolders (expected {split_dir}/CLASS/*.jpg)")
+    return split_dir
+
+
+def check_data(name_or_path: str) -> None:
+    """Check the layout of a dataset cheaply (no image is read): the driver does this before
+    any trial starts."""
+    if name_or_path == "digits":
+        return
+    root = Path(name_or_path)
+    if not root.is_dir():
+        raise DataError(
+            f"data {name_or_path!r} is neither 'digits' nor an existing folder with "
+            "train/ and val/ ImageFolder trees"
+        )
+    for split in SPLITS:
+        _check_split(root, split)
 
 
 def _rgb_loader(path: str):
@@ -179,12 +199,8 @@ def load_dataset(
         classes = ds.classes
         samples = None
     else:
+        check_data(name_or_path)
         root = Path(name_or_path)
-        if not root.is_dir():
-            raise DataError(
-                f"data {name_or_path!r} is neither 'digits' nor an existing folder with "
-                "train/ and val/ ImageFolder trees"
-            )
         ds = _image_folder(root, split, image_size)
         classes, samples = ds.classes, ds.samples
     if label_fraction is not None and split == "train":

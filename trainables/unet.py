@@ -106,28 +106,36 @@ def build(flags: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         raise ModelError(f"cannot build a U-Net from flags {flags}: {exc}") from None
 
 
-def load_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load a checkpoint into ``model`` safely (``weights_only=True``).
-
-    A checkpoint for another architecture raises :class:`ModelError` naming the missing,
-    unexpected and mis-shaped keys in one message.
-    """
+def read_state(checkpoint: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's state_dict, read with ``weights_only=True`` (``mmap``: without reading
+    the tensors into memory, for checks)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as exc:
+        if mmap and "mmap" in str(exc):  # a legacy (non-zip) file cannot be memory-mapped
+            return read_state(path)
+        state = exc
     except Exception as exc:  # pickle refusal, truncated file, not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        state = exc
+    if isinstance(state, Exception):
+        text = str(state).strip()
+        first = text.splitlines()[0] if text else type(state).__name__
         raise ModelError(
             f"checkpoint {path} cannot be loaded with weights_only=True (a plain state_dict of "
             f"tensors is required; pickled objects are refused): {first}"
-        ) from None
+        )
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"checkpoint {path} does not hold a state_dict")
-    own = model.state_dict()
+    return state
+
+
+def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise :class:`ModelError` naming missing/unexpected keys and shape mismatches (one line)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(
@@ -151,7 +159,29 @@ def load_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
             f"checkpoint {path} does not fit the model flags: " + "; ".join(parts)
             + " (pass the flags the checkpoint was trained with)"
         )
+
+
+def load_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a checkpoint into ``model`` safely (``weights_only=True``).
+
+    A checkpoint for another architecture raises :class:`ModelError` naming the missing,
+    unexpected and mis-shaped keys in one message.
+    """
+    state = read_state(checkpoint)
+    check_fit(model.state_dict(), state, checkpoint)
     model.load_state_dict(state)
+
+
+def check_model(name_or_path: str, *, checkpoint: str | Path | None = None) -> None:
+    """Check, without loading weights into memory, that a model can be loaded: its flags
+    build, its checkpoint exists, loads under ``weights_only`` and fits the architecture
+    (compared on the meta device, so even paper256 costs no memory)."""
+    flags, ckpt = resolve(name_or_path, checkpoint=checkpoint)
+    if ckpt is None:
+        load_unet(name_or_path, checkpoint=checkpoint)  # raises the "bring the checkpoint" error
+    with torch.device("meta"):
+        model, _ = build(flags)
+    check_fit(model.state_dict(), read_state(ckpt, mmap=True), ckpt)
 
 
 def resolve(
