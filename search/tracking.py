@@ -71,6 +71,15 @@ def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False)
                                 "(run a search first or pass the store's URI)")
 
 
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database file (``mlartifacts/``), not into
+    whatever the working directory is; a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment
+        return folder.as_uri()
+    return None
+
+
 def code_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -90,7 +99,8 @@ def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[
                      runtime: dict[str, Any], tune_path: str, model_name: str) -> str:
     """Create the search's parent run with the resolved space; returns its run id."""
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_root(client.tracking_uri, experiment))
     run = client.create_run(exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={TAG_ROLE: "search", TAG_RUNTIME: json.dumps(runtime),
                                   "difftune.tune_path": tune_path,

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +52,7 @@ from .features import (
     Extractor,
     autocast_for,
     block_modules,
+    block_shapes,
     check_timestep,
     model_timesteps,
     run_blocks,
@@ -62,26 +62,6 @@ from .heads_attention import AttentionHead, transformer_kwargs
 logger = logging.getLogger(__name__)
 
 FEEDBACK_CODES = ("C", "B", "R", "S", "G")
-
-_SHAPES: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, int]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def block_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
-    """Block number -> ``(channels, side)`` of its output at the model's image size (one
-    1-image forward pass on a zero image, remembered per model)."""
-    if model not in _SHAPES:
-        shapes: dict[int, tuple[int, int]] = {}
-        device = next(model.parameters()).device
-        x = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
-        with torch.inference_mode():
-            run_blocks(model, x, torch.zeros(1, dtype=torch.long, device=device),
-                       upto=len(block_modules(model)),
-                       on_block=lambda b, h: shapes.__setitem__(b, (h.shape[1], h.shape[-1])))
-        _SHAPES[model] = shapes
-    return _SHAPES[model]
-
 
 def mirror_block(model: nn.Module, block: int) -> int:
     """The encoder block mirroring decoder block ``block``: ``N + 1 - block``."""

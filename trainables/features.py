@@ -223,20 +223,26 @@ class Extractor:
 
 
 # keyed by the model object itself (weakly): an id() would be reused by a later model
-_SIZES: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, int]] = weakref.WeakKeyDictionary()
+_SIZES: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, tuple[int, int]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def block_sizes(model: torch.nn.Module) -> dict[int, int]:
-    """Block number -> side of its output map at the model's image size (one 1-image
-    forward pass on a zero image, remembered per model)."""
-    key = model
-    if key not in _SIZES:
-        sizes: dict[int, int] = {}
+def block_shapes(model: torch.nn.Module) -> dict[int, tuple[int, int]]:
+    """Block number -> ``(channels, side)`` of its output map at the model's image size (one
+    1-image forward pass on a zero image, remembered per model)."""
+    if model not in _SIZES:
+        shapes: dict[int, tuple[int, int]] = {}
         n = len(block_modules(model))
         device = next(model.parameters()).device
         x = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
         with torch.inference_mode():
             run_blocks(model, x, torch.zeros(1, dtype=torch.long, device=device), upto=n,
-                       on_block=lambda b, h: sizes.__setitem__(b, h.shape[-1]))
-        _SIZES[key] = sizes
-    return _SIZES[key]
+                       on_block=lambda b, h: shapes.__setitem__(b, (h.shape[1], h.shape[-1])))
+        _SIZES[model] = shapes
+    return _SIZES[model]
+
+
+def block_sizes(model: torch.nn.Module) -> dict[int, int]:
+    """Block number -> side of its output map at the model's image size."""
+    return {b: side for b, (_, side) in block_shapes(model).items()}
