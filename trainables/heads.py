@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import TrialConfig
+from .config import ConfigError, TrialConfig
 
 Key = tuple[int, int]  # (t, block)
 Shape = tuple[int, int, int]  # (C, h, w)
@@ -77,13 +77,8 @@ def register(name: str, requests: Callable[[TrialConfig], list[tuple[int, int, i
 
 
 def _ensure_all() -> None:
-    # importing these modules registers their heads
-    import importlib
-    import importlib.util
-
-    for mod in ("heads_attention", "diffeed"):
-        if importlib.util.find_spec(f"{__package__}.{mod}") is not None:
-            importlib.import_module(f"{__package__}.{mod}")
+    """Register the attention, DifFormer and DifFeed heads (their modules import this one)."""
+    from . import diffeed, heads_attention  # noqa: F401
 
 
 def feature_requests(cfg: TrialConfig) -> list[tuple[int, int, int]]:
@@ -96,6 +91,6 @@ def build_head(cfg: TrialConfig, shapes: dict[Key, Shape], num_classes: int) -> 
     """Build the head of ``cfg`` for features of ``shapes`` ((t, block) -> (C, h, w))."""
     _ensure_all()
     if cfg.head not in REGISTRY:
-        raise ValueError(f"head={cfg.head!r} is not available; allowed: {sorted(REGISTRY)}")
+        raise ConfigError(f"head={cfg.head!r} is not available; allowed: {sorted(REGISTRY)}")
     torch.manual_seed(cfg.seed)
     return REGISTRY[cfg.head][1](cfg, shapes, num_classes)
