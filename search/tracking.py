@@ -35,7 +35,7 @@ TAG_ROLE = "difftune.role"
 TAG_TRIAL = "difftune.trial_id"
 TAG_CONFIG = "difftune.config"
 TAG_RUNTIME = "difftune.runtime"
-METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "lr")
+METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "lr", "unet_images")
 
 
 class TrackingError(UserError):

@@ -80,7 +80,7 @@ def make_source(runtime: RuntimeOptions, device: str):
     from .pipeline import DirectFeatures
 
     if runtime.online:
-        from .cache import OnlineFeatures
+        from .online import OnlineFeatures
 
         return OnlineFeatures(device=device)
     if runtime.cache:
@@ -89,6 +89,17 @@ def make_source(runtime: RuntimeOptions, device: str):
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,
                             extra_blocks=runtime.extra_blocks)
     return DirectFeatures(device=device)
+
+
+def unet_images(source) -> int:
+    """Images this trial's feature source has passed through the U-Net so far."""
+    stats = getattr(source, "stats", None)
+    if isinstance(stats, dict):
+        return int(stats.get("forward_images", 0))
+    if stats is not None:
+        return int(stats.forward_images)
+    extractor = getattr(source, "extractor", None)
+    return extractor.forward_images if extractor is not None else 0
 
 
 def save_head(path: Path, head: torch.nn.Module, cfg: TrialConfig, *, epoch: int,
@@ -153,13 +164,18 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
 
     shapes_holder: dict[str, Any] = {}
 
+    source = make_source(runtime, device)
+
     def on_epoch(epoch: int, metrics: dict[str, float], head, opt, sched) -> None:
-        inner = getattr(head, "head", head)  # an online wrapper holds the real head
+        from .online import OnlineHead
+
+        inner = head.head if isinstance(head, OnlineHead) else head
         with tempfile.TemporaryDirectory() as d:
             save_head(Path(d), inner, cfg, epoch=epoch, shapes=shapes_holder.get("shapes", {}),
                       num_classes=shapes_holder.get("num_classes", 0), optimizer=opt, scheduler=sched)
-            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(d))
+            report = {**metrics, "unet_images": unet_images(source)}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
-    run_trial(cfg, source=make_source(runtime, device), device=device, on_epoch=on_epoch,
+    run_trial(cfg, source=source, device=device, on_epoch=on_epoch,
               head_state=head_state, optimizer_state=optimizer_state, start_epoch=start_epoch,
               on_data=shapes_holder.update)
