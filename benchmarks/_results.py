@@ -1,0 +1,57 @@
+"""Shared by the benchmark scripts: append one result row (date, machine, summary) to
+``benchmarks/RESULTS.md`` and print the summary as the script's last line,
+``NAME key=value ...``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = """# Benchmark results
+
+Rows are appended by the scripts in `benchmarks/` (through `benchmarks/_results.py`): when,
+on what machine, and the script's summary line. Figures from different machines are not
+comparable.
+
+| date (UTC) | machine | result |
+| --- | --- | --- |
+"""
+
+
+def machine() -> str:
+    """CPU architecture and count, GPU (when torch sees one) and torch version."""
+    parts = [f"{platform.machine()} x{os.cpu_count()} CPU"]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if torch.cuda.is_available():
+            parts.append(torch.cuda.get_device_name(0))
+        else:
+            parts.append("no GPU")
+        parts.append(f"torch {torch.__version__.split('+')[0]}")
+    parts.append(f"python {platform.python_version()}")
+    return ", ".join(parts)
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace(" ", "_")
+
+
+def record(name: str, **values: object) -> str:
+    """Append ``name key=value ...`` with the date and machine to RESULTS.md; print it.
+
+    :return: the summary line.
+    """
+    line = " ".join([name, *(f"{k}={fmt(v)}" for k, v in values.items())])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    if not RESULTS.exists():
+        RESULTS.write_text(HEADER)
+    with RESULTS.open("a") as f:
+        f.write(f"| {date} | {machine()} | `{line}` |\n")
+    print(line, flush=True)
+    return line

@@ -1,0 +1,376 @@
+"""The Arrow feature cache (trainables.cache) and the no-cache source (trainables.online):
+hits equal fresh extraction, keys miss when their content changes, derived pools are exact,
+publishing is atomic across killed writers and concurrent processes, corruption is caught,
+and an S3-compatible store works across processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainables import cache as cache_mod
+from trainables.cache import FeatureCache, list_entries, remove, total_bytes
+from trainables.config import TrialConfig
+from trainables.features import Extractor
+from trainables.online import OnlineFeatures
+from trainables.pipeline import cached_dataset, cached_unet, run_trial
+from trainables.unet import DEMO_CHECKPOINT
+
+REPO = Path(__file__).resolve().parents[2]
+FRACTION = 0.03  # 40 digits training images: one forward batch per extraction
+
+
+def cfg_(**kw) -> TrialConfig:
+    return TrialConfig(**{"label_fraction": FRACTION, **kw})
+
+
+def fresh(cfg: TrialConfig, t: int, block: int, pool: int) -> torch.Tensor:
+    """Features extracted directly with the Extractor (no cache): [N x C x pool x pool]."""
+    model, diffusion = cached_unet(cfg.model, cfg.checkpoint, "cpu")
+    ds, _ = cached_dataset(cfg.data, "train", model.image_size, cfg.label_fraction, cfg.seed)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    out = Extractor(model, diffusion).extract(x, t, [block], indices=ds.indices, pool=pool,
+                                              seed=cfg.noise_seed)
+    return out[block]
+
+
+def stacked(ds, key) -> torch.Tensor:
+    return torch.stack([ds[i][0][key] for i in range(len(ds))])
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float16 storage."""
+    return torch.allclose(a, b, rtol=2e-3, atol=2e-3 * float(b.abs().max()))
+
+
+# ------------------------------------------------------------------------------- basics
+
+
+def test_hit_equals_fresh_extraction_and_counts(tmp_path):
+    cfg = cfg_()
+    requests = [(90, 2, 2), (90, 3, 1)]
+    first = FeatureCache(str(tmp_path))
+    ds = first.get(cfg, "train", requests)
+    assert first.stats.entries_written == 2 and first.stats.forward_batches == 1
+    assert first.stats.forward_images == len(ds) == 40
+    assert ds.shapes() == {(90, 2): (32, 2, 2), (90, 3): (32, 1, 1)}
+    assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
+    assert close(stacked(ds, (90, 3)), fresh(cfg, 90, 3, 1))
+    labels = [ds[i][1] for i in range(len(ds))]
+    assert labels == [int(cached_dataset("digits", "train", 16, FRACTION, 0)[0][i][1])
+                      for i in range(len(ds))]
+
+    second = FeatureCache(str(tmp_path))
+    again = second.get(cfg, "train", requests)
+    assert second.stats.forward_batches == 0 and second.stats.entries_written == 0
+    assert second.stats.entries_reused == 2
+    assert torch.equal(stacked(again, (90, 2)), stacked(ds, (90, 2)))
+
+    # a dataset for DataLoader workers pickles without its memory maps
+    clone = pickle.loads(pickle.dumps(again))
+    assert clone._maps is None and torch.equal(clone[5][0][(90, 3)], again[5][0][(90, 3)])
+
+    entries = list_entries(str(tmp_path))
+    assert [(e["t"], e["block"], e["pool"], e["rows"]) for e in entries] == [
+        (90, 2, 2, 40), (90, 3, 1, 40)]
+    assert total_bytes(str(tmp_path)) >= sum(e["bytes"] for e in entries) > 0
+    assert remove(str(tmp_path), block=3) == 1
+    assert [e["block"] for e in list_entries(str(tmp_path))] == [2]
+    assert remove(str(tmp_path), model="demo") == 1 and list_entries(str(tmp_path)) == []
+
+
+def test_stored_pool_serves_divisors_exactly(tmp_path):
+    cfg = cfg_()
+    writer = FeatureCache(str(tmp_path), store_pool=4)
+    writer.get(cfg, "train", [(90, 2, 2)])
+    assert [e["pool"] for e in list_entries(str(tmp_path))] == [4]
+
+    reader = FeatureCache(str(tmp_path))
+    ds = reader.get(cfg, "train", [(90, 2, 1)])
+    ds2 = reader.get(cfg, "train", [(90, 2, 2)])
+    ds4 = reader.get(cfg, "train", [(90, 2, 4)])
+    assert reader.stats.forward_batches == 0 and reader.stats.entries_derived == 2
+    assert ds.shapes()[(90, 2)] == (32, 1, 1)
+    assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 1))
+    assert close(stacked(ds2, (90, 2)), fresh(cfg, 90, 2, 2))
+    # the derived pool is the exact pooling of the stored map
+    stored = stacked(ds4, (90, 2))
+    assert torch.allclose(stacked(ds2, (90, 2)),
+                          torch.nn.functional.adaptive_avg_pool2d(stored, 2), atol=1e-6)
+
+    # 3 does not divide 4: a miss, stored at 3
+    reader.get(cfg, "train", [(90, 2, 3)])
+    assert reader.stats.entries_written == 1
+    assert sorted(e["pool"] for e in list_entries(str(tmp_path))) == [3, 4]
+
+
+def test_miss_extracts_the_search_space_blocks_in_one_pass(tmp_path):
+    cfg = cfg_()
+    c = FeatureCache(str(tmp_path), extra_blocks=(1, 2, 3, 5, 12))
+    c.get(cfg, "train", [(90, 3, 2)])
+    assert c.stats.forward_batches == 1
+    # the whole space block set, deeper ones included: one pass per image and timestep
+    assert sorted(e["block"] for e in list_entries(str(tmp_path))) == [1, 2, 3, 5, 12]
+    ds = c.get(cfg, "train", [(90, 1, 2)])
+    assert c.stats.forward_batches == 1 and c.stats.entries_reused == 1
+    assert close(stacked(ds, (90, 1)), fresh(cfg, 90, 1, 2))
+    c.get(cfg, "train", [(90, 12, 2)])  # the deepest space block: no second pass
+    assert c.stats.forward_batches == 1 and c.stats.entries_reused == 2
+
+
+def test_changed_checkpoint_subset_or_seed_misses(tmp_path):
+    root = str(tmp_path / "cache")
+    base = cfg_()
+    c = FeatureCache(root)
+    ref = stacked(c.get(base, "train", [(90, 2, 2)]), (90, 2))
+
+    state = torch.load(DEMO_CHECKPOINT, weights_only=True)
+    name = "input_blocks.0.0.weight"
+    state[name] = state[name] * 1.5
+    torch.save(state, tmp_path / "other.pt")
+    shutil.copy(DEMO_CHECKPOINT.with_suffix(".yaml"), tmp_path / "other.yaml")
+
+    variants = [cfg_(model=str(tmp_path / "other.pt")), cfg_(noise_seed=1),
+                cfg_(label_fraction=0.04), cfg_(seed=1)]
+    for i, cfg in enumerate(variants, start=2):
+        got = c.get(cfg, "train", [(90, 2, 2)])
+        assert c.stats.entries_written == i, cfg
+        assert c.stats.entries_reused == 0
+        assert close(stacked(got, (90, 2)), fresh(cfg, 90, 2, 2))
+    assert not close(stacked(c.get(variants[0], "train", [(90, 2, 2)]), (90, 2)), ref)
+    assert not close(stacked(c.get(variants[1], "train", [(90, 2, 2)]), (90, 2)), ref)
+    assert len({e["model_fp"] for e in list_entries(root)}) == 2
+    assert len({(e["data_fp"], e["seed"]) for e in list_entries(root)}) == 4
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
+    cfg = cfg_()
+    FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])
+    path = tmp_path / (list_entries(str(tmp_path))[0]["path"] + ".arrow")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        for i in range(len(data) // 2, len(data) // 2 + 8):
+            data[i] ^= 0xFF
+    else:
+        data = data[: len(data) - 100]
+    path.write_bytes(bytes(data))
+    cache_mod._VERIFIED.clear()  # a file checked earlier in this process is trusted by mtime
+
+    c = FeatureCache(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="trainables.cache"):
+        ds = c.get(cfg, "train", [(90, 2, 2)])
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    assert c.stats.entries_corrupt == 1 and c.stats.entries_written == 1
+    assert c.stats.forward_batches == 1
+    assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
+
+
+# ------------------------------------------------------------------- across processes
+
+CHILD = r"""
+import json, os, sys, time
+spec = json.loads(sys.argv[1])
+from trainables import cache
+from trainables.config import TrialConfig
+if spec.get("pause_dir"):  # freeze after the first written batch, to be killed
+    real = cache.EntryWriter.write
+    def write(self, *a, **k):
+        real(self, *a, **k)
+        open(os.path.join(spec["pause_dir"], "paused"), "w").close()
+        time.sleep(600)
+    cache.EntryWriter.write = write
+if spec.get("barrier"):  # start extracting together
+    open(os.path.join(spec["barrier"], str(spec["me"])), "w").close()
+    while len(os.listdir(spec["barrier"])) < spec["n"]:
+        time.sleep(0.01)
+c = cache.FeatureCache(spec["root"], batch_size=spec.get("batch_size", 256),
+                       mirror=spec.get("mirror"))
+c.get(TrialConfig(label_fraction=spec["fraction"]), "train",
+      [tuple(r) for r in spec["requests"]])
+print("STATS " + json.dumps(c.stats.as_dict()))
+"""
+
+
+def child(spec: dict, **kw) -> subprocess.Popen:
+    env = {**os.environ, **kw.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def stats_of(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = [x for x in out.splitlines() if x.startswith("STATS ")][-1]
+    return json.loads(line[len("STATS "):])
+
+
+def test_two_processes_extract_a_missing_entry_once(tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    requests = [(90, 2, 2), (90, 3, 2)]
+    spec = {"root": str(tmp_path / "cache"), "fraction": FRACTION, "requests": requests,
+            "barrier": str(barrier), "n": 2}
+    procs = [child({**spec, "me": i}) for i in range(2)]
+    stats = [stats_of(p) for p in procs]
+    assert sorted(s["entries_written"] for s in stats) == [0, 2]
+    assert sorted(s["forward_batches"] for s in stats) == [0, 1]
+    waiter = next(s for s in stats if s["entries_written"] == 0)
+    assert waiter["entries_reused"] == 2
+    assert len(list_entries(str(tmp_path / "cache"))) == 2
+
+
+def test_writer_killed_mid_write_leaves_nothing_readable(tmp_path):
+    root = tmp_path / "cache"
+    spec = {"root": str(root), "fraction": FRACTION, "requests": [(90, 2, 2)],
+            "pause_dir": str(tmp_path), "batch_size": 8}
+    proc = child(spec)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "paused").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the writer never reached its first batch"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert list_entries(str(root)) == []
+    left = {p.name for p in root.rglob("*") if p.is_file()}
+    assert not any(n.endswith((".json", ".arrow")) for n in left)
+    assert ".lock" in left  # the dead writer's lock, to be detected as stale
+
+    cfg = cfg_()
+    c = FeatureCache(str(root))
+    ds = c.get(cfg, "train", [(90, 2, 2)])
+    assert c.stats.entries_written == 1 and c.stats.forward_batches == 1
+    assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
+    assert {p.name for p in root.rglob("*") if p.is_file()} == {"b2-p2-float16.arrow",
+                                                                 "b2-p2-float16.json"}
+
+
+def test_lock_of_a_silent_holder_on_another_node_goes_stale(tmp_path):
+    cfg = cfg_()
+    c = FeatureCache(str(tmp_path), lock_stale_s=1.0)
+    c.get(cfg, "train", [(90, 1, 2)])  # makes the group folder
+    lock = next(tmp_path.rglob("b1-p2-float16.json")).parent / ".lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere|pid:[1]", "token": "x"}))
+    ds = c.get(cfg, "train", [(90, 2, 2)])  # waits until the lock is 1 s untouched
+    assert c.stats.lock_waits == 1 and c.stats.entries_written == 2
+    assert not lock.exists()
+    assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_uri(tmp_path, monkeypatch):
+    """An ``s3://`` URI on a moto server of our own (stopped by pid afterwards)."""
+    import pyarrow.fs as pafs
+
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto[server] is not installed")
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port),
+                               "-H", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in creds.items():
+        monkeypatch.setenv(k, v)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               access_key="testing", secret_key="testing", region="us-east-1",
+                               allow_bucket_creation=True)
+        deadline = time.monotonic() + 180  # moto imports slowly on a busy machine
+        while True:
+            try:
+                fs.create_dir("difftune-test")
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto died"
+                time.sleep(0.2)
+        # allow_delayed_open: small objects go up in one PutObject; moto 5.2.1 answers
+        # CompleteMultipartUpload with a root tag pyarrow rejects (getmoto/moto#10055)
+        yield f"s3://difftune-test/cache?endpoint_override=127.0.0.1:{port}&scheme=http" \
+              f"&region=us-east-1&allow_delayed_open=true"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_object_store_entries_written_by_one_process_are_read_by_another(tmp_path, s3_uri):
+    requests = [(90, 2, 2)]
+    writer = stats_of(child({"root": s3_uri, "fraction": FRACTION, "requests": requests,
+                             "mirror": str(tmp_path / "writer-mirror")}))
+    assert writer["entries_written"] == 1 and writer["forward_batches"] == 1
+    entries = list_entries(s3_uri)
+    assert [(e["block"], e["pool"], e["rows"]) for e in entries] == [(2, 2, 40)]
+    names = {i.base_name for i in cache_mod._Store(s3_uri).files(recursive=True)}
+    assert names == {"b2-p2-float16.arrow", "b2-p2-float16.json"}  # lock released
+
+    cfg = cfg_()
+    reader = FeatureCache(s3_uri, mirror=str(tmp_path / "mirror"))
+    ds = reader.get(cfg, "train", requests)
+    assert reader.stats.forward_batches == 0 and reader.stats.entries_reused == 1
+    assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
+    assert remove(s3_uri, all=True) == 1 and list_entries(s3_uri) == []
+
+
+# ----------------------------------------------------------------- trials and no-cache
+
+
+def test_online_wrapper_holds_only_the_head_and_draws_fresh_noise():
+    from trainables.heads import LinearHead
+
+    cfg = cfg_(block=2, t=90, pool=2)
+    src = OnlineFeatures()
+    data = src.prepare(cfg, [(90, 2, 2)])
+    assert data.shapes == {(90, 2): (32, 2, 2)}
+    inputs, label = data.train[0]
+    assert set(inputs) == {"image", "index"} and inputs["index"] == data.train.indices[0]
+    head = LinearHead((90, 2), data.shapes[(90, 2)], data.num_classes)
+    wrapped = data.wrap(head)
+    assert wrapped.state_dict().keys() == head.state_dict().keys()
+    assert {id(p) for p in wrapped.parameters()} == {id(p) for p in head.parameters()}
+    batch = torch.utils.data.default_collate([data.train[i] for i in range(8)])[0]
+    wrapped.eval()
+    a, b = wrapped(batch), wrapped(batch)
+    assert not torch.allclose(a, b)  # a fresh noise draw at every pass
+    assert src.stats == {"forward_batches": 2, "forward_images": 16}
+    head.load_state_dict(wrapped.state_dict())
+
+
+@pytest.mark.parametrize("source", ["cache", "online"])
+def test_a_trial_trains_from_either_source(tmp_path, source):
+    cfg = cfg_(block=2, t=90, pool=2, epochs=1, batch_size=16)
+    src = FeatureCache(str(tmp_path)) if source == "cache" else OnlineFeatures()
+    head, history = run_trial(cfg, source=src)
+    assert len(history) == 1 and 0 <= history[0]["val_top1"] <= 100
+    if source == "cache":
+        assert src.stats.entries_written == 2  # train and val
+    else:  # every batch of every epoch ran the U-Net, train and val
+        assert src.stats["forward_batches"] == 3 + 2
