@@ -1,0 +1,455 @@
+"""Storage of the feature cache: entry keys, the filesystem wrapper, the streaming Arrow
+writer, memory-mapped readers, the dataset that serves stored rows, and the lock that lets
+exactly one process extract a missing entry. :mod:`trainables.cache` builds on these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import mmap
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+_NAME = re.compile(r"^b(\d+)-p(\d+)-(\w+)\.json$")
+
+
+@dataclass(frozen=True)
+class EntryKey:
+    """Everything an entry's features depend on (names are for listing only)."""
+
+    model: str
+    model_fp: str
+    data: str
+    data_fp: str
+    split: str
+    image_size: int
+    t: int
+    seed: int
+    block: int
+    pool: int
+    dtype: str = "float16"
+
+    @property
+    def group(self) -> str:
+        return f"{self.model_fp}/{self.data_fp}/t{self.t}-s{self.seed}"
+
+    @property
+    def name(self) -> str:
+        return f"b{self.block}-p{self.pool}-{self.dtype}"
+
+    def content(self) -> dict:
+        """The fields that decide the features (names excluded)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "data")}
+
+
+@dataclass
+class CacheStats:
+    """What a :class:`FeatureCache` did in this process."""
+
+    forward_batches: int = 0  # U-Net forward passes run on a miss
+    forward_images: int = 0
+    entries_reused: int = 0  # requests served by a stored entry (at p or derived)
+    entries_derived: int = 0  # ... of which pooled down from a larger stored P
+    entries_written: int = 0
+    entries_corrupt: int = 0  # entries whose checksum failed (re-extracted)
+    lock_waits: int = 0  # times another process held the lock we needed
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+class _Store:
+    """A root on a local disk or a pyarrow filesystem; paths below are relative to it."""
+
+    def __init__(self, root: str, filesystem: pafs.FileSystem | None = None):
+        if filesystem is None and "://" not in str(root):
+            filesystem, base = pafs.LocalFileSystem(), os.path.abspath(root)
+        elif filesystem is None:
+            filesystem, base = pafs.FileSystem.from_uri(str(root))
+        else:
+            base = str(root)
+        self.fs, self.base = filesystem, base.rstrip("/")
+        self.local = isinstance(filesystem, pafs.LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def info(self, rel: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path(rel))
+
+    def files(self, rel: str = "", recursive: bool = False) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=recursive)
+        return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+    def read_json(self, rel: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+
+    def put(self, rel: str, data: bytes) -> None:
+        """Atomic small write (temporary name + rename locally; one PUT on object stores)."""
+        final = self.path(rel)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        target = f"{final}.{uuid.uuid4().hex}.tmp" if self.local else final
+        with self.fs.open_output_stream(target) as f:
+            f.write(data)
+        if self.local:
+            self.fs.move(target, final)
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except (FileNotFoundError, OSError):
+            pass
+
+
+class EntryWriter:
+    """Streams record batches of one entry, then publishes it (data first, marker last).
+
+    :param shape: ``(C, P, P)`` of one row's map.
+    :param native: side of the block's full map (an entry at P serves p only if P | native).
+    """
+
+    def __init__(self, store: _Store, key: EntryKey, shape: tuple[int, int, int], native: int):
+        self.store, self.key, self.shape, self.native = store, key, tuple(shape), native
+        self.rel = f"{key.group}/{key.name}"
+        final = store.path(self.rel + ".arrow")
+        store.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        self._target = f"{final}.{uuid.uuid4().hex}.tmp" if store.local else final
+        meta = {"difftune": json.dumps({"format": FORMAT, "key": dataclasses.asdict(key),
+                                        "shape": list(self.shape), "native": native})}
+        size = int(np.prod(self.shape))
+        self.schema = pa.schema([("index", pa.int64()), ("label", pa.int64()),
+                                 ("x", pa.list_(pa.from_numpy_dtype(np.dtype(key.dtype)), size))],
+                                metadata=meta)
+        self._sink = store.fs.open_output_stream(self._target)
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        self._sha = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, index: Sequence[int], labels: Sequence[int], x: torch.Tensor | np.ndarray
+              ) -> None:
+        """Append rows. :param x: an [N x C x P x P] Tensor or array of features."""
+        x = torch.as_tensor(x).detach()  # torch converts float32 -> float16 faster than numpy
+        x = x.to("cpu", getattr(torch, self.key.dtype)).contiguous().numpy()
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"rows of shape {tuple(x.shape[1:])} for an entry of {self.shape}")
+        idx = np.asarray(index, dtype=np.int64)
+        lab = np.asarray(labels, dtype=np.int64)
+        flat = pa.array(x.reshape(-1))
+        col = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(self.shape)))
+        self._writer.write_batch(pa.record_batch([pa.array(idx), pa.array(lab), col],
+                                                 schema=self.schema))
+        for part in (idx, lab, x):
+            self._sha.update(memoryview(part).cast("B"))
+        self.rows += len(idx)
+
+    def commit(self) -> dict:
+        """Close and publish; returns the marker."""
+        self._writer.close()
+        self._sink.close()
+        final = self.store.path(self.rel + ".arrow")
+        if self.store.local:
+            self.store.fs.move(self._target, final)
+        marker = {"format": FORMAT, "key": dataclasses.asdict(self.key), "shape": list(self.shape),
+                  "native": self.native, "rows": self.rows, "sha256": self._sha.hexdigest(),
+                  "bytes": self.store.info(self.rel + ".arrow").size,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "host": socket.gethostname()}
+        self.store.put(self.rel + ".json", json.dumps(marker, indent=1).encode())
+        return marker
+
+    def abort(self) -> None:
+        for close in (self._writer.close, self._sink.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - already failing; cleanup is best effort
+                pass
+        if self.store.local:
+            self.store.delete(self._target[len(self.store.base) + 1:])
+
+
+class _Mapped:
+    """One entry's Arrow file, memory-mapped (zero-copy record batches for the schema, index,
+    labels and checksum, whose pages are dropped from RSS with ``madvise(MADV_DONTNEED)``).
+
+    Rows for training are copied out with positional reads (``preadv``) of their byte ranges
+    in the same file: they come from the page cache like mapped pages, but never enter this
+    process's RSS. (Touching random rows of the mapping instead maps whole page-cache folios:
+    on Linux 6.x about 1.6 MB of RSS per random 8 KB row.)
+    """
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = pa.py_buffer(self.mm)
+        reader = pa.ipc.open_file(pa.BufferReader(buf))
+        self.meta = json.loads(reader.schema.metadata[b"difftune"])
+        self.shape = tuple(self.meta["shape"])
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.offsets = np.cumsum([0] + [b.num_rows for b in self.batches])
+        self.views = [b.column(2).flatten().to_numpy(zero_copy_only=True)
+                      .reshape(b.num_rows, *self.shape) for b in self.batches]
+        self.dtype = self.views[0].dtype if self.views else np.dtype(np.float16)
+        self.row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.starts = [v.ctypes.data - buf.address for v in self.views]  # file offsets
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def column(self, i: int) -> np.ndarray:
+        if not self.batches:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([b.column(i).to_numpy() for b in self.batches])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """:return: an [N x C x P x P] array of ``rows``, read from the file."""
+        out = np.empty((len(rows), *self.shape), dtype=self.dtype)
+        batch = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i, (r, j) in enumerate(zip(rows.tolist(), batch.tolist(), strict=True)):
+            at = self.starts[j] + (r - int(self.offsets[j])) * self.row_bytes
+            if os.preadv(self.fd, [out[i]], at) != self.row_bytes:
+                raise OSError(f"short read of row {r} from a cache entry")
+        return out
+
+    def checksum(self) -> str:
+        sha = hashlib.sha256()
+        for b, v in zip(self.batches, self.views, strict=True):
+            for part in (b.column(0).to_numpy(), b.column(1).to_numpy(), v):
+                sha.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+            self.release()
+        return sha.hexdigest()
+
+    def release(self) -> None:
+        self.mm.madvise(mmap.MADV_DONTNEED)
+
+
+class CachedFeatures(Dataset):
+    """Rows of stored entries: item ``i`` is ``({(t, block): [C x p x p] float32}, label)``.
+
+    :param entries: (t, block) -> (local Arrow path, pool p served); every entry's rows are
+        the same images in the same order. Picklable: DataLoader workers re-map the files.
+    """
+
+    def __init__(self, entries: dict[tuple[int, int], tuple[str, int]], labels: np.ndarray):
+        self.entries, self.labels = dict(entries), np.asarray(labels, dtype=np.int64)
+        self._maps: dict[tuple[int, int], _Mapped] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def maps(self) -> dict[tuple[int, int], _Mapped]:
+        if self._maps is None:
+            self._maps = {k: _Mapped(path) for k, (path, _) in self.entries.items()}
+        return self._maps
+
+    def shapes(self) -> dict[tuple[int, int], tuple[int, int, int]]:
+        return {k: (m.shape[0], self.entries[k][1], self.entries[k][1])
+                for k, m in self.maps().items()}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _read(self, rows: np.ndarray) -> dict[tuple[int, int], torch.Tensor]:
+        """(t, block) -> [N x C x p x p] float32 features of ``rows``."""
+        out = {}
+        for k, m in self.maps().items():
+            x = torch.from_numpy(m.take(rows)).float()
+            p, big = self.entries[k][1], x.shape[-1]
+            if p != big:  # exact: p divides P, and P the native map
+                f = big // p
+                x = x.view(*x.shape[:2], p, f, p, f).mean(dim=(3, 5))
+            out[k] = x
+        return out
+
+    def __getitem__(self, i: int) -> tuple[dict[tuple[int, int], torch.Tensor], int]:
+        feats = self._read(np.array([i]))
+        return {k: v[0] for k, v in feats.items()}, int(self.labels[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[dict, int]]:
+        """A whole DataLoader batch at once (one gather and conversion per entry)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        feats = self._read(rows)
+        return [({k: v[j] for k, v in feats.items()}, int(self.labels[r]))
+                for j, r in enumerate(rows)]
+
+
+def _where() -> str:
+    """Host name and pid namespace: where a pid means one process."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}|{ns}"
+
+
+class _Lock:
+    """The right to extract into one group directory, held across processes and nodes.
+
+    Local (or shared, e.g. NFS) disk: ``.lock`` created with ``O_CREAT | O_EXCL`` holding pid,
+    host (+ pid namespace) and a token; the holder touches it every ``stale_s / 4`` seconds.
+    A lock is stale when its holder is a dead process on this host, or nobody touched it for
+    ``stale_s`` (a holder on another node died); a stale lock is renamed away (one breaker
+    wins; a fresh lock renamed by mistake is linked back) and deleted.
+    Object stores have no exclusive create, so this is best effort: a contender that sees no
+    lock object writes one with its token, waits ``settle`` seconds and reads it back; the
+    last writer wins, so contenders racing within ``settle`` agree on one owner. Should two
+    owners still result, both publish identical entries with atomic PUTs: work is wasted,
+    nothing is corrupted.
+    """
+
+    def __init__(self, store: _Store, rel: str, stale_s: float, settle: float = 0.5):
+        self.store, self.rel, self.stale_s, self.settle = store, rel, stale_s, settle
+        self.path = store.path(rel)
+        self.owner = {"pid": os.getpid(), "host": _where(), "token": uuid.uuid4().hex}
+        self.waited = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _try(self) -> bool:
+        data = json.dumps(self.owner).encode()
+        if self.store.local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.store.info(self.rel).type != pafs.FileType.NotFound:
+            return False
+        self.store.put(self.rel, data)
+        time.sleep(self.settle)
+        held = self.store.read_json(self.rel) or {}
+        return held.get("token") == self.owner["token"]
+
+    def _break_if_stale(self) -> None:
+        info = self.store.info(self.rel)
+        if info.type == pafs.FileType.NotFound:
+            return
+        raw = b""
+        if self.store.local:
+            try:
+                with open(self.path, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return
+        try:
+            held = json.loads(raw) if self.store.local else self.store.read_json(self.rel)
+        except ValueError:
+            held = None  # being written, or its writer died before writing
+        held = held if isinstance(held, dict) else {}
+        dead = False
+        if held.get("host") == self.owner["host"] and isinstance(held.get("pid"), int):
+            try:
+                os.kill(held["pid"], 0)
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:
+                pass
+        age = time.time() - info.mtime_ns / 1e9 if info.mtime_ns else 0.0
+        if not (dead or age > self.stale_s):
+            return
+        logger.warning("breaking stale cache lock %s (holder %s, %.0f s old)", self.path,
+                       held or "unknown", age)
+        if self.store.local:
+            away = f"{self.path}.stale-{self.owner['token']}"
+            try:
+                os.rename(self.path, away)
+            except FileNotFoundError:
+                return  # another waiter broke it first
+            with open(away, "rb") as f:
+                fresh = f.read() != raw
+            if fresh:  # we took a lock newer than the stale one: give it back
+                try:
+                    os.link(away, self.path)
+                except FileExistsError:
+                    pass
+            os.unlink(away)
+        else:
+            self.store.delete(self.rel)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.stale_s / 4):
+            try:
+                if self.store.local:
+                    os.utime(self.path)
+                else:
+                    self.store.put(self.rel, json.dumps(self.owner).encode())
+            except OSError as exc:
+                logger.warning("cannot refresh cache lock %s: %s", self.path, exc)
+
+    def __enter__(self) -> _Lock:
+        delay = 0.05
+        while not self._try():
+            if not self.waited:
+                logger.info("waiting for another process to extract into %s",
+                            os.path.dirname(self.path))
+                self.waited = True
+            self._break_if_stale()
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if (self.store.read_json(self.rel) or {}).get("token") == self.owner["token"]:
+            self.store.delete(self.rel)  # unless it was broken as stale and taken over
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) checked in this process
+
+
+def _check_file(path: str, marker: dict) -> bool:
+    """Whether the Arrow file at ``path`` is the entry ``marker`` describes (checksum, key,
+    rows); the result is remembered per process for an unchanged file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    memo = (path, st.st_size, st.st_mtime_ns, marker.get("sha256"))
+    if memo in _VERIFIED:
+        return True
+    if st.st_size != marker.get("bytes"):
+        return False
+    try:
+        m = _Mapped(path)
+        ok = (m.meta.get("key") == marker.get("key") and int(m.offsets[-1]) == marker["rows"]
+              and m.checksum() == marker["sha256"])
+    except (pa.ArrowException, OSError, ValueError, KeyError, IndexError):
+        ok = False
+    if ok:
+        _VERIFIED.add(memo)
+    return ok
