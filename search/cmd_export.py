@@ -44,6 +44,7 @@ def export_best(tracking_uri: str, experiment: str, *, top: int = 1,
         TrackingError,
         check_reachable,
         latest_search_run,
+        redact,
     )
     from trainables.config import TrialConfig
 
@@ -70,7 +71,7 @@ def export_best(tracking_uri: str, experiment: str, *, top: int = 1,
         configs.append({"rank": rank, "run_id": r.info.run_id,
                         "val_top1": r.data.metrics["val_top1"],
                         "val_top5": r.data.metrics.get("val_top5"), "config": cfg})
-    return {"experiment": experiment, "tracking_uri": tracking_uri,
+    return {"experiment": experiment, "tracking_uri": redact(tracking_uri),
             "search_run_id": parent.info.run_id, "runtime": runtime, "configs": configs}
 
 

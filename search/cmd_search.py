@@ -75,7 +75,7 @@ def _blocks_of(space) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from search.space import load_space, parse_set
-    from search.tracking import check_reachable, resolve_uri
+    from search.tracking import check_reachable, redact, resolve_uri
     from search.tuner import resume_search, run_search
     from trainables.data import check_data
     from trainables.trainable import RuntimeOptions
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                              extra_blocks=_blocks_of(space),
                              threads=max(1, int(space.search["cpus_per_trial"])))
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
-                space.search["trials"], space.model, space.data, uri)
+                space.search["trials"], space.model, space.data, redact(uri))
     result = run_search(space, experiment=args.experiment, tracking_uri=uri, runtime=runtime,
                         storage_path=args.storage, address=args.address,
                         model_name=args.model_name)
@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(result, *, top: int = 10) -> None:
+    from search.tracking import redact
+
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
     print(f"\nbest trials of experiment {result.experiment!r} "
           f"({len(result.rows)} finished):")
@@ -131,6 +133,7 @@ def print_summary(result, *, top: int = 10) -> None:
     if result.best_run_id:
         print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
               f"registered as version {result.model_version} (alias 'champion')")
-    print(f"open the MLflow UI:  difftune ui --tracking-uri {result.tracking_uri}")
+    uri = redact(result.tracking_uri)
+    print(f"open the MLflow UI:  difftune ui --tracking-uri {uri}")
     print(f"export the best:     difftune export --experiment {result.experiment} "
-          f"--tracking-uri {result.tracking_uri} --out best.yaml")
+          f"--tracking-uri {uri} --out best.yaml")

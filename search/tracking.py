@@ -42,6 +42,27 @@ class TrackingError(UserError):
     """The tracking server cannot be reached, or holds nothing to export."""
 
 
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "signature")
+
+
+def redact(uri: str | None) -> str | None:
+    """``uri`` with credentials masked (``user:pass@`` and query values such as
+    ``secret_key=``), for anything printed or recorded. Credentials belong in the
+    environment (AWS_*, MLFLOW_TRACKING_TOKEN, ...), where nothing here reads them out."""
+    if not uri or "://" not in uri:
+        return uri
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [k for k, _ in pairs if any(w in k.lower() for w in _SECRET_WORDS)]
+    if "@" not in parts.netloc and not secret:
+        return uri  # nothing to hide: keep it exactly as given
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
+    query = urlencode([(k, "***" if k in secret else v) for k, v in pairs], safe="*:/")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI: ``--tracking-uri``, else ``sqlite:///mlflow.db`` in the working
     directory (as an absolute path, so Ray workers and later commands agree)."""
@@ -60,7 +81,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False)
             with socket.create_connection((host, port), timeout=timeout):
                 pass
         except OSError as exc:
-            raise TrackingError(f"--tracking-uri {uri} is unreachable ({exc.strerror or exc}); "
+            raise TrackingError(f"--tracking-uri {redact(uri)} is unreachable ({exc.strerror or exc}); "
                                 "start the server or pass a reachable URI") from None
     elif parsed.scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):])
@@ -101,6 +122,7 @@ def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_root(client.tracking_uri, experiment))
+    runtime = {**runtime, "cache": redact(runtime.get("cache"))}
     run = client.create_run(exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={TAG_ROLE: "search", TAG_RUNTIME: json.dumps(runtime),
                                   "difftune.tune_path": tune_path,
@@ -217,7 +239,7 @@ class MLflowTrials(tune.Callback):
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     logger.warning("MLflow at %s is not answering (%s); %d record(s) wait and "
-                                   "are sent when it is back", self.tracking_uri,
+                                   "are sent when it is back", redact(self.tracking_uri),
                                    str(exc).splitlines()[0][:200], len(self._outbox))
                 return False
             self._outbox.pop(0)
@@ -281,7 +303,7 @@ class MLflowTrials(tune.Callback):
             time.sleep(5)
         if self._outbox:
             logger.error("MLflow at %s did not come back: %d trial record(s) were not written",
-                         self.tracking_uri, len(self._outbox))
+                         redact(self.tracking_uri), len(self._outbox))
 
 
 def _error_line(trial) -> str:
