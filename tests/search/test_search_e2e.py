@@ -63,10 +63,12 @@ def test_one_nested_child_run_per_trial(searched):
         assert child.data.tags["hostname"]
 
 
-def test_paper_config_ran_first(searched):
-    first = min(searched["children"], key=lambda r: r.info.start_time)
-    cfg = json.loads(first.data.tags["difftune.config"])
-    assert (cfg["head"], cfg["block"], cfg["t"], cfg["pool"]) == ("linear", 10, 90, 2)
+def test_paper_config_was_enqueued(searched):
+    """The paper's config (lr exactly 0.01: a sampled log-uniform lr never is) ran once."""
+    configs = [json.loads(r.data.tags["difftune.config"]) for r in searched["children"]]
+    paper = [c for c in configs
+             if (c["head"], c["block"], c["t"], c["pool"], c["lr"]) == ("linear", 10, 90, 2, 0.01)]
+    assert len(paper) == 1
 
 
 def test_champion_alias_points_at_the_best_child(searched):
