@@ -74,9 +74,10 @@ def _blocks_of(space) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from search.cluster import check_addressable, check_inputs_on_nodes
     from search.space import load_space, parse_set
     from search.tracking import check_reachable, redact, resolve_uri
-    from search.tuner import resume_search, run_search
+    from search.tuner import ensure_ray, resume_search, run_search
     from trainables.data import check_data
     from trainables.trainable import RuntimeOptions
     from trainables.unet import check_model
@@ -102,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     check_reachable(uri)
     cache = None if args.no_cache else os.path.abspath(args.cache or _cache_default()) \
         if "://" not in (args.cache or "") else args.cache
+    ensure_ray(args.address)
+    check_addressable(storage_path=args.storage, cache=cache, tracking_uri=uri)
+    check_inputs_on_nodes({"--checkpoint": space.checkpoint, "--data": space.data})
     runtime = RuntimeOptions(cache=cache, online=args.no_cache,
                              store_pool=space.search.get("cache_pool"),
                              extra_blocks=_blocks_of(space),

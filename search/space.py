@@ -44,7 +44,7 @@ TOP_KEYS = {"description", "model", "checkpoint", "data", "label_fraction", "sea
             "params", "paper_config"}
 SEARCH_DEFAULTS: dict[str, Any] = dict(
     trials=20, seed=0, metric="val_top1", mode="max", grace_period=1, reduction_factor=2,
-    max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=0.0, max_failures=2, cache_pool=None,
+    max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=None, max_failures=2, cache_pool=None,
 )
 TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")

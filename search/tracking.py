@@ -256,9 +256,12 @@ class MLflowTrials(tune.Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
+        previous = self._last.get(trial.trial_id, {})
         tags = []
-        if trial.trial_id not in self._last:
-            tags = [RunTag("node_ip", str(result.get("node_ip", ""))),
+        if result.get("node_id") != previous.get("node_id") or not previous:
+            # the node the trial runs on (again, when a retry moved it to another node)
+            tags = [RunTag("node_id", str(result.get("node_id", ""))),
+                    RunTag("node_ip", str(result.get("node_ip", ""))),
                     RunTag("hostname", str(result.get("hostname", "")))]
         self._last[trial.trial_id] = dict(result)
 
@@ -286,6 +289,9 @@ class MLflowTrials(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         tags = [RunTag("last_failure", _error_line(trial)),
                 RunTag("failures", str(trial.num_failures))]
+        failed_on = self._last.get(trial.trial_id, {}).get("node_id")
+        if failed_on:
+            tags.append(RunTag("failed_node_id", str(failed_on)))
         self._send(trial, lambda c, run_id: c.log_batch(run_id, tags=tags))
 
     def on_trial_error(self, iteration, trials, trial, **info):

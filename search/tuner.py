@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from search.cluster import cluster_gpus, trial_resources
 from search.space import Space
 from search.tracking import (
     TAG_RUNTIME,
@@ -141,11 +142,8 @@ def default_model_name(experiment: str) -> str:
 
 def make_trainable(space: Space, runtime: RuntimeOptions):
     """The function trainable with its runtime options and per-trial resources."""
-    s = space.search
-    return tune.with_resources(
-        tune.with_parameters(train_trial, runtime=runtime),
-        {"cpu": float(s["cpus_per_trial"]), "gpu": float(s["gpus_per_trial"])},
-    )
+    resources = trial_resources(space.search, gpus_available=cluster_gpus())
+    return tune.with_resources(tune.with_parameters(train_trial, runtime=runtime), resources)
 
 
 def run_search(

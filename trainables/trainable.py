@@ -142,6 +142,7 @@ def _device() -> str:
 def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -> None:
     """Ray Tune function trainable: one trial = one head on one feature setting."""
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import ray
     from ray import tune
 
     from .pipeline import run_trial
@@ -165,6 +166,7 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
     shapes_holder: dict[str, Any] = {}
 
     source = make_source(runtime, device)
+    node_id = ray.get_runtime_context().get_node_id()  # recorded on the trial's MLflow run
 
     def on_epoch(epoch: int, metrics: dict[str, float], head, opt, sched) -> None:
         from .online import OnlineHead
@@ -173,7 +175,7 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
         with tempfile.TemporaryDirectory() as d:
             save_head(Path(d), inner, cfg, epoch=epoch, shapes=shapes_holder.get("shapes", {}),
                       num_classes=shapes_holder.get("num_classes", 0), optimizer=opt, scheduler=sched)
-            report = {**metrics, "unet_images": unet_images(source)}
+            report = {**metrics, "unet_images": unet_images(source), "node_id": node_id}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
     run_trial(cfg, source=source, device=device, on_epoch=on_epoch,
