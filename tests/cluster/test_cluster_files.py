@@ -1,0 +1,318 @@
+"""The files of cluster/ are what Ray's and Kubernetes' schemas accept, offline:
+
+- the cluster launcher YAMLs against the JSON schema shipped in the ray package
+  (``ray/autoscaler/ray-schema.json``) and Ray's own ``prepare_config``/``validate_config``;
+- the Kubernetes objects (PersistentVolumeClaim, ServiceAccount, Deployment, Service) against
+  the Kubernetes OpenAPI schemas shipped in the ``kubernetes-validate`` package (strict: an
+  unknown field fails), and KubeRay's RayCluster/RayJob against the fields of KubeRay's
+  ``ray.io/v1`` types (unknown fields fail) with every pod template checked against
+  Kubernetes' own ``PodTemplateSpec`` schema;
+- and the settings difftune relies on: a CPU head that runs no trial, GPU workers, token
+  authentication, one shared folder declared in ``$DIFFTUNE_SHARED_PATHS`` and mounted on
+  every node, difftune installed, entrypoints that difftune's CLI parses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+LAUNCHERS = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+K8S_VERSION = "1.33"
+SHARED = {"aws": "/mnt/efs", "gcp": "/mnt/shared", "kuberay": "/mnt/shared"}
+
+
+# ------------------------------------------------------------------ Ray cluster launcher
+
+
+def ray_schema() -> dict:
+    import ray
+
+    path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(params=sorted(LAUNCHERS), scope="module")
+def launcher(request) -> tuple[str, dict]:
+    return request.param, yaml.safe_load(LAUNCHERS[request.param].read_text())
+
+
+def test_launcher_files_pass_rays_schema_and_config_checks(launcher):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    name, cfg = launcher
+    jsonschema.validate(cfg, ray_schema())
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # fills provider defaults, offline
+    assert cfg["provider"]["type"] == name
+
+
+def test_rays_schema_is_strict_enough_to_catch_a_typo(launcher):
+    _, cfg = launcher
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu_worker"]["min_worker"] = 1  # min_workers misspelt
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, ray_schema())
+
+
+def test_launcher_head_runs_no_trials_and_gpu_workers_autoscale(launcher):
+    _, cfg = launcher
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"]["CPU"] == 0
+    assert any("--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
+    gpu = types["gpu_worker"]
+    assert gpu["resources"]["GPU"] >= 1 and gpu.get("min_workers", 0) == 0
+    assert gpu["max_workers"] <= cfg["max_workers"]
+
+
+def test_launcher_nodes_share_a_folder_install_difftune_and_use_token_auth(launcher):
+    name, cfg = launcher
+    shared = SHARED[name]
+    assert f"--volume {shared}:{shared}" in cfg["docker"]["run_options"]
+    assert any(shared in c and "mount" in c for c in cfg["initialization_commands"])
+    assert cfg["file_mounts"]["~/difftune"] == "."
+    assert "pip install -q -e ~/difftune" in cfg["setup_commands"]
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(cfg[key])
+        assert "RAY_AUTH_MODE=token" in start and f"DIFFTUNE_SHARED_PATHS={shared}" in start
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "mlflow server" in head and "--backend-store-uri" in head
+    assert "--artifacts-destination" in head
+
+
+# ------------------------------------------------------------------------------- KubeRay
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_INT = {"type": "integer"}
+
+
+def _strict(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+#: ray.io/v1 RayCluster and RayJob as KubeRay's Go types define them
+#: (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go); pod templates are
+#: validated separately against Kubernetes' PodTemplateSpec
+_HEAD = _strict({"serviceType": {"type": "string"}, "headService": _ANY_OBJECT,
+                 "enableIngress": {"type": "boolean"}, "rayStartParams": _STR_MAP,
+                 "template": _ANY_OBJECT}, ("rayStartParams", "template"))
+_WORKER = _strict({"groupName": {"type": "string"}, "replicas": _INT, "minReplicas": _INT,
+                   "maxReplicas": _INT, "numOfHosts": _INT, "idleTimeoutSeconds": _INT,
+                   "suspend": {"type": "boolean"}, "rayStartParams": _STR_MAP,
+                   "template": _ANY_OBJECT, "scaleStrategy": _ANY_OBJECT},
+                  ("groupName", "rayStartParams", "template"))
+RAY_CLUSTER_SPEC = _strict({
+    "headGroupSpec": _HEAD,
+    "workerGroupSpecs": {"type": "array", "items": _WORKER},
+    "rayVersion": {"type": "string"},
+    "enableInTreeAutoscaling": {"type": "boolean"},
+    "autoscalerOptions": _strict({
+        "resources": _ANY_OBJECT, "image": {"type": "string"},
+        "imagePullPolicy": {"type": "string"}, "env": {"type": "array"},
+        "envFrom": {"type": "array"}, "volumeMounts": {"type": "array"},
+        "securityContext": _ANY_OBJECT, "idleTimeoutSeconds": _INT, "version": {"type": "string"},
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}}),
+    "authOptions": _strict({"mode": {"enum": ["disabled", "token"]},
+                            "secretName": {"type": "string"},
+                            "enableK8sTokenAuth": {"type": "boolean"}}),
+    "headServiceAnnotations": _STR_MAP, "suspend": {"type": "boolean"},
+    "managedBy": {"type": "string"}, "gcsFaultToleranceOptions": _ANY_OBJECT,
+    "upgradeStrategy": _ANY_OBJECT, "networkPolicy": _ANY_OBJECT, "tlsOptions": _ANY_OBJECT,
+}, ("headGroupSpec",))
+RAY_JOB_SPEC = _strict({
+    "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
+    "jobId": {"type": "string"},
+    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+    "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": _INT,
+    "activeDeadlineSeconds": _INT, "backoffLimit": _INT, "rayClusterSpec": RAY_CLUSTER_SPEC,
+    "clusterSelector": _STR_MAP, "submitterPodTemplate": _ANY_OBJECT,
+    "submitterConfig": _ANY_OBJECT, "entrypointNumCpus": {"type": "number"},
+    "entrypointNumGpus": {"type": "number"}, "entrypointResources": {"type": "string"},
+    "metadata": _STR_MAP, "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
+    "deletionStrategy": _ANY_OBJECT, "schedule": {"type": "string"},
+}, ("entrypoint",))
+_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+RAY_KINDS = {
+    kind: _strict({"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
+                   "metadata": {"type": "object", "properties": {"name": _NAME},
+                                "required": ["name"]},
+                   "spec": spec}, ("apiVersion", "kind", "metadata", "spec"))
+    for kind, spec in (("RayCluster", RAY_CLUSTER_SPEC), ("RayJob", RAY_JOB_SPEC))
+}
+
+
+def k8s_validator(definition: str) -> jsonschema.Validator:
+    """A strict validator of one Kubernetes type (e.g. ``podtemplatespec-v1``) from the
+    schemas that kubernetes-validate ships."""
+    from kubernetes_validate import utils
+    from referencing import Registry, Resource
+
+    folder = f"kubernetes-json-schema/v{K8S_VERSION}.0-local-strict"
+    schema = utils.schema_contents(f"{folder}/{definition}.json", K8S_VERSION)
+    defs = utils.schema_contents(f"{folder}/_definitions.json", K8S_VERSION)
+    registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def kuberay_docs() -> list[tuple[str, dict]]:
+    out = []
+    for path in KUBERAY:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return out
+
+
+def cluster_specs() -> list[tuple[str, dict]]:
+    out = []
+    for name, doc in kuberay_docs():
+        if doc["kind"] == "RayCluster":
+            out.append((name, doc["spec"]))
+        elif doc["kind"] == "RayJob":
+            out.append((name, doc["spec"]["rayClusterSpec"]))
+    return out
+
+
+def pod_templates(spec: dict) -> list[tuple[str, dict]]:
+    return [("head", spec["headGroupSpec"]["template"])] + \
+        [(g["groupName"], g["template"]) for g in spec.get("workerGroupSpecs", [])]
+
+
+def test_kuberay_files_hold_a_raycluster_a_rayjob_and_mlflow():
+    kinds = sorted(doc["kind"] for _, doc in kuberay_docs())
+    assert kinds == ["Deployment", "PersistentVolumeClaim", "RayCluster", "RayJob", "Service",
+                     "ServiceAccount"]
+
+
+@pytest.mark.parametrize("name, doc", kuberay_docs(), ids=[n for n, _ in kuberay_docs()])
+def test_kuberay_objects_pass_the_kubernetes_schemas(name, doc):
+    import kubernetes_validate
+
+    if doc["kind"] in RAY_KINDS:
+        jsonschema.validate(doc, RAY_KINDS[doc["kind"]])
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        validator = k8s_validator("podtemplatespec-v1")
+        for group, template in pod_templates(spec):
+            errors = [f"{group}: {'/'.join(map(str, e.absolute_path))}: {e.message}"
+                      for e in validator.iter_errors(template)]
+            assert not errors, errors
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_kubernetes_check_catches_a_typo_in_a_pod_template():
+    _, spec = cluster_specs()[0]
+    template = copy.deepcopy(spec["headGroupSpec"]["template"])
+    template["spec"]["containers"][0]["volumeMount"] = []  # volumeMounts misspelt
+    assert list(k8s_validator("podtemplatespec-v1").iter_errors(template))
+    bad = copy.deepcopy(spec)
+    bad["workerGroupSpecs"][0]["maxReplica"] = 4
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, RAY_CLUSTER_SPEC)
+
+
+@pytest.mark.parametrize("name, spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_kuberay_clusters_have_a_cpu_head_gpu_workers_token_auth_and_a_shared_volume(name,
+                                                                                       spec):
+    assert spec["authOptions"]["mode"] == "token" and spec["enableInTreeAutoscaling"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    (gpu,) = spec["workerGroupSpecs"]
+    assert 0 <= gpu["minReplicas"] <= gpu.get("replicas", 0) <= gpu["maxReplicas"]
+    claims = set()
+    for group, template in pod_templates(spec):
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert set(mounts.values()) <= set(volumes), group
+        assert volumes[mounts[SHARED["kuberay"]]]["persistentVolumeClaim"]
+        claims.add(volumes[mounts[SHARED["kuberay"]]]["persistentVolumeClaim"]["claimName"])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["DIFFTUNE_SHARED_PATHS"] == SHARED["kuberay"], group
+        if group != "head":
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    pvcs = {doc["metadata"]["name"]: doc for _, doc in kuberay_docs()
+            if doc["kind"] == "PersistentVolumeClaim"}
+    (claim,) = claims
+    assert pvcs[claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_one_ray_version_everywhere():
+    versions = {spec["rayVersion"] for _, spec in cluster_specs()}
+    for path in [*LAUNCHERS.values(), CLUSTER / "Dockerfile"]:
+        versions |= set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", path.read_text()))
+    assert len(versions) == 1, versions
+
+
+def test_the_rayjob_entrypoint_is_a_difftune_search_that_reaches_everything():
+    from search.cli import build_parser
+
+    (job,) = [doc for _, doc in kuberay_docs() if doc["kind"] == "RayJob"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["difftune", "search"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.storage.startswith(SHARED["kuberay"] + "/")
+    assert args.checkpoint.startswith(SHARED["kuberay"] + "/")
+    assert args.cache.startswith(("s3://", "gs://"))
+    assert args.tracking_uri == "http://mlflow:5000"
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["DIFFTUNE_SHARED_PATHS"] == SHARED["kuberay"]
+    from search.space import preset_names
+
+    assert args.space in preset_names()
+
+
+def test_mlflow_server_is_reachable_by_its_service_name():
+    docs = {doc["kind"]: doc for _, doc in kuberay_docs()}
+    deployment, service = docs["Deployment"], docs["Service"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = " ".join(container["args"])
+    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args
+    assert "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
+    hosts = re.search(r"--allowed-hosts=(\S+)", args)[1].split(",")
+    name = service["metadata"]["name"]
+    port = service["spec"]["ports"][0]["port"]
+    assert f"{name}:{port}" in hosts and f"http://{name}:{port}" == "http://mlflow:5000"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+# ----------------------------------------------------------------------- the stand-ins
+
+
+def test_standin_space_loads_and_allows_retries():
+    from search.space import load_space
+
+    space = load_space(str(CLUSTER / "standin-space.yaml"))
+    s = space.search
+    assert s["max_failures"] >= 1 and s["max_concurrent"] == 2 and s["cpus_per_trial"] == 1
+    assert s["grace_period"] == space.fixed["epochs"]  # ASHA stops nothing
+
+
+def test_readme_names_the_files_and_commands_the_tests_use():
+    text = (CLUSTER / "README.md").read_text()
+    for needle in ("cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml",
+                   "cluster/kuberay/rayjob.yaml", "cluster/kuberay/mlflow.yaml",
+                   "cluster/standin-space.yaml", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH",
+                   "ray start --head", "ray job submit", "--working-dir", "difftune search --address",
+                   "mlflow server", "--backend-store-uri", "python -m moto.server",
+                   "DIFFTUNE_SHARED_PATHS", "endpoint_override", "allow_delayed_open=true",
+                   "python -m pytest -q tests/cluster"):
+        assert needle in text, needle
+    assert os.path.basename(__file__) in text
