@@ -266,8 +266,13 @@ class MLflowTrials(tune.Callback):
         self._last[trial.trial_id] = dict(result)
 
         def send(c: MlflowClient, run_id: str) -> None:
-            if step > self._logged_steps.get(run_id, 0):  # a restored trial may repeat one
-                c.log_batch(run_id, metrics=metrics, tags=tags)
+            # a trial restored from an older checkpoint repeats epochs MLflow already has;
+            # its node tags still go out
+            new = step > self._logged_steps.get(run_id, 0)
+            if new or tags:
+                c.log_batch(run_id, metrics=metrics if new else [], tags=tags)
+            if new:
+                self._logged_steps[run_id] = step
 
         self._send(trial, send)
 

@@ -158,7 +158,9 @@ def run_search(
     verbose: int = 1,
 ) -> SearchResult:
     """Run a whole search: parent run, trials, champion. Returns what the CLI prints."""
-    storage_path = str(Path(storage_path or DEFAULT_STORAGE).resolve())
+    storage_path = storage_path or DEFAULT_STORAGE
+    if "://" not in storage_path:  # s3://, gs://: Ray Tune takes the URI as it is
+        storage_path = str(Path(storage_path).resolve())
     name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     tune_path = f"{storage_path}/{name}"
     model_name = model_name or default_model_name(experiment)

@@ -166,7 +166,8 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
     shapes_holder: dict[str, Any] = {}
 
     source = make_source(runtime, device)
-    node_id = ray.get_runtime_context().get_node_id()  # recorded on the trial's MLflow run
+    # recorded on the trial's MLflow run; outside Ray, get_runtime_context() would start one
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def on_epoch(epoch: int, metrics: dict[str, float], head, opt, sched) -> None:
         from .online import OnlineHead
