@@ -20,7 +20,7 @@ def free_port() -> int:
 def listening_addresses(port: int) -> set[str]:
     """Local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp*)."""
     out = set()
-    for name, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = open(name).read().splitlines()[1:]
         except OSError:
