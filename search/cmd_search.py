@@ -49,35 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _cache_default() -> str:
-    try:
-        from trainables.cache import DEFAULT_CACHE
-    except ImportError:
-        DEFAULT_CACHE = "difftune_cache"
-    return os.environ.get("DIFFTUNE_CACHE", DEFAULT_CACHE)
-
-
-def _blocks_of(space) -> tuple[int, ...]:
-    """Every block number the space can ask for (a cache miss extracts them all)."""
-    from search.space import BLOCK_KEYS, _all_settings
-
-    blocks: set[int] = set()
-    for key, values, _ in _all_settings(space):
-        if key in BLOCK_KEYS:
-            for v in values:
-                blocks.update(v if isinstance(v, list) else [v])
-    spec = space.params.get("block", {})
-    if "int" in spec:
-        lo, hi = spec["int"]
-        blocks.update(range(lo, hi + 1))
-    return tuple(sorted(blocks))
-
-
 def run(args: argparse.Namespace) -> int:
     from search.cluster import check_addressable, check_inputs_on_nodes
     from search.space import load_space, parse_set
     from search.tracking import check_reachable, redact, resolve_uri
     from search.tuner import ensure_ray, resume_search, run_search
+    from trainables.cache import default_root
     from trainables.data import check_data
     from trainables.trainable import RuntimeOptions
     from trainables.unet import check_model
@@ -101,14 +78,15 @@ def run(args: argparse.Namespace) -> int:
     check_data(space.data)
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
-    cache = None if args.no_cache else os.path.abspath(args.cache or _cache_default()) \
-        if "://" not in (args.cache or "") else args.cache
+    cache = None if args.no_cache else (args.cache or default_root())
+    if cache and "://" not in cache:
+        cache = os.path.abspath(cache)  # trials run in other working directories
     ensure_ray(args.address)
     check_addressable(storage_path=args.storage, cache=cache, tracking_uri=uri)
     check_inputs_on_nodes({"--checkpoint": space.checkpoint, "--data": space.data})
     runtime = RuntimeOptions(cache=cache, online=args.no_cache,
                              store_pool=space.search.get("cache_pool"),
-                             extra_blocks=_blocks_of(space),
+                             extra_blocks=space.block_set(),
                              threads=max(1, int(space.search["cpus_per_trial"])))
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
                 space.search["trials"], space.model, space.data, redact(uri))

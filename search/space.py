@@ -106,6 +106,19 @@ class Space:
             return []
         return [p]
 
+    def block_set(self) -> tuple[int, ...]:
+        """Every block number the space can ask for (a cache miss extracts them all)."""
+        blocks: set[int] = set()
+        for key, values, _ in _all_settings(self):
+            if key in BLOCK_KEYS:
+                for v in values:
+                    blocks.update(v if isinstance(v, list) else [v])
+        spec = self.params.get("block", {})
+        if "int" in spec:  # a range: every block in it, not only its ends
+            lo, hi = spec["int"]
+            blocks.update(range(lo, hi + 1))
+        return tuple(sorted(blocks))
+
     def names(self) -> set[str]:
         """Every setting name the space mentions (params, head sub-spaces, fixed)."""
         out = set(self.params) | set(self.fixed)

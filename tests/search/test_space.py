@@ -141,3 +141,10 @@ def test_each_preset_enqueues_the_papers_config_exactly(preset):
     for key, value in space.paper_config.items():
         assert cfg[key] == value, key
     TrialConfig.from_dict(cfg)
+
+
+def test_block_set_covers_ranges_subsets_and_head_subspaces():
+    assert load_space("demo").block_set() == tuple(range(1, 20))  # the whole int range
+    assert load_space("difformer").block_set() == (15, 19, 24, 27, 30, 33)
+    # DifFeed: the feedback blocks and the head's block choices
+    assert load_space("diffeed").block_set() == (19, 21, 24, 27, 30, 33, 36)
