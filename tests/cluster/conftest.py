@@ -121,12 +121,7 @@ class Processes:
     def kill_tree(self, name: str) -> list[int]:
         """SIGKILL ``name`` and its descendants at once (a node losing power)."""
         procs = self.tree(name)
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        _sigkill(procs)
         self.procs[name].wait(timeout=30)
         self.killed[name] = [p.pid for p in procs]
         logger.info("killed %s: pids %s", name, self.killed[name])
@@ -144,13 +139,8 @@ class Processes:
             pass
         _, alive = psutil.wait_procs(procs[:1], timeout=timeout)
         time.sleep(1.0)  # let the children it is stopping go
-        left = [p for p in procs + [c for a in alive for c in _children(a)] if p.is_running()]
-        for p in left:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=30)
+        _sigkill([p for p in procs + [c for a in alive for c in _children(a)]
+                  if p.is_running()])
         try:
             self.procs[name].wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -170,6 +160,16 @@ def _children(p: psutil.Process) -> list[psutil.Process]:
     except psutil.NoSuchProcess:
         return []
 
+
+
+def _sigkill(procs: list[psutil.Process]) -> None:
+    """SIGKILL every process of ``procs`` (gone ones are skipped) and reap them."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 @dataclass
 class StandIns:
