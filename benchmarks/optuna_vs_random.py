@@ -39,34 +39,22 @@ params:
 
 
 def grid_accuracy() -> dict[tuple[int, int, int], float]:
-    """Val top-1 of every (block, t, pool) of the grid."""
-    from tqdm import tqdm
+    """Val top-1 of every (block, t, pool) of the grid (``difftune probe``'s recipe)."""
+    from difftune.trainables.probe import probe_grid
+    from difftune.trainables.unet import load_unet
 
-    from trainables.cache import FeatureCache
-    from trainables.config import TrialConfig
-    from trainables.heads import build_head
-    from trainables.train import train_head
-
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        cache = FeatureCache(d, store_pool=4, extra_blocks=range(1, 20))
-        configs = [(b, t, p) for t in TIMESTEPS for b in range(1, 20) for p in POOLS]
-        for b, t, p in tqdm(configs, desc="grid", unit="config"):
-            cfg = TrialConfig(head="linear", block=b, t=t, pool=p, epochs=4, lr=0.05,
-                              momentum=0.9, batch_size=64, step_size=3)
-            data = cache.prepare(cfg, [(t, b, p)])
-            head = build_head(cfg, data.shapes, data.num_classes)
-            out[(b, t, p)] = train_head(head, data.train, data.val, cfg)[-1]["val_top1"]
-    return out
+    grid = probe_grid(load_unet("demo"), data="digits", blocks=range(1, 20),
+                      timesteps=TIMESTEPS, pools=POOLS, epochs=4, lr=0.05, progress=True)
+    return {k: m["val_top1"] for k, m in grid.items()}
 
 
 def trials_to_reach(space, table, target: float, sampler, max_trials: int) -> int:
-    from trainables.trainable import decode_config
+    from difftune.trainables.params import decode
 
     study = optuna.create_study(direction="maximize", sampler=sampler)
     for n in range(1, max_trials + 1):
         trial = study.ask()
-        cfg = decode_config({**space.define_by_run(trial), **trial.params})
+        cfg = decode({**space.define_by_run(trial), **trial.params})
         value = table[(cfg["block"], cfg["t"], cfg["pool"])]
         study.tell(trial, value)
         if value >= target:
@@ -81,8 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from search.space import load_space
-    from search.tuner import sampler_for
+    from difftune.search.space import load_space
+    from difftune.search.tuner import sampler_for
 
     table = grid_accuracy()
     best = max(table.values())

@@ -64,6 +64,16 @@ class StateApi:
                 if a["node_id"] == node_id and a["state"] == "ALIVE"}
 
 
+def sigkill(procs: list[psutil.Process]) -> None:
+    """SIGKILL every process of ``procs`` at once (gone ones are skipped) and reap them."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def kill_tree(pid: int) -> list[int]:
     """SIGKILL ``pid`` and everything it started, at once; returns the pids."""
     try:
@@ -71,12 +81,7 @@ def kill_tree(pid: int) -> list[int]:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+    sigkill(procs)
     return [p.pid for p in procs]
 
 

@@ -1,0 +1,21 @@
+"""The driver side of a search: the command line, search spaces, building the Ray Tune
+Tuner (Optuna chooses, ASHA stops), MLflow records, the champion, export.
+
+Only this package imports Ray Tune, Optuna or MLflow at module level. Public names are
+re-exported here and imported on first use.
+"""
+
+from __future__ import annotations
+
+from difftune.trainables.lazy import lazy_exports
+
+_EXPORTS = {
+    "Space": "space", "SpaceError": "space", "load_space": "space", "preset_names": "space",
+    "build_tuner": "tuner", "run_search": "tuner", "resume_search": "tuner",
+    "SearchResult": "tuner",
+    "Candidate": "best", "best_trial": "best", "rank_trials": "best",
+    "export_best": "export",
+    "main": "cli",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,4 +1,5 @@
-"""The ``difftune`` command line: thin entry points over ``search`` and ``trainables``.
+"""The ``difftune`` command line: thin entry points over :mod:`difftune.search` and
+:mod:`difftune.trainables`.
 
 Every subcommand lives in its own module with ``add_parser(subparsers)`` and a ``run(args)``;
 this module only wires them and turns user errors into one line and exit code 2.
@@ -13,20 +14,20 @@ import os
 import sys
 import warnings
 
-from trainables.errors import UserError
+from difftune.trainables.errors import UserError
 
 logger = logging.getLogger("difftune")
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = (
-    "search.cmd_search",
-    "search.cmd_export",
-    "search.cmd_train",
-    "search.cmd_ui",
-    "search.cmd_extract",
-    "search.cmd_cache",
-    "search.cmd_pretrain",
-    "search.cmd_probe",
+    "difftune.search.cmd_search",
+    "difftune.search.cmd_export",
+    "difftune.search.cmd_train",
+    "difftune.search.cmd_ui",
+    "difftune.search.cmd_extract",
+    "difftune.search.cmd_cache",
+    "difftune.search.cmd_pretrain",
+    "difftune.search.cmd_probe",
 )
 
 
@@ -42,13 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # a subcommand not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

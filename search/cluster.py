@@ -11,8 +11,9 @@
 - :func:`check_inputs_on_nodes`: read-only inputs (a checkpoint, an ImageFolder root) need not
   be shared, only present at the same path on every node; one probe task per alive node checks.
 - :func:`trial_resources`: CPUs and GPUs per trial. A space that sets ``gpus_per_trial`` gets
-  exactly that for every trial; otherwise each trial gets the fraction its head type needs
-  (:data:`HEAD_GPUS`) when the cluster has (or can autoscale to) GPUs, else none.
+  exactly that for every trial; otherwise each trial gets the fraction its head kind declares
+  (:attr:`~difftune.trainables.heads.HeadKind.gpus`) when the cluster has (or can autoscale
+  to) GPUs, else none.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from trainables.errors import UserError
+from difftune.trainables.errors import UserError
+from difftune.trainables.heads import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +42,6 @@ NETWORK_FS = frozenset({
 LOCAL_TRACKING_SCHEMES = ("sqlite", "file", "")
 #: where the cluster's mount table is read (a module attribute so tests can point elsewhere)
 MOUNTS = "/proc/mounts"
-
-#: default GPU fraction per head type (when the space does not set ``gpus_per_trial``): a
-#: linear or MLP head on cached features is a few small matmuls; attention and DifFormer
-#: heads hold activations of a few blocks; DifFeed runs the live U-Net twice per batch.
-HEAD_GPUS: dict[str, float] = {
-    "linear": 0.1,
-    "mlp": 0.1,
-    "attention": 0.25,
-    "difformer": 0.5,
-    "diffeed": 1.0,
-}
-
 
 class ClusterError(UserError):
     """A setting names something that not every node of the Ray cluster can reach."""
@@ -267,7 +257,8 @@ def check_inputs_on_nodes(
 
 def default_gpus(head: str) -> float:
     """The GPU fraction a trial of head type ``head`` asks for by default."""
-    return HEAD_GPUS.get(head, 1.0)  # an unknown head: a whole GPU, never too little
+    kind = KINDS.get(head)
+    return kind.gpus if kind is not None else 1.0  # unknown: a whole GPU, never too little
 
 
 def cluster_gpus() -> float:
@@ -313,10 +304,10 @@ class _PerHead:
         self.cpus, self.most = cpus, most
 
     def __call__(self, config: dict[str, Any]) -> dict[str, float]:
-        from trainables.trainable import decode_config
+        from difftune.trainables.params import decode
 
-        head = decode_config(config).get("head") or "linear"
+        head = decode(config).get("head") or "linear"
         return {"cpu": self.cpus, "gpu": min(default_gpus(str(head)), self.most)}
 
     def __repr__(self) -> str:
-        return f"per-head GPUs {HEAD_GPUS} (cpu {self.cpus})"
+        return f"per-head GPUs {({k: v.gpus for k, v in KINDS.items()})} (cpu {self.cpus})"

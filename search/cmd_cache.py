@@ -38,10 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainables import cache
-    from trainables.errors import UserError
+    from difftune.trainables import cache_admin as cache
+    from difftune.trainables.cache import default_root
+    from difftune.trainables.errors import UserError
 
-    root = args.cache or cache.default_root()
+    root = args.cache or default_root()
     if args.action == "ls":
         entries = cache.list_entries(root)
         if entries:

@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def _ints(text: str, what: str) -> list[int]:
-    from trainables.errors import UserError
+    from difftune.trainables.errors import UserError
 
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
@@ -46,12 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainables.cache import FeatureCache, default_root
-    from trainables.config import TrialConfig
-    from trainables.data import SPLITS
-    from trainables.errors import UserError
-    from trainables.features import check_blocks, check_pool, check_timestep
-    from trainables.pipeline import cached_unet, clamp_requests
+    from difftune.trainables.cache import FeatureCache, default_root
+    from difftune.trainables.config import TrialConfig
+    from difftune.trainables.data import SPLITS
+    from difftune.trainables.errors import UserError
+    from difftune.trainables.features import check_blocks, check_pool, check_timestep
+    from difftune.trainables.pipeline import clamp_requests
+    from difftune.trainables.unet import shared_unet
 
     timesteps = _ints(args.timesteps, "timesteps")
     blocks = _ints(args.blocks, "blocks")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     check_pool(args.pool)
-    model, diffusion = cached_unet(args.model, args.checkpoint, args.device)
+    model, diffusion = shared_unet(args.model, args.checkpoint, args.device)
     blocks = check_blocks(model, blocks)
     for t in timesteps:
         check_timestep(diffusion, t)

@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainables.errors import UserError
-    from trainables.pretrain import pretrain
+    from difftune.trainables.errors import UserError
+    from difftune.trainables.pretrain import pretrain
 
     if args.minutes is None and args.steps is None:
         raise UserError("give --minutes M or --steps S")

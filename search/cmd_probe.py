@@ -37,50 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def probe_grid(*, model: str, checkpoint: str | None, random_init: bool, data: str,
-               blocks: list[int], timesteps: list[int], pool: int, epochs: int, lr: float,
-               label_fraction: float | None = None) -> dict[tuple[int, int], float]:
-    """Val top-1 of a linear head for every (block, t) of the grid."""
-    import torch
-
-    from trainables.config import TrialConfig
-    from trainables.data import load_dataset, targets_of
-    from trainables.features import Extractor, check_blocks, check_timestep
-    from trainables.heads import build_head
-    from trainables.pipeline import extract_dataset
-    from trainables.train import FeatureTensors, train_head
-    from trainables.unet import load_unet
-
-    unet, diffusion = load_unet(model, checkpoint=checkpoint, random_init=random_init)
-    check_blocks(unet, blocks)
-    for t in timesteps:
-        check_timestep(diffusion, t)
-    extractor = Extractor(unet, diffusion)
-    splits = {}
-    for split in ("train", "val"):
-        ds, classes = load_dataset(data, split=split, image_size=unet.image_size,
-                                   label_fraction=label_fraction)
-        feats = extract_dataset(extractor, ds, [(t, b, pool) for t in timesteps for b in blocks],
-                                desc=f"extract {split}")
-        splits[split] = (feats, torch.tensor(targets_of(ds)), len(classes))
-    out = {}
-    for t in timesteps:
-        for b in blocks:
-            cfg = TrialConfig(model=model, data=data, head="linear", block=b, t=t, pool=pool,
-                              epochs=epochs, lr=lr, momentum=0.9, batch_size=64,
-                              step_size=max(1, epochs // 2))
-            tr = FeatureTensors({(t, b): splits["train"][0][(t, b)]}, splits["train"][1])
-            va = FeatureTensors({(t, b): splits["val"][0][(t, b)]}, splits["val"][1])
-            head = build_head(cfg, tr.shapes(), splits["train"][2])
-            out[(b, t)] = train_head(head, tr, va, cfg)[-1]["val_top1"]
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    grid = probe_grid(model=args.model, checkpoint=args.checkpoint, random_init=args.random_init,
-                      data=args.data, blocks=args.blocks, timesteps=args.timesteps,
-                      pool=args.pool, epochs=args.epochs, lr=args.lr,
-                      label_fraction=args.label_fraction)
+    from difftune.trainables.probe import probe_grid
+    from difftune.trainables.unet import load_unet
+
+    unet = load_unet(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
+    grid = probe_grid(unet, data=args.data, blocks=args.blocks, timesteps=args.timesteps,
+                      pools=[args.pool], epochs=args.epochs, lr=args.lr,
+                      label_fraction=args.label_fraction, progress=True)
+    grid = {(b, t): m["val_top1"] for (b, t, _), m in grid.items()}
     print(f"val top-1 (%) of a linear probe, pool {args.pool}, model {args.model}"
           + (" (random init)" if args.random_init else ""))
     print("block \\ t " + "".join(f"{t:>8}" for t in args.timesteps))

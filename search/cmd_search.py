@@ -50,14 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.cluster import check_addressable, check_inputs_on_nodes
-    from search.space import load_space, parse_set
-    from search.tracking import check_reachable, redact, resolve_uri
-    from search.tuner import ensure_ray, resume_search, run_search
-    from trainables.cache import default_root
-    from trainables.data import check_data
-    from trainables.trainable import RuntimeOptions
-    from trainables.unet import check_model
+    from difftune.search.cluster import check_addressable, check_inputs_on_nodes
+    from difftune.search.space import load_space, parse_set
+    from difftune.search.tuner import ensure_ray, resume_search, run_search
+    from difftune.search.uris import check_reachable, redact, resolve_uri
+    from difftune.trainables.cache import default_root
+    from difftune.trainables.data import check_data
+    from difftune.trainables.trainable import RuntimeOptions
+    from difftune.trainables.unet import check_model
 
     if args.resume:
         uri = resolve_uri(args.tracking_uri)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(result, *, top: int = 10) -> None:
-    from search.tracking import redact
+    from difftune.search.uris import redact
 
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
     print(f"\nbest trials of experiment {result.experiment!r} "

@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_export(path: str, rank: int):
-    from trainables.config import TrialConfig
-    from trainables.errors import UserError
+    from difftune.trainables.config import TrialConfig
+    from difftune.trainables.errors import UserError
 
     p = Path(path)
     if not p.is_file():
@@ -51,16 +51,14 @@ def load_export(path: str, rank: int):
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from trainables.pipeline import run_trial
-    from trainables.trainable import RuntimeOptions, make_source, save_head
+    from difftune.trainables.checkpoint import save_head
+    from difftune.trainables.pipeline import run_trial
+    from difftune.trainables.trainable import RuntimeOptions, make_source
 
     cfg, runtime_dict, entry = load_export(args.file, args.rank)
-    runtime_dict = {k: v for k, v in runtime_dict.items() if k in RuntimeOptions.__dataclass_fields__}
     if args.cache:
-        runtime_dict["cache"] = args.cache
-    runtime = RuntimeOptions(**{**runtime_dict,
-                                "extra_blocks": tuple(runtime_dict.get("extra_blocks", ()))})
+        runtime_dict = {**runtime_dict, "cache": args.cache}
+    runtime = RuntimeOptions.from_dict(runtime_dict)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     holder: dict = {}
@@ -73,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
                               on_epoch=on_epoch, on_data=holder.update)
     final = history[-1]
     if args.save:
-        Path(args.save).mkdir(parents=True, exist_ok=True)
-        save_head(Path(args.save), head, cfg, epoch=final["epoch"],
+        save_head(args.save, head, cfg, epoch=final["epoch"],
                   shapes=holder.get("shapes", {}), num_classes=holder.get("num_classes", 0))
     msg = f"val_top1 {final['val_top1']:.2f}  val_top5 {final['val_top5']:.2f}"
     if entry.get("val_top1") is not None:

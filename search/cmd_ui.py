@@ -29,7 +29,7 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.tracking import resolve_uri
+    from difftune.search.uris import resolve_uri
 
     cmd = ui_command(resolve_uri(args.tracking_uri), args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port}  ({' '.join(cmd)})", flush=True)

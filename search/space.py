@@ -16,16 +16,13 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
              conditional sub-space (suggested only when that head is chosen).
     paper_config: the paper's best trial, enqueued first when it lies inside the space
 
-Optuna parameter names are the setting names; a head's sub-space parameters are named
-``HEAD:NAME`` and subset members ``NAME@VALUE`` (Ray Tune splits names on ``/``, so that is
-avoided); :func:`trainables.trainable.decode_config` turns them back into trial settings.
-Nothing is computed in the define-by-run function.
+The Optuna side (define-by-run, the paper's config as a point) is :mod:`.space_optuna`;
+parameter names are spelled by :mod:`difftune.trainables.params`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -33,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from trainables.config import HEAD_TYPES, TrialConfig
-from trainables.errors import UserError
-from trainables.unet import ModelError, full_flags, resolve
+from difftune.search import space_optuna
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.errors import UserError
+from difftune.trainables.heads import HEAD_TYPES
+from difftune.trainables.unet import model_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +79,11 @@ class Space:
         const: dict[str, Any] = {"model": self.model, "data": self.data,
                                  "checkpoint": self.checkpoint,
                                  "label_fraction": self.label_fraction, **self.fixed}
-        for name, spec in self.params.items():
-            _suggest(trial, name, spec, const, prefix="")
-        return const
+        return space_optuna.suggest(trial, self.params, const)
 
     def point(self, config: dict[str, Any]) -> dict[str, Any] | None:
         """Optuna parameter values for a trial config, or None if it is not in the space."""
-        out: dict[str, Any] = {}
-        for name, spec in self.params.items():
-            if not _encode(name, spec, config, out, prefix=""):
-                return None
-        for k, v in self.fixed.items():
-            if k in config and config[k] != v:
-                return None
-        return out
+        return space_optuna.point(self.params, self.fixed, config)
 
     def points_to_evaluate(self) -> list[dict[str, Any]]:
         if not self.paper_config:
@@ -136,90 +125,16 @@ class Space:
                 "fixed": self.fixed, "params": self.params, "paper_config": self.paper_config}
 
 
-def _enc_choice(v: Any) -> Any:
-    return json.dumps(v) if isinstance(v, (list, tuple)) else v
-
-
-def _suggest(trial, name: str, spec: dict, const: dict, prefix: str) -> None:
-    key = prefix + name
-    if "choice" in spec:
-        choices = spec["choice"]
-        if isinstance(choices, dict):  # conditional sub-spaces (head types)
-            options = list(choices)
-            value = options[0] if len(options) == 1 else trial.suggest_categorical(key, options)
-            if len(options) == 1:
-                const[key] = value
-            for sub_name, sub_spec in (choices[value] or {}).items():
-                _suggest(trial, sub_name, sub_spec, const, prefix=f"{value}:")
-            return
-        trial.suggest_categorical(key, [_enc_choice(c) for c in choices])
-    elif "int" in spec:
-        lo, hi = spec["int"]
-        trial.suggest_int(key, lo, hi, step=spec.get("step", 1), log=spec.get("log", False))
-    elif "float" in spec:
-        lo, hi = spec["float"]
-        trial.suggest_float(key, lo, hi, step=spec.get("step"), log=spec.get("log", False))
-    elif "subset" in spec:
-        members = spec["subset"]
-        chosen = 0
-        for i, m in enumerate(members):
-            mkey = f"{key}@{m}"
-            # the last member is forced in when fewer than `min` were chosen before it
-            if i == len(members) - 1 and chosen < spec.get("min", 1):
-                const[mkey] = True
-            elif trial.suggest_categorical(mkey, [True, False]):
-                chosen += 1
-
-
-def _encode(name: str, spec: dict, config: dict, out: dict, prefix: str) -> bool:
-    key = prefix + name
-    if name not in config:
-        return False
-    v = config[name]
-    if "choice" in spec:
-        choices = spec["choice"]
-        if isinstance(choices, dict):
-            if v not in choices:
-                return False
-            if len(choices) > 1:
-                out[key] = v
-            return all(_encode(n, s, config, out, prefix=f"{v}:")
-                       for n, s in (choices[v] or {}).items())
-        if _enc_choice(v) not in [_enc_choice(c) for c in choices]:
-            return False
-        out[key] = _enc_choice(v)
-    elif "int" in spec or "float" in spec:
-        lo, hi = spec.get("int") or spec.get("float")
-        if not lo <= v <= hi:
-            return False
-        step = spec.get("step")
-        if step and abs((v - lo) / step - round((v - lo) / step)) > 1e-9:
-            return False
-        out[key] = v
-    elif "subset" in spec:
-        members = spec["subset"]
-        if not v or not set(v) <= set(members):
-            return False
-        for m in members[:-1]:
-            out[f"{key}@{m}"] = m in v
-        others = len([m for m in members[:-1] if m in v])
-        if others >= spec.get("min", 1):  # the last member is suggested too
-            out[f"{key}@{members[-1]}"] = members[-1] in v
-        elif members[-1] not in v:  # it would have been forced in
-            return False
-    return True
-
-
 # ---- loading ------------------------------------------------------------------------------
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("spaces").iterdir()
+    return sorted(p.name[:-5] for p in resources.files("difftune.spaces").iterdir()
                   if p.name.endswith(".yaml"))
 
 
 def read_space_file(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """Read a preset by name or a YAML file by path (``yaml.safe_load``)."""
     if name_or_path in preset_names():
-        text = resources.files("spaces").joinpath(f"{name_or_path}.yaml").read_text()
+        text = resources.files("difftune.spaces").joinpath(f"{name_or_path}.yaml").read_text()
         name = name_or_path
     else:
         path = Path(name_or_path)
@@ -367,32 +282,10 @@ def _all_settings(space: Space) -> list[tuple[str, list[Any], str]]:
     return out
 
 
-def model_geometry(model: str, checkpoint: str | None = None) -> tuple[int, int]:
-    """``(number of blocks, diffusion steps T)`` of a model, from its flags alone."""
-    flags, _ = resolve(model, checkpoint=checkpoint)
-    flags = full_flags(flags)
-    mult = flags["channel_mult"]
-    if mult:
-        levels = len(str(mult).split(","))
-    else:
-        levels = {512: 7, 256: 6, 128: 5, 64: 4}.get(int(flags["image_size"]))
-        if levels is None:
-            raise ModelError(f"image_size {flags['image_size']} needs an explicit channel_mult")
-    r = int(flags["num_res_blocks"])
-    n_in = 1 + levels * r + (levels - 1)
-    n_out = levels * (r + 1)
-    steps = int(flags["diffusion_steps"])
-    if flags.get("timestep_respacing"):
-        from guided_diffusion.respace import space_timesteps
-
-        steps = len(space_timesteps(steps, str(flags["timestep_respacing"])))
-    return n_in + 1 + n_out, steps
-
-
 def _validate_against_model(space: Space) -> None:
-    n, steps = model_geometry(space.model, space.checkpoint)
+    geo = model_geometry(space.model, space.checkpoint)
+    n, steps, middle = geo.num_blocks, geo.steps, geo.middle
     space.num_blocks, space.num_timesteps = n, steps
-    middle = (n + 1) // 2
     for key, values, where in _all_settings(space):
         flat = []
         for v in values:

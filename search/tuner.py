@@ -14,24 +14,25 @@ from typing import Any
 
 import optuna
 import ray
-from mlflow.tracking import MlflowClient
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
-
-from search.cluster import cluster_gpus, trial_resources
-from search.space import Space
-from search.tracking import (
+from difftune.search.best import Candidate, rank_trials
+from difftune.search.champion import log_champion
+from difftune.search.cluster import cluster_gpus, trial_resources
+from difftune.search.mlflow_trials import MLflowTrials
+from difftune.search.space import Space
+from difftune.search.tracking import (
     TAG_RUNTIME,
-    MLflowTrials,
-    TrackingError,
     latest_search_run,
-    log_champion,
     space_from_run,
     start_parent_run,
     trial_run_ids,
 )
-from trainables.trainable import RuntimeOptions, decode_config, train_trial
+from difftune.search.uris import TrackingError
+from difftune.trainables.params import decode, trial_config
+from difftune.trainables.trainable import RuntimeOptions, train_trial
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,7 @@ def resume_search(*, experiment: str, tracking_uri: str, address: str | None = N
         raise TrackingError(f"--resume {experiment}: the search's Ray Tune state {tune_path} "
                             "is missing or not restorable (was --storage on another machine?)")
     space = space_from_run(client, parent)
-    runtime_dict = json.loads(tags.get(TAG_RUNTIME, "{}"))
-    runtime = RuntimeOptions(**{**runtime_dict,
-                                "extra_blocks": tuple(runtime_dict.get("extra_blocks", ()))})
+    runtime = RuntimeOptions.from_dict(json.loads(tags.get(TAG_RUNTIME, "{}")))
     ensure_ray(address)
     client.update_run(parent, status="RUNNING")
     logger.info("resuming %s from %s", experiment, tune_path)
@@ -215,26 +214,26 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
         client.set_terminated(parent, status)
     s = space.search
     runs = trial_run_ids(client, parent)
-    rows = []
-    for r in results:
-        if r.metrics and s["metric"] in r.metrics:
-            cfg = decode_config(r.config)
-            tid = r.metrics.get("trial_id")
-            rows.append({"trial_id": tid, "val_top1": r.metrics.get("val_top1"),
-                         "val_top5": r.metrics.get("val_top5"), "epochs": r.metrics.get("epoch"),
-                         "run_id": runs.get(tid), **cfg})
-    rows.sort(key=lambda row: row[s["metric"]], reverse=s["mode"] == "max")
+    candidates = []
+    for i, r in enumerate(results):
+        metrics = r.metrics or {}
+        score = metrics.get(s["metric"])
+        candidates.append(Candidate(
+            key=str(metrics.get("trial_id", i)), order=i,
+            score=float(score) if isinstance(score, (int, float)) else None,
+            epochs=int(metrics.get("epoch", 0) or 0), ok=r.error is None, data=r))
+    ranked = rank_trials(candidates, mode=s["mode"])
+    rows = [{"trial_id": c.key, "val_top1": c.data.metrics.get("val_top1"),
+             "val_top5": c.data.metrics.get("val_top5"), s["metric"]: c.score,
+             "epochs": c.epochs, "run_id": runs.get(c.key), **decode(c.data.config)}
+            for c in ranked]
     best_run = best_cfg = best_val = version = None
-    try:
-        best = results.get_best_result(metric=s["metric"], mode=s["mode"], scope="last",
-                                       filter_nan_and_inf=True)
-    except RuntimeError:
-        best = None
-    if best is not None and best.checkpoint is not None:
-        best_run = runs.get(best.metrics.get("trial_id"))
-        best_val = float(best.metrics[s["metric"]])
-        best_cfg = decode_config(best.config)
-        with best.checkpoint.as_directory() as ckpt_dir:
+    best = next((c for c in ranked if c.data.checkpoint is not None), None)
+    if best is not None:
+        best_run = runs.get(best.key)
+        best_val = best.score
+        best_cfg = trial_config(best.data.config).to_dict()
+        with best.data.checkpoint.as_directory() as ckpt_dir:
             version = log_champion(client, tracking_uri=tracking_uri, parent_run_id=parent,
                                    best_run_id=best_run, checkpoint_dir=ckpt_dir,
                                    model_name=model_name, best_config=best_cfg,

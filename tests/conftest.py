@@ -38,7 +38,7 @@ def tiny_flags() -> dict:
 @pytest.fixture(scope="session")
 def demo_unet():
     """``(model, diffusion)`` of the shipped demo U-Net (``load_unet("demo")``)."""
-    from trainables.unet import load_unet
+    from difftune.trainables.unet import load_unet
 
     return load_unet("demo")
 
@@ -47,8 +47,7 @@ def demo_unet():
 def demo_unet_untrained():
     """The demo architecture with random weights (``load_unet("demo", random_init=True)``)."""
     import torch
-
-    from trainables.unet import load_unet
+    from difftune.trainables.unet import load_unet
 
     torch.manual_seed(0)
     return load_unet("demo", random_init=True)
@@ -59,8 +58,7 @@ def paper256():
     """The paper's 256x256 unconditional ImageNet U-Net with random weights. Building it on
     CPU costs several seconds and ~2.2 GB, so it is built once per session."""
     import torch
-
-    from trainables.unet import load_unet
+    from difftune.trainables.unet import load_unet
 
     torch.manual_seed(0)
     return load_unet("paper256", random_init=True)

@@ -1,0 +1,31 @@
+"""What one trial does: model loading, data, feature extraction, the feature cache, heads,
+the training loop, and (in :mod:`.trainable` only) the Ray Tune function trainable.
+
+Plain PyTorch + pyarrow: nothing here imports Ray Tune, Optuna or MLflow at module level,
+so every piece of a trial runs and tests without Ray. Public names are re-exported here and
+imported on first use.
+"""
+
+from __future__ import annotations
+
+from .lazy import lazy_exports
+
+#: public name -> module (below this package) defining it
+_EXPORTS = {
+    "UserError": "errors", "ConfigError": "errors",
+    "TrialConfig": "config",
+    "decode": "params", "trial_config": "params",
+    "Geometry": "geometry", "geometry_of_flags": "geometry", "geometry_of_model": "geometry",
+    "load_unet": "unet", "model_fingerprint": "unet",
+    "Extractor": "features", "block_shapes": "features",
+    "load_dataset": "data",
+    "HEAD_TYPES": "heads", "KINDS": "heads", "HeadKind": "heads", "build_head": "heads",
+    "head_kind": "heads",
+    "train_head": "train", "evaluate": "train",
+    "run_trial": "pipeline", "DirectFeatures": "pipeline",
+    "FeatureCache": "cache", "OnlineFeatures": "online",
+    "save_head": "checkpoint", "load_head": "checkpoint",
+    "probe_grid": "probe",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ derived exactly from one at P when p | P and P | the native map size (average po
 composes). Publishing: data under a temporary name then renamed (object stores: one atomic
 PUT), marker last; readers trust only entries whose marker exists and whose checksum matches
 (a mismatch is logged and re-extracted). One process per ``t<t>-s<seed>`` directory extracts
-at a time, under :class:`_Lock`.
+at a time, under :class:`~.cache_lock.CacheLock`. Listing and pruning: :mod:`.cache_admin`.
 """
 
 from __future__ import annotations
@@ -27,44 +27,37 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
-import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import unet
-from .cache_store import (  # noqa: F401  (re-exported: the cache's storage API)
-    _NAME,
-    _VERIFIED,
-    FORMAT,
+from .cache_lock import CacheLock
+from .cache_store import (
+    ENTRY_NAME,
     CachedFeatures,
     CacheStats,
     EntryKey,
     EntryWriter,
-    _check_file,
-    _Lock,
-    _Mapped,
-    _Store,
-    _where,
+    Store,
+    check_entry_file,
 )
 from .config import TrialConfig
-from .data import data_fingerprint, dataset_indices
+from .data import data_fingerprint, dataset_indices, shared_dataset
 from .features import (
     ExtractionError,
     Extractor,
-    autocast_for,
     block_sizes,
     check_blocks,
     check_pool,
     check_timestep,
-    model_timesteps,
-    run_blocks,
 )
-from .pipeline import Request, TrialData, cached_dataset, cached_unet
+from .heads import Request
+from .pipeline import TrialData
+from .unet import shared_unet
 
 logger = logging.getLogger(__name__)
 
@@ -92,37 +85,8 @@ def model_key(model: str, checkpoint: str | None) -> str:
     return _fingerprint(model, checkpoint, stamp)
 
 
-def forward_pooled(extractor: Extractor, x0: torch.Tensor, t: int, pools: dict[int, int], *,
-                   indices: Sequence[int] | None = None, noise: torch.Tensor | None = None,
-                   seed: int = 0) -> dict[int, torch.Tensor]:
-    """One U-Net forward pass (counted on ``extractor``) up to the deepest block of ``pools``,
-    each block average-pooled to its own size.
-
-    :param x0: an [N x 3 x H x W] Tensor of images in [-1, 1].
-    :param pools: block -> pool size p.
-    :param noise: explicit noise; None draws the seeded noise of (seed, t, indices).
-    :return: block -> [N x C x p x p] float32 Tensor on the model's device.
-    """
-    device = extractor.device
-    x0 = x0.to(device, torch.float32)
-    out: dict[int, torch.Tensor] = {}
-
-    def keep(b: int, h: torch.Tensor) -> None:
-        if b in pools:
-            out[b] = F.adaptive_avg_pool2d(h.float(), pools[b])
-
-    with torch.no_grad(), autocast_for(device):
-        x_t = extractor.noised(x0, t, indices=indices, noise=noise, seed=seed)
-        ts = model_timesteps(extractor.diffusion,
-                             torch.full((len(x0),), t, dtype=torch.long, device=device))
-        run_blocks(extractor.model, x_t, ts, upto=max(pools), on_block=keep)
-    extractor.forward_batches += 1
-    extractor.forward_images += len(x0)
-    return out
-
-
 class FeatureCache:
-    """A :class:`~trainables.pipeline.FeatureSource` serving features from Arrow entries.
+    """A :class:`~.pipeline.FeatureSource` serving features from Arrow entries.
 
     :param root: a local folder or a pyarrow filesystem URI (``s3://bucket/prefix?...``);
         None means :func:`default_root`.
@@ -139,13 +103,18 @@ class FeatureCache:
                  progress: bool = False, dtype: str = "float16", lock_stale_s: float = 120.0,
                  mirror: str | None = None, filesystem: pafs.FileSystem | None = None):
         self.root = root or default_root()
-        self.store = _Store(self.root, filesystem)
+        self.store = Store(self.root, filesystem)
         self.device, self.batch_size, self.progress = device, batch_size, progress
         self.store_pool, self.extra_blocks = store_pool, sorted(set(extra_blocks))
         self.dtype, self.lock_stale_s = np.dtype(dtype).name, lock_stale_s
         self.mirror = mirror or os.path.join(tempfile.gettempdir(), "difftune-mirror")
         self.stats = CacheStats()
         self._extractor: Extractor | None = None
+
+    @property
+    def unet_images(self) -> int:
+        """Images this cache has passed through the U-Net (on misses) in this process."""
+        return self.stats.forward_images
 
     # -- FeatureSource
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
@@ -155,8 +124,8 @@ class FeatureCache:
     def get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]) -> CachedFeatures:
         """The features of ``requests`` ((t, block, pool)) for one split of ``cfg``'s data,
         extracting and storing the missing ones."""
-        model, diffusion = cached_unet(cfg.model, cfg.checkpoint, self.device)
-        ds, classes = cached_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
+        model, diffusion = shared_unet(cfg.model, cfg.checkpoint, self.device)
+        ds, classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
                                      cfg.seed)
         # the val split is never subsampled, and without a fraction the subset seed is moot
         frac = None if split == "val" or cfg.label_fraction in (None, 1, 1.0) \
@@ -201,7 +170,7 @@ class FeatureCache:
         for name, (key, p) in entries.items():
             marker = self.store.read_json(f"{key.group}/{key.name}.json")
             path = self._local_copy(key, marker) if marker else None
-            if path is None or not _check_file(path, marker):
+            if path is None or not check_entry_file(path, marker):
                 raise FileNotFoundError(f"no valid cache entry {key.group}/{key.name}")
             served[name] = (path, p)
         return _dataset(served)
@@ -240,7 +209,7 @@ class FeatureCache:
         With ``purge`` (only under the lock) a corrupt entry is counted, logged, deleted."""
         sizes = []
         for info in self.store.files(key.group):
-            m = _NAME.match(info.base_name)
+            m = ENTRY_NAME.match(info.base_name)
             if m and int(m[1]) == key.block and m[3] == key.dtype:
                 big = int(m[2])
                 if big == p or (big % p == 0 and native % big == 0):
@@ -252,7 +221,7 @@ class FeatureCache:
             if stored != k.content():
                 continue
             path = self._local_copy(k, marker)
-            if path is not None and _check_file(path, marker):
+            if path is not None and check_entry_file(path, marker):
                 self.stats.entries_derived += big != p
                 return path
             if purge:
@@ -275,7 +244,7 @@ class FeatureCache:
                 found[b] = path
         missing = {b: p for b, p in wanted.items() if b not in found}
         if missing:
-            lock = _Lock(self.store, f"{group.group}/.lock", self.lock_stale_s)
+            lock = CacheLock(self.store, f"{group.group}/.lock", self.lock_stale_s)
             with lock:
                 self.stats.lock_waits += lock.waited
                 if self.store.local:  # debris of writers that died (we hold the lock)
@@ -319,8 +288,7 @@ class FeatureCache:
             for x0, labels in loader:
                 idx = indices[start:start + len(x0)]
                 start += len(x0)
-                feats = forward_pooled(extractor, x0, group.t, plan, indices=idx,
-                                       seed=group.seed)
+                feats = extractor.extract(x0, group.t, plan, indices=idx, seed=group.seed)
                 self.stats.forward_batches += 1
                 self.stats.forward_images += len(x0)
                 for b, f in feats.items():
@@ -343,7 +311,7 @@ class FeatureCache:
         for b in missing:
             key = dataclasses.replace(group, block=b, pool=plan[b])
             path = self._local_copy(key, markers[b])
-            if path is None or not _check_file(path, markers[b]):
+            if path is None or not check_entry_file(path, markers[b]):
                 raise OSError(f"cache entry {key.group}/{key.name} vanished after writing it")
             out[b] = path
         return out
@@ -353,56 +321,3 @@ def _dataset(served: dict[tuple[int, int], tuple[str, int]]) -> CachedFeatures:
     out = CachedFeatures(served, np.zeros(0))
     out.labels = next(iter(out.maps().values())).column(1)
     return out
-
-
-def _entries(store: _Store) -> Iterator[tuple[str, dict]]:
-    for info in store.files(recursive=True):
-        if _NAME.match(info.base_name):
-            rel = info.path[len(store.base) + 1:]
-            marker = store.read_json(rel)
-            if marker and "key" in marker:
-                yield rel[: -len(".json")], marker
-
-
-def list_entries(root: str | None = None, *, filesystem: pafs.FileSystem | None = None
-                 ) -> list[dict]:
-    """Published entries: model/data names and fingerprints, split, t, seed, block, pool,
-    dtype, rows, bytes, created, and their path below the root."""
-    out = []
-    for rel, marker in _entries(_Store(root or default_root(), filesystem)):
-        k = marker["key"]
-        out.append({**{n: k[n] for n in ("model", "model_fp", "data", "data_fp", "split", "t",
-                                         "seed", "block", "pool", "dtype")},
-                    "rows": marker.get("rows"), "bytes": marker.get("bytes"),
-                    "created": marker.get("created"), "path": rel})
-    return sorted(out, key=lambda e: (e["model"], e["data"], e["split"], e["t"], e["block"],
-                                      e["pool"]))
-
-
-def total_bytes(root: str | None = None, *, filesystem: pafs.FileSystem | None = None) -> int:
-    """Bytes of every file under the root (entries, markers, debris)."""
-    return sum(i.size for i in _Store(root or default_root(), filesystem).files(recursive=True))
-
-
-def remove(root: str | None = None, *, all: bool = False, model: str | None = None,
-           t: int | None = None, block: int | None = None,
-           filesystem: pafs.FileSystem | None = None) -> int:
-    """Delete entries (marker first, so none is ever half-visible); ``all`` empties the root.
-    ``model`` matches a model name or a fingerprint prefix. :return: entries removed."""
-    store = _Store(root or default_root(), filesystem)
-    if all:
-        n = sum(1 for _ in _entries(store))
-        store.fs.delete_dir_contents(store.base, missing_dir_ok=True)
-        return n
-    if model is None and t is None and block is None:
-        raise ValueError("remove needs a filter (model, t, block) or all=True")
-    n = 0
-    for rel, marker in list(_entries(store)):
-        k = marker["key"]
-        if ((model is None or model in (k["model"], k["model_fp"])
-             or (len(model) >= 4 and k["model_fp"].startswith(model)))
-                and (t is None or k["t"] == t) and (block is None or k["block"] == block)):
-            store.delete(rel + ".json")
-            store.delete(rel + ".arrow")
-            n += 1
-    return n

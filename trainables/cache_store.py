@@ -1,6 +1,6 @@
 """Storage of the feature cache: entry keys, the filesystem wrapper, the streaming Arrow
-writer, memory-mapped readers, the dataset that serves stored rows, and the lock that lets
-exactly one process extract a missing entry. :mod:`trainables.cache` builds on these.
+writer, memory-mapped readers, the check of a stored entry, and the dataset that serves
+stored rows. :mod:`.cache` builds on these; :mod:`.cache_lock` holds the cross-process lock.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import mmap
 import os
 import re
 import socket
-import threading
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
-_NAME = re.compile(r"^b(\d+)-p(\d+)-(\w+)\.json$")
+ENTRY_NAME = re.compile(r"^b(\d+)-p(\d+)-(\w+)\.json$")
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class CacheStats:
 # ----------------------------------------------------------------------------- storage
 
 
-class _Store:
+class Store:
     """A root on a local disk or a pyarrow filesystem; paths below are relative to it."""
 
     def __init__(self, root: str, filesystem: pafs.FileSystem | None = None):
@@ -134,7 +132,7 @@ class EntryWriter:
     :param native: side of the block's full map (an entry at P serves p only if P | native).
     """
 
-    def __init__(self, store: _Store, key: EntryKey, shape: tuple[int, int, int], native: int):
+    def __init__(self, store: Store, key: EntryKey, shape: tuple[int, int, int], native: int):
         self.store, self.key, self.shape, self.native = store, key, tuple(shape), native
         self.rel = f"{key.group}/{key.name}"
         final = store.path(self.rel + ".arrow")
@@ -193,7 +191,7 @@ class EntryWriter:
             self.store.delete(self._target[len(self.store.base) + 1:])
 
 
-class _Mapped:
+class MappedEntry:
     """One entry's Arrow file, memory-mapped (zero-copy record batches for the schema, index,
     labels and checksum, whose pages are dropped from RSS with ``madvise(MADV_DONTNEED)``).
 
@@ -260,14 +258,14 @@ class CachedFeatures(Dataset):
 
     def __init__(self, entries: dict[tuple[int, int], tuple[str, int]], labels: np.ndarray):
         self.entries, self.labels = dict(entries), np.asarray(labels, dtype=np.int64)
-        self._maps: dict[tuple[int, int], _Mapped] | None = None
+        self._maps: dict[tuple[int, int], MappedEntry] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": None}
 
-    def maps(self) -> dict[tuple[int, int], _Mapped]:
+    def maps(self) -> dict[tuple[int, int], MappedEntry]:
         if self._maps is None:
-            self._maps = {k: _Mapped(path) for k, (path, _) in self.entries.items()}
+            self._maps = {k: MappedEntry(path) for k, (path, _) in self.entries.items()}
         return self._maps
 
     def shapes(self) -> dict[tuple[int, int], tuple[int, int, int]]:
@@ -301,138 +299,10 @@ class CachedFeatures(Dataset):
                 for j, r in enumerate(rows)]
 
 
-def _where() -> str:
-    """Host name and pid namespace: where a pid means one process."""
-    try:
-        ns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        ns = ""
-    return f"{socket.gethostname()}|{ns}"
+VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) checked in this process
 
 
-class _Lock:
-    """The right to extract into one group directory, held across processes and nodes.
-
-    Local (or shared, e.g. NFS) disk: ``.lock`` created with ``O_CREAT | O_EXCL`` holding pid,
-    host (+ pid namespace) and a token; the holder touches it every ``stale_s / 4`` seconds.
-    A lock is stale when its holder is a dead process on this host, or nobody touched it for
-    ``stale_s`` (a holder on another node died); a stale lock is renamed away (one breaker
-    wins; a fresh lock renamed by mistake is linked back) and deleted.
-    Object stores have no exclusive create, so this is best effort: a contender that sees no
-    lock object writes one with its token, waits ``settle`` seconds and reads it back; the
-    last writer wins, so contenders racing within ``settle`` agree on one owner. Should two
-    owners still result, both publish identical entries with atomic PUTs: work is wasted,
-    nothing is corrupted.
-    """
-
-    def __init__(self, store: _Store, rel: str, stale_s: float, settle: float = 0.5):
-        self.store, self.rel, self.stale_s, self.settle = store, rel, stale_s, settle
-        self.path = store.path(rel)
-        self.owner = {"pid": os.getpid(), "host": _where(), "token": uuid.uuid4().hex}
-        self.waited = False
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-
-    def _try(self) -> bool:
-        data = json.dumps(self.owner).encode()
-        if self.store.local:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        if self.store.info(self.rel).type != pafs.FileType.NotFound:
-            return False
-        self.store.put(self.rel, data)
-        time.sleep(self.settle)
-        held = self.store.read_json(self.rel) or {}
-        return held.get("token") == self.owner["token"]
-
-    def _break_if_stale(self) -> None:
-        info = self.store.info(self.rel)
-        if info.type == pafs.FileType.NotFound:
-            return
-        raw = b""
-        if self.store.local:
-            try:
-                with open(self.path, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                return
-        try:
-            held = json.loads(raw) if self.store.local else self.store.read_json(self.rel)
-        except ValueError:
-            held = None  # being written, or its writer died before writing
-        held = held if isinstance(held, dict) else {}
-        dead = False
-        if held.get("host") == self.owner["host"] and isinstance(held.get("pid"), int):
-            try:
-                os.kill(held["pid"], 0)
-            except ProcessLookupError:
-                dead = True
-            except PermissionError:
-                pass
-        age = time.time() - info.mtime_ns / 1e9 if info.mtime_ns else 0.0
-        if not (dead or age > self.stale_s):
-            return
-        logger.warning("breaking stale cache lock %s (holder %s, %.0f s old)", self.path,
-                       held or "unknown", age)
-        if self.store.local:
-            away = f"{self.path}.stale-{self.owner['token']}"
-            try:
-                os.rename(self.path, away)
-            except FileNotFoundError:
-                return  # another waiter broke it first
-            with open(away, "rb") as f:
-                fresh = f.read() != raw
-            if fresh:  # we took a lock newer than the stale one: give it back
-                try:
-                    os.link(away, self.path)
-                except FileExistsError:
-                    pass
-            os.unlink(away)
-        else:
-            self.store.delete(self.rel)
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.stale_s / 4):
-            try:
-                if self.store.local:
-                    os.utime(self.path)
-                else:
-                    self.store.put(self.rel, json.dumps(self.owner).encode())
-            except OSError as exc:
-                logger.warning("cannot refresh cache lock %s: %s", self.path, exc)
-
-    def __enter__(self) -> _Lock:
-        delay = 0.05
-        while not self._try():
-            if not self.waited:
-                logger.info("waiting for another process to extract into %s",
-                            os.path.dirname(self.path))
-                self.waited = True
-            self._break_if_stale()
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
-        self._beat.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
-        if (self.store.read_json(self.rel) or {}).get("token") == self.owner["token"]:
-            self.store.delete(self.rel)  # unless it was broken as stale and taken over
-
-
-_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) checked in this process
-
-
-def _check_file(path: str, marker: dict) -> bool:
+def check_entry_file(path: str, marker: dict) -> bool:
     """Whether the Arrow file at ``path`` is the entry ``marker`` describes (checksum, key,
     rows); the result is remembered per process for an unchanged file."""
     try:
@@ -440,16 +310,16 @@ def _check_file(path: str, marker: dict) -> bool:
     except FileNotFoundError:
         return False
     memo = (path, st.st_size, st.st_mtime_ns, marker.get("sha256"))
-    if memo in _VERIFIED:
+    if memo in VERIFIED:
         return True
     if st.st_size != marker.get("bytes"):
         return False
     try:
-        m = _Mapped(path)
+        m = MappedEntry(path)
         ok = (m.meta.get("key") == marker.get("key") and int(m.offsets[-1]) == marker["rows"]
               and m.checksum() == marker["sha256"])
     except (pa.ArrowException, OSError, ValueError, KeyError, IndexError):
         ok = False
     if ok:
-        _VERIFIED.add(memo)
+        VERIFIED.add(memo)
     return ok

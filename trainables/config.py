@@ -11,14 +11,12 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import UserError
+from .errors import ConfigError
+from .heads import HEAD_TYPES, head_kind
 
-HEAD_TYPES = ("linear", "mlp", "attention", "difformer", "diffeed")
 OPTIMIZERS = ("sgd", "adamw")
 
-
-class ConfigError(UserError):
-    """A trial configuration a user wrote is invalid (exit code 2)."""
+__all__ = ["HEAD_TYPES", "OPTIMIZERS", "ConfigError", "TrialConfig"]
 
 
 @dataclass
@@ -78,8 +76,9 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if self.head not in HEAD_TYPES:
-            raise ConfigError(f"head={self.head!r} is unknown; allowed: {list(HEAD_TYPES)}")
+        """Raise :class:`ConfigError` for settings no trial can run with; each head kind
+        checks its own settings."""
+        kind = head_kind(self.head)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; allowed: {list(OPTIMIZERS)}")
         for name in ("pool", "epochs", "batch_size", "step_size", "pre_pool", "dim", "heads"):
@@ -87,13 +86,7 @@ class TrialConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
-        if self.head in ("attention", "difformer", "diffeed"):
-            if self.norm not in ("layernorm", "batchnorm"):
-                raise ConfigError(f"norm={self.norm!r} is unknown; allowed: ['layernorm', 'batchnorm']")
-            if self.dim % self.heads:
-                raise ConfigError(f"dim={self.dim} must be a multiple of heads={self.heads}")
-            if self.depth < 1 or self.mlp_ratio <= 0:
-                raise ConfigError(f"depth={self.depth} must be >= 1 and mlp_ratio={self.mlp_ratio} > 0")
+        kind.validate(self)
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:

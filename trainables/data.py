@@ -7,6 +7,7 @@ seeded noise of an image (keyed by that index) does not depend on the subset.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -207,6 +208,29 @@ def load_dataset(
         keep = _subset_indices(list(ds.targets), label_fraction, seed, samples)
         ds = Subset(ds, keep)
     return ds, list(classes)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_dataset(data: str, split: str, image_size: int, label_fraction, seed: int
+                   ) -> tuple[Dataset, list[str]]:
+    """``load_dataset`` memoised per process (a Ray worker runs many trials); read-only."""
+    return load_dataset(data, split=split, image_size=image_size,
+                        label_fraction=label_fraction, seed=seed)
+
+
+class ImageItems(Dataset):
+    """Item ``i`` of ``ds`` as ``({"image": [3 x H x W], "index": dataset index}, label)``:
+    what a head that runs the U-Net itself reads (the index keys the image's seeded noise)."""
+
+    def __init__(self, ds: Dataset):
+        self.ds, self.indices = ds, dataset_indices(ds)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor | int], int]:
+        x, y = self.ds[i]
+        return {"image": x, "index": self.indices[i]}, int(y)
 
 
 def dataset_indices(ds: Dataset) -> list[int]:

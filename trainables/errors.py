@@ -1,8 +1,13 @@
-"""The one exception type for mistakes a user can make (bad setting, missing file, ...).
+"""The exception types for mistakes a user can make (bad setting, missing file, ...).
 
-The CLI turns it into one line on stderr and exit code 2; anything else is a bug.
+The CLI turns a :class:`UserError` into one line on stderr and exit code 2; anything else is
+a bug.
 """
 
 
 class UserError(ValueError):
     """A setting or input the user gave is invalid; the message names it and what is allowed."""
+
+
+class ConfigError(UserError):
+    """A trial configuration a user wrote is invalid (exit code 2)."""

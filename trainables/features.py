@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,35 +184,41 @@ class Extractor:
         self,
         x0: torch.Tensor,
         t: int,
-        blocks: Sequence[int],
+        blocks: Sequence[int] | Mapping[int, int | None],
         *,
         indices: Sequence[int] | None = None,
         noise: torch.Tensor | None = None,
         pool: int | None = None,
         seed: int = 0,
     ) -> dict[int, torch.Tensor]:
-        """Features of ``blocks`` for images ``x0`` noised to step ``t``.
+        """Features of ``blocks`` for images ``x0`` noised to step ``t``: one forward pass
+        that stops after the deepest block asked, each map pooled as soon as it is made.
 
         :param x0: an [N x 3 x H x W] Tensor of images in [-1, 1].
         :param t: diffusion step 0..T-1.
-        :param blocks: block numbers (paper numbering, 1..N).
+        :param blocks: block numbers (paper numbering, 1..N), or block -> its own pool size.
         :param indices: dataset indices of the images (keys of their seeded noise).
         :param noise: explicit noise [N x 3 x H x W], used as is.
-        :param pool: adaptive-average-pool each map to pool x pool; None keeps full maps.
+        :param pool: adaptive-average-pool every map of a block list to pool x pool; None
+            keeps full maps.
         :return: block number -> [N x C x h x w] float32 Tensor on the model's device.
         """
-        wanted = check_blocks(self.model, list(blocks))
+        if isinstance(blocks, Mapping):
+            pools = {b: check_pool(p) for b, p in blocks.items()}
+        else:
+            pools = dict.fromkeys(blocks, check_pool(pool))
+        wanted = check_blocks(self.model, list(pools))
         check_timestep(self.diffusion, t)
-        check_pool(pool)
         device = self.device
         x0 = x0.to(device, torch.float32)
         out: dict[int, torch.Tensor] = {}
 
         def keep(b: int, h: torch.Tensor) -> None:
-            if b in wanted:
-                out[b] = pool_map(h.float(), pool)
+            if b in pools:
+                out[b] = pool_map(h.float(), pools[b])
 
-        with torch.inference_mode(), autocast_for(device):
+        # no_grad, not inference_mode: a head may train on these features directly
+        with torch.no_grad(), autocast_for(device):
             x_t = self.noised(x0, t, indices=indices, noise=noise, seed=seed)
             ts = model_timesteps(self.diffusion, torch.full((len(x0),), t, dtype=torch.long,
                                                             device=device))

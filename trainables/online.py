@@ -1,7 +1,7 @@
 """The paper's way (``--no-cache``): run the frozen U-Net on every batch of every epoch, with
 a fresh noise draw at every forward pass, instead of reading stored features.
 
-:class:`OnlineFeatures` is a :class:`~trainables.pipeline.FeatureSource` whose datasets hold
+:class:`OnlineFeatures` is a :class:`~.pipeline.FeatureSource` whose datasets hold
 images and whose ``wrap(head)`` puts the live U-Net in front of the head. The wrapper's
 ``state_dict()`` and ``parameters()`` are the head's only: checkpoints stay head-sized and
 load into the bare head.
@@ -14,30 +14,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from .cache import forward_pooled
 from .config import TrialConfig
-from .data import dataset_indices
+from .data import ImageItems, shared_dataset
 from .features import Extractor, block_shapes
-from .pipeline import Request, TrialData, cached_dataset, cached_unet
+from .heads import Request
+from .pipeline import SPLITS, TrialData, UNetSource
 
 logger = logging.getLogger(__name__)
-
-
-
-class ImageItems(Dataset):
-    """Item ``i`` of ``ds`` as ``({"image": [3 x H x W], "index": dataset index}, label)``."""
-
-    def __init__(self, ds: Dataset):
-        self.ds, self.indices = ds, dataset_indices(ds)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor | int], int]:
-        x, y = self.ds[i]
-        return {"image": x, "index": self.indices[i]}, int(y)
 
 
 class OnlineHead(nn.Module):
@@ -63,7 +47,7 @@ class OnlineHead(nn.Module):
         feats: dict[tuple[int, int], torch.Tensor] = {}
         for t, pools in self.by_t.items():
             noise = torch.randn(x.shape, device=x.device)  # fresh at every pass, as the paper
-            for b, f in forward_pooled(self.extractor, x, t, pools, noise=noise).items():
+            for b, f in self.extractor.extract(x, t, pools, noise=noise).items():
                 feats[(t, b)] = f.to(target)
         return self.head(feats)
 
@@ -74,25 +58,13 @@ class OnlineHead(nn.Module):
         return self.head.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-class OnlineFeatures:
+class OnlineFeatures(UNetSource):
     """Feature source that recomputes features on every batch (no cache)."""
 
-    def __init__(self, *, device: str = "cpu", progress: bool = False):
-        self.device, self.progress = device, progress
-        self.extractor: Extractor | None = None
-
-    @property
-    def stats(self) -> dict[str, int]:
-        e = self.extractor
-        return {"forward_batches": e.forward_batches if e else 0,
-                "forward_images": e.forward_images if e else 0}
-
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
-        model, diffusion = cached_unet(cfg.model, cfg.checkpoint, self.device)
-        if self.extractor is None or self.extractor.model is not model:
-            self.extractor = Extractor(model, diffusion)
-        splits = [cached_dataset(cfg.data, s, model.image_size, cfg.label_fraction, cfg.seed)
-                  for s in ("train", "val")]
+        model = self.unet_for(cfg)
+        splits = [shared_dataset(cfg.data, s, model.image_size, cfg.label_fraction, cfg.seed)
+                  for s in SPLITS]
         native = block_shapes(model)
         shapes = {(t, b): (native[b][0], p, p) for t, b, p in requests}
         extractor = self.extractor

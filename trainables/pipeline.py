@@ -1,12 +1,14 @@
-"""One trial without Ray: load the model and data, get the features the head needs, train.
+"""One trial without Ray: get what the head reads, build it, train it.
 
-Features come from a *feature source*: :class:`DirectFeatures` extracts them in memory
-(once per trial); the Arrow feature cache (``trainables.cache``) serves them across trials.
+A feature head reads features from a *feature source*: :class:`DirectFeatures` extracts them
+in memory (once per trial), the Arrow feature cache (:mod:`.cache`) serves them across
+trials, and the online source (:mod:`.online`) recomputes them on every batch (the paper's
+way). A live head (DifFeed) reads images and runs the U-Net itself. Either way the head is
+trained by :func:`~.train.train_head` and reported through ``on_epoch``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,27 +19,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import TrialConfig
-from .data import dataset_indices, load_dataset, targets_of
+from .data import ImageItems, dataset_indices, shared_dataset, targets_of
 from .features import Extractor, block_sizes
-from .heads import build_head, feature_requests
+from .heads import Request, build_head, head_kind
 from .train import FeatureTensors, train_head
-from .unet import load_unet
+from .unet import shared_unet
 
 logger = logging.getLogger(__name__)
 
-Request = tuple[int, int, int]  # (t, block, pool)
-
-
-@functools.lru_cache(maxsize=2)
-def cached_unet(model: str, checkpoint: str | None, device: str = "cpu") -> tuple[Any, Any]:
-    """``load_unet`` memoised per process (a Ray worker runs many trials)."""
-    return load_unet(model, checkpoint=checkpoint, device=device)
-
-
-@functools.lru_cache(maxsize=4)
-def cached_dataset(data: str, split: str, image_size: int, label_fraction, seed: int):
-    return load_dataset(data, split=split, image_size=image_size,
-                        label_fraction=label_fraction, seed=seed)
+SPLITS = ("train", "val")
 
 
 def extract_dataset(
@@ -51,7 +41,7 @@ def extract_dataset(
     desc: str = "extract",
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Features of every image of ``ds`` for ``requests``: one forward pass per image batch
-    and distinct timestep, serving all blocks requested at that timestep.
+    and distinct timestep, serving every block requested at that timestep.
 
     :return: (t, block) -> [N x C x pool x pool] float32 CPU Tensor.
     """
@@ -59,21 +49,18 @@ def extract_dataset(
     for t, b, p in requests:
         by_t.setdefault(t, {})[b] = p
     indices = dataset_indices(ds)
-    out: dict[tuple[int, int], list[torch.Tensor]] = {(t, b): [] for t, bp in by_t.items() for b in bp}
+    out: dict[tuple[int, int], list[torch.Tensor]] = {
+        (t, b): [] for t, bp in by_t.items() for b in bp}
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-    total = len(loader) * len(by_t)
-    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(loader) * len(by_t), desc=desc, unit="batch", disable=not progress,
+              leave=False) as bar:
         start = 0
         for x0, _ in loader:
             idx = indices[start:start + len(x0)]
             start += len(x0)
-            for t, block_pools in by_t.items():
-                pools = set(block_pools.values())
-                for pool in pools:
-                    blocks = [b for b, p in block_pools.items() if p == pool]
-                    feats = extractor.extract(x0, t, blocks, indices=idx, pool=pool, seed=seed)
-                    for b, f in feats.items():
-                        out[(t, b)].append(f.cpu())
+            for t, pools in by_t.items():
+                for b, f in extractor.extract(x0, t, pools, indices=idx, seed=seed).items():
+                    out[(t, b)].append(f.cpu())
                 bar.update(1)
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -82,7 +69,7 @@ def extract_dataset(
 class TrialData:
     """What a head trains on: datasets of ``(inputs, label)``, the feature shapes the head is
     built for, and ``wrap``: how the head is wrapped for training (identity for stored
-    features; the online no-cache source wraps it with a live U-Net pass)."""
+    features; the online source puts a live U-Net pass in front of it)."""
 
     train: Dataset
     val: Dataset
@@ -96,20 +83,39 @@ class FeatureSource(Protocol):
         """Train/val data for the ``(t, block, pool)`` requests of the head of ``cfg``."""
 
 
-class DirectFeatures:
+class UNetSource:
+    """Base of the feature sources that run the U-Net themselves: the trial's model with one
+    :class:`~.features.Extractor` that counts the U-Net image-passes."""
+
+    def __init__(self, *, device: str = "cpu"):
+        self.device = device
+        self.extractor: Extractor | None = None
+
+    @property
+    def unet_images(self) -> int:
+        """Images passed through the U-Net by this source so far."""
+        return self.extractor.forward_images if self.extractor is not None else 0
+
+    def unet_for(self, cfg: TrialConfig) -> torch.nn.Module:
+        """The U-Net of ``cfg`` (loaded once per process); sets :attr:`extractor`."""
+        model, diffusion = shared_unet(cfg.model, cfg.checkpoint, self.device)
+        if self.extractor is None or self.extractor.model is not model:
+            self.extractor = Extractor(model, diffusion)
+        return model
+
+
+class DirectFeatures(UNetSource):
     """Extract the requested features in memory, once per trial (no cache)."""
 
     def __init__(self, *, device: str = "cpu", batch_size: int = 256, progress: bool = False):
-        self.device, self.batch_size, self.progress = device, batch_size, progress
-        self.extractor: Extractor | None = None
+        super().__init__(device=device)
+        self.batch_size, self.progress = batch_size, progress
 
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
-        model, diffusion = cached_unet(cfg.model, cfg.checkpoint, self.device)
-        if self.extractor is None or self.extractor.model is not model:
-            self.extractor = Extractor(model, diffusion)
+        model = self.unet_for(cfg)
         out = []
-        for split in ("train", "val"):
-            ds, classes = cached_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
+        for split in SPLITS:
+            ds, classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
                                          cfg.seed)
             feats = extract_dataset(self.extractor, ds, requests, seed=cfg.noise_seed,
                                     batch_size=self.batch_size, progress=self.progress,
@@ -125,6 +131,13 @@ def clamp_requests(model: torch.nn.Module, requests: Sequence[Request]) -> list[
     return [(t, b, min(p, sizes[b])) for t, b, p in requests]
 
 
+def image_data(cfg: TrialConfig, image_size: int) -> TrialData:
+    """Train/val images for a head that runs the U-Net itself (no feature shapes)."""
+    splits = [shared_dataset(cfg.data, s, image_size, cfg.label_fraction, cfg.seed)
+              for s in SPLITS]
+    return TrialData(ImageItems(splits[0][0]), ImageItems(splits[1][0]), {}, len(splits[0][1]))
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -136,28 +149,33 @@ def run_trial(
     start_epoch: int = 0,
     on_data: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train and evaluate the head of ``cfg`` on its features.
+    """Train and evaluate the head of ``cfg``.
 
-    :param on_data: called once the features are ready with ``{"shapes", "num_classes"}``
+    :param source: where a feature head's features come from (default: in memory).
+    :param on_epoch: called after every epoch with ``(epoch, metrics, head, optimizer,
+        scheduler)``; ``head`` is the bare head (what a checkpoint holds).
+    :param on_data: called once the data is ready with ``{"shapes", "num_classes", "head"}``
         (what a checkpoint needs to rebuild the head).
-
     :return: ``(head, per-epoch metrics)``.
     """
-    if cfg.head == "diffeed":
-        from .diffeed import run_diffeed_trial
-
-        return run_diffeed_trial(cfg, device=device, on_epoch=on_epoch, head_state=head_state,
-                                 optimizer_state=optimizer_state, start_epoch=start_epoch,
-                                 on_data=on_data)
-    source = source or DirectFeatures(device=device)
-    model, _ = cached_unet(cfg.model, cfg.checkpoint, device)
-    data = source.prepare(cfg, clamp_requests(model, feature_requests(cfg)))
-    if on_data is not None:
-        on_data({"shapes": data.shapes, "num_classes": data.num_classes})
-    head = build_head(cfg, data.shapes, data.num_classes)
+    kind = head_kind(cfg.head)
+    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
+    if kind.live_unet:
+        data = image_data(cfg, model.image_size)
+    else:
+        source = source or DirectFeatures(device=device)
+        data = source.prepare(cfg, clamp_requests(model, kind.requests(cfg)))
+    head = build_head(cfg, data.shapes, data.num_classes, unet=(model, diffusion))
     if head_state is not None:
         head.load_state_dict(head_state)
+    if on_data is not None:
+        on_data({"shapes": data.shapes, "num_classes": data.num_classes, "head": head})
+
+    def report(epoch: int, metrics: dict[str, float], _trained, opt, sched) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, head, opt, sched)
+
     history = train_head(data.wrap(head), data.train, data.val, cfg, device=device,
-                         on_epoch=on_epoch, start_epoch=start_epoch,
+                         on_epoch=report, start_epoch=start_epoch,
                          optimizer_state=optimizer_state)
     return head, history

@@ -17,26 +17,14 @@ import yaml
 from tqdm import tqdm
 
 from .data import load_dataset
-from .unet import build, full_flags
+from .unet import DEMO_CHECKPOINT, build, full_flags, read_flags
 
 logger = logging.getLogger(__name__)
 
-#: The demo U-Net: 16 px, three levels, attention at 8x8 and 4x4; 19 blocks (middle = 10).
-DEMO_FLAGS: dict[str, Any] = dict(
-    image_size=16,
-    num_channels=32,
-    channel_mult="1,2,2",
-    num_res_blocks=2,
-    attention_resolutions="8,4",
-    num_head_channels=32,
-    learn_sigma=False,
-    class_cond=False,
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    use_scale_shift_norm=True,
-    resblock_updown=False,
-    dropout=0.0,
-)
+def demo_flags() -> dict[str, Any]:
+    """The demo U-Net's flags (16 px, three levels, attention at 8x8 and 4x4; 19 blocks,
+    middle = 10), as shipped beside its checkpoint."""
+    return read_flags(DEMO_CHECKPOINT.with_suffix(".yaml"))
 
 
 def pretrain(
@@ -57,7 +45,7 @@ def pretrain(
     """
     if minutes is None and steps is None:
         raise ValueError("give --minutes or --steps")
-    flags = full_flags(flags or DEMO_FLAGS)
+    flags = full_flags(flags or demo_flags())
     torch.manual_seed(seed)
     model, diffusion = build(flags)
     ema_model = copy.deepcopy(model).requires_grad_(False)

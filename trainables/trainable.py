@@ -1,28 +1,27 @@
 """The Ray Tune function trainable: the only module of ``trainables`` that imports Ray.
 
-Ray hands the trial a plain dict (Optuna's parameter names, see ``search.space``); it is
-decoded into a :class:`TrialConfig` (an unknown key fails loudly), the head is trained on its
-features, and every epoch is reported with a checkpoint of the head.
+Ray hands the trial a flat dict (Optuna's parameter names, :mod:`.params`); it becomes a
+:class:`~.config.TrialConfig` at once (an unknown key fails loudly), the head is trained on its
+features (:func:`~.pipeline.run_trial`), and every epoch is reported with a checkpoint of the
+head (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import TrialConfig
+from .checkpoint import HEAD_FILE, META_FILE, read_checkpoint, save_head
+from .params import trial_config
 
 logger = logging.getLogger(__name__)
 
-HEAD_FILE = "head.pt"
-META_FILE = "meta.json"
+__all__ = ["HEAD_FILE", "META_FILE", "RuntimeOptions", "make_source", "train_trial"]
 
 
 @dataclass(frozen=True)
@@ -49,36 +48,15 @@ class RuntimeOptions:
         d["extra_blocks"] = list(self.extra_blocks)
         return d
 
-
-def decode_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """Turn Optuna parameter names back into trial settings.
-
-    ``HEAD:NAME`` -> ``NAME``; ``NAME@VALUE`` booleans -> ``NAME: [VALUE, ...]``; list choices
-    (JSON strings such as ``"[256, 256]"``) -> lists.
-    """
-    out: dict[str, Any] = {}
-    subsets: dict[str, list[int]] = {}
-    # a head's own sub-space wins over a top-level setting of the same name
-    for key, value in sorted(raw.items(), key=lambda kv: ":" in kv[0]):
-        name = key.split(":", 1)[-1]
-        if "@" in name:
-            base, member = name.split("@", 1)
-            subsets.setdefault(base, [])
-            if value:
-                subsets[base].append(int(member))
-            continue
-        if isinstance(value, str) and value.startswith("["):
-            value = json.loads(value)
-        out[name] = value
-    for base, members in subsets.items():
-        out[base] = sorted(members)
-    return out
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RuntimeOptions:
+        """The inverse of :meth:`to_dict`; keys it does not know are ignored."""
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "extra_blocks": tuple(known.get("extra_blocks", ()))})
 
 
 def make_source(runtime: RuntimeOptions, device: str):
     """The feature source for ``runtime``."""
-    from .pipeline import DirectFeatures
-
     if runtime.online:
         from .online import OnlineFeatures
 
@@ -88,45 +66,9 @@ def make_source(runtime: RuntimeOptions, device: str):
 
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,
                             extra_blocks=runtime.extra_blocks)
+    from .pipeline import DirectFeatures
+
     return DirectFeatures(device=device)
-
-
-def unet_images(source) -> int:
-    """Images this trial's feature source has passed through the U-Net so far."""
-    stats = getattr(source, "stats", None)
-    if isinstance(stats, dict):
-        return int(stats.get("forward_images", 0))
-    if stats is not None:
-        return int(stats.forward_images)
-    extractor = getattr(source, "extractor", None)
-    return extractor.forward_images if extractor is not None else 0
-
-
-def save_head(path: Path, head: torch.nn.Module, cfg: TrialConfig, *, epoch: int,
-              shapes: dict, num_classes: int, optimizer=None, scheduler=None) -> None:
-    """Write a head checkpoint folder: ``head.pt`` (tensors only) + ``meta.json``."""
-    state = {"head": head.state_dict()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-        state["scheduler"] = scheduler.state_dict()
-    torch.save(state, path / HEAD_FILE)
-    meta = {"config": cfg.to_dict(), "epoch": epoch, "num_classes": num_classes,
-            "shapes": [[list(k), list(v)] for k, v in shapes.items()]}
-    (path / META_FILE).write_text(json.dumps(meta, indent=1))
-
-
-def load_head(path: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Module, TrialConfig, dict]:
-    """Rebuild a head from a checkpoint folder (``weights_only=True``)."""
-    from .heads import build_head
-
-    path = Path(path)
-    meta = json.loads((path / META_FILE).read_text())
-    cfg = TrialConfig.from_dict(meta["config"])
-    shapes = {tuple(k): tuple(v) for k, v in meta["shapes"]}
-    head = build_head(cfg, shapes, meta["num_classes"])
-    state = torch.load(path / HEAD_FILE, map_location=device, weights_only=True)
-    head.load_state_dict(state["head"])
-    return head, cfg, {"meta": meta, "state": state}
 
 
 def _device() -> str:
@@ -148,7 +90,7 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
     from .pipeline import run_trial
 
     runtime = runtime or RuntimeOptions()
-    cfg = TrialConfig.from_dict(decode_config(config))
+    cfg = trial_config(config)
     if runtime.threads > 0:
         torch.set_num_threads(runtime.threads)
     device = _device()
@@ -157,28 +99,25 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / HEAD_FILE, map_location="cpu", weights_only=True)
-            meta = json.loads((Path(d) / META_FILE).read_text())
+            state, meta = read_checkpoint(d)
         head_state, start_epoch = state["head"], int(meta["epoch"])
         optimizer_state = {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
         logger.info("resuming trial at epoch %d", start_epoch)
 
-    shapes_holder: dict[str, Any] = {}
-
+    data: dict[str, Any] = {}
     source = make_source(runtime, device)
     # recorded on the trial's MLflow run; outside Ray, get_runtime_context() would start one
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
-    def on_epoch(epoch: int, metrics: dict[str, float], head, opt, sched) -> None:
-        from .online import OnlineHead
+    def unet_images() -> int:
+        return source.unet_images + int(getattr(data.get("head"), "unet_images", 0))
 
-        inner = head.head if isinstance(head, OnlineHead) else head
+    def on_epoch(epoch: int, metrics: dict[str, float], head, opt, sched) -> None:
         with tempfile.TemporaryDirectory() as d:
-            save_head(Path(d), inner, cfg, epoch=epoch, shapes=shapes_holder.get("shapes", {}),
-                      num_classes=shapes_holder.get("num_classes", 0), optimizer=opt, scheduler=sched)
-            report = {**metrics, "unet_images": unet_images(source), "node_id": node_id}
+            save_head(d, head, cfg, epoch=epoch, shapes=data["shapes"],
+                      num_classes=data["num_classes"], optimizer=opt, scheduler=sched)
+            report = {**metrics, "unet_images": unet_images(), "node_id": node_id}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
-    run_trial(cfg, source=source, device=device, on_epoch=on_epoch,
-              head_state=head_state, optimizer_state=optimizer_state, start_epoch=start_epoch,
-              on_data=shapes_holder.update)
+    run_trial(cfg, source=source, device=device, on_epoch=on_epoch, head_state=head_state,
+              optimizer_state=optimizer_state, start_epoch=start_epoch, on_data=data.update)

@@ -7,6 +7,7 @@ checkpoint by name (a YAML/JSON file beside it) so that a model is always rebuil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from .errors import UserError
+from .geometry import Geometry, geometry_of_flags
 
 with warnings.catch_warnings():
     # guided-diffusion uses torch.cuda.amp.custom_fwd, deprecated in recent torch.
@@ -45,7 +47,7 @@ PAPER256_FLAGS: dict[str, Any] = dict(
     num_head_channels=64,
     num_res_blocks=2,
     resblock_updown=True,
-    use_fp16=False,  # switched on only when the model goes to a GPU
+    use_fp16=False,  # difftune runs the U-Net in fp32, under autocast on a GPU
     use_scale_shift_norm=True,
 )
 
@@ -246,6 +248,12 @@ def load_unet(
     return model, diffusion
 
 
+@functools.lru_cache(maxsize=2)
+def shared_unet(model: str, checkpoint: str | None, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """``load_unet`` memoised per process (a Ray worker runs many trials); read-only."""
+    return load_unet(model, checkpoint=checkpoint, device=device)
+
+
 def model_fingerprint(name_or_path: str, *, checkpoint: str | Path | None = None,
                       random_init: bool = False) -> str:
     """A content hash of a model: its flags and (unless random) its checkpoint bytes."""
@@ -260,6 +268,7 @@ def model_fingerprint(name_or_path: str, *, checkpoint: str | Path | None = None
     return h.hexdigest()[:16]
 
 
-def num_blocks(model: torch.nn.Module) -> int:
-    """Number of blocks in the paper's numbering (input + middle + output)."""
-    return len(model.input_blocks) + 1 + len(model.output_blocks)
+def model_geometry(name_or_path: str, checkpoint: str | Path | None = None) -> Geometry:
+    """Blocks and timesteps of a model, from its flags alone (no weights are read)."""
+    flags, _ = resolve(name_or_path, checkpoint=checkpoint)
+    return geometry_of_flags(full_flags(flags))

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,24 +35,22 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import free_port
+from standin_kill_worker import sigkill  # cluster/: the stand-ins' own kill loop
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-#: what `ray job submit --working-dir .` ships from the repository: the package, its
-#: presets and assets, and cluster/ (the stand-in space file)
-WORKING_DIR_PARTS = ("search", "trainables", "spaces", "cluster", "pyproject.toml", "README.md")
+#: what `ray job submit --working-dir .` ships from the repository: the job's working folder
+#: (cluster/ holds the stand-in space file); the code that runs is the installed difftune
+WORKING_DIR_PARTS = ("__init__.py", "search", "trainables", "spaces", "cluster",
+                     "pyproject.toml", "README.md")
 BUCKET = "difftune"
 #: moto 5.2.1 answers CompleteMultipartUpload with a root tag pyarrow rejects
 #: (getmoto/moto#10055): allow_delayed_open makes pyarrow PUT objects up to 5 MB at once
 S3_QUERY = "scheme=http&region=us-east-1&allow_delayed_open=true"
 START_TIMEOUT_S = 240.0  # one service starting on a loaded 2-core machine
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], Any], *, timeout: float = START_TIMEOUT_S,
@@ -121,7 +118,7 @@ class Processes:
     def kill_tree(self, name: str) -> list[int]:
         """SIGKILL ``name`` and its descendants at once (a node losing power)."""
         procs = self.tree(name)
-        _sigkill(procs)
+        sigkill(procs)
         self.procs[name].wait(timeout=30)
         self.killed[name] = [p.pid for p in procs]
         logger.info("killed %s: pids %s", name, self.killed[name])
@@ -139,7 +136,7 @@ class Processes:
             pass
         _, alive = psutil.wait_procs(procs[:1], timeout=timeout)
         time.sleep(1.0)  # let the children it is stopping go
-        _sigkill([p for p in procs + [c for a in alive for c in _children(a)]
+        sigkill([p for p in procs + [c for a in alive for c in _children(a)]
                   if p.is_running()])
         try:
             self.procs[name].wait(timeout=10)
@@ -161,15 +158,6 @@ def _children(p: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-
-def _sigkill(procs: list[psutil.Process]) -> None:
-    """SIGKILL every process of ``procs`` (gone ones are skipped) and reap them."""
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
 
 @dataclass
 class StandIns:

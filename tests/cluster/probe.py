@@ -25,9 +25,8 @@ def cache_get(root: str) -> dict:
     import tempfile
 
     import torch
-
-    from trainables.cache import FeatureCache
-    from trainables.config import TrialConfig
+    from difftune.trainables.cache import FeatureCache
+    from difftune.trainables.config import TrialConfig
 
     cache = FeatureCache(root)
     # its own noise seed: entries no search of the tests asks for
@@ -49,7 +48,7 @@ def main() -> None:
     ap.add_argument("--tracking-uri", required=True)
     args = ap.parse_args()
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
-    from search.cluster import ClusterError, check_addressable, check_inputs_on_nodes
+    from difftune.search.cluster import ClusterError, check_addressable, check_inputs_on_nodes
 
     out: dict = {"nodes": len([n for n in ray.nodes() if n["Alive"]])}
     writer = ray.get(cache_get.options(resources={"worker_node": 0.01}).remote(args.cache))

@@ -34,7 +34,7 @@ TRAINABLE_ACTOR = "ImplicitFunc"  # the actor class Ray Tune runs a function tra
 def probe(stand_ins) -> dict:
     """tests/cluster/probe.py run as a Ray driver against the cluster."""
     s = stand_ins
-    env = {**s.env, "DIFFTUNE_SHARED_PATHS": str(s.shared), "PYTHONPATH": str(REPO)}
+    env = {**s.env, "DIFFTUNE_SHARED_PATHS": str(s.shared)}
     out = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("probe.py")), "--address",
          s.gcs_address, "--cache", s.cache_uri("probe"), "--shared", str(s.shared),
@@ -53,7 +53,7 @@ def rejected(stand_ins, probe: dict) -> subprocess.CompletedProcess:
         ["difftune", "search", "--address", s.gcs_address, "--space", str(REPO / SPACE),
          "--experiment", "cluster-rejected", "--tracking-uri", s.tracking_uri,
          "--storage", "/var/tmp/difftune-local/runs", "--cache", s.cache_uri("rejected")],
-        env={**s.env, "PYTHONPATH": str(REPO)}, cwd=s.root, capture_output=True, text=True,
+        env={**s.env}, cwd=s.root, capture_output=True, text=True,
         timeout=600)
 
 
@@ -244,8 +244,7 @@ def test_champion_is_registered(search: dict):
 
 def test_search_cache_lives_in_the_object_store(search: dict, stand_ins):
     import pyarrow.fs as pafs
-
-    from trainables.cache import list_entries
+    from difftune.trainables.cache_admin import list_entries
 
     fs = pafs.S3FileSystem(endpoint_override=stand_ins.s3_endpoint, scheme="http",
                            access_key="testing", secret_key="testing", region="us-east-1")

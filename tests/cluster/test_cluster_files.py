@@ -262,7 +262,7 @@ def test_one_ray_version_everywhere():
 
 
 def test_the_rayjob_entrypoint_is_a_difftune_search_that_reaches_everything():
-    from search.cli import build_parser
+    from difftune.search.cli import build_parser
 
     (job,) = [doc for _, doc in kuberay_docs() if doc["kind"] == "RayJob"]
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -274,7 +274,7 @@ def test_the_rayjob_entrypoint_is_a_difftune_search_that_reaches_everything():
     assert args.tracking_uri == "http://mlflow:5000"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert env["DIFFTUNE_SHARED_PATHS"] == SHARED["kuberay"]
-    from search.space import preset_names
+    from difftune.search.space import preset_names
 
     assert args.space in preset_names()
 
@@ -297,7 +297,7 @@ def test_mlflow_server_is_reachable_by_its_service_name():
 
 
 def test_standin_space_loads_and_allows_retries():
-    from search.space import load_space
+    from difftune.search.space import load_space
 
     space = load_space(str(CLUSTER / "standin-space.yaml"))
     s = space.search

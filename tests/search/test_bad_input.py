@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from search.cli import main
+from difftune.search.cli import main
 
 GOOD_SPACE = """
 model: demo

@@ -1,4 +1,4 @@
-"""search.cluster without a cluster: which settings a multi-node search rejects, how a folder
+"""difftune.search.cluster without a cluster: which settings a multi-node search rejects, how a folder
 is declared shared, and the GPU fraction each head type gets (the real cluster is in
 tests/cluster)."""
 
@@ -7,10 +7,8 @@ from __future__ import annotations
 import pickle
 
 import pytest
-
-from search import cluster
-from search.cluster import (
-    HEAD_GPUS,
+from difftune.search import cluster
+from difftune.search.cluster import (
     ClusterError,
     check_addressable,
     is_shared_path,
@@ -19,7 +17,8 @@ from search.cluster import (
     mount_of,
     trial_resources,
 )
-from trainables.errors import UserError
+from difftune.trainables.errors import UserError
+from difftune.trainables.heads import KINDS
 
 ONE = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
        {"NodeID": "b" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.2"}]
@@ -154,10 +153,10 @@ def test_unset_gpus_follow_the_head_type_on_a_gpu_cluster():
     assert res({"head": "attention"})["gpu"] == 0.25
     assert res({"head": "difformer", "difformer:blocks@19": True})["gpu"] == 0.5
     assert res({"head": "diffeed"})["gpu"] == 1.0
-    assert res({"block": 3})["gpu"] == HEAD_GPUS["linear"]  # TrialConfig's default head
+    assert res({"block": 3})["gpu"] == KINDS["linear"].gpus  # TrialConfig's default head
     assert pickle.loads(pickle.dumps(res))({"head": "diffeed"})["gpu"] == 1.0
-    assert HEAD_GPUS["linear"] < HEAD_GPUS["attention"] <= HEAD_GPUS["difformer"] \
-        < HEAD_GPUS["diffeed"] == 1.0
+    gpus = {k: v.gpus for k, v in KINDS.items()}
+    assert gpus["linear"] < gpus["attention"] <= gpus["difformer"] < gpus["diffeed"] == 1.0
 
 
 def test_unset_gpus_on_a_cpu_cluster_are_zero():

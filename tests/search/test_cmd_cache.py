@@ -1,13 +1,12 @@
 """``difftune extract`` and ``difftune cache ls|du|rm`` (search.cmd_extract, search.cmd_cache),
-run in-process through ``search.cli.main``."""
+run in-process through ``difftune.search.cli.main``."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-
-from search.cli import main
+from difftune.search.cli import main
 
 EXTRACT = ["extract", "--model", "demo", "--data", "digits", "--timesteps", "90,150",
            "--blocks", "2,3", "--pool", "2", "--splits", "train", "--label-fraction", "0.03"]

@@ -4,16 +4,15 @@ away mid-search and comes back."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from difftune.search.cli import main
+from helpers import free_port
 from mlflow.tracking import MlflowClient
-
-from search.cli import main
 
 
 def trial_runs(client: MlflowClient, experiment: str):
@@ -52,11 +51,6 @@ paper_config: {lr: 1.0e+30}
     version = client.get_model_version_by_alias("difftune-nan", "champion")
     assert version.run_id in {r.info.run_id for r in finished}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(root, port: int) -> subprocess.Popen:
@@ -98,7 +92,7 @@ params:
   lr: {float: [0.01, 0.1], log: true}
 """)
     search = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "search", "--space", str(space), "--experiment",
+        [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space), "--experiment",
          "outage", "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
          "--cache", str(tmp_path / "cache"),
          "--address", ray_session.get_runtime_context().gcs_address],
@@ -112,7 +106,7 @@ params:
             time.sleep(1)
         stop(server)  # the tracking server goes away while trials run
         time.sleep(15)
-        assert search.poll() is None  # the search did not die with it
+        assert search.poll() is None, search.stderr.read()[-3000:]  # it did not die with it
         server = start_server(tmp_path, port)
         _, err = search.communicate(timeout=400)
         assert search.returncode == 0, err[-2000:]

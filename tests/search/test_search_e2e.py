@@ -9,9 +9,8 @@ import json
 import mlflow
 import pytest
 import torch
+from difftune.search.cli import main
 from mlflow.tracking import MlflowClient
-
-from search.cli import main
 
 TRIALS = 3
 EPOCHS = 2

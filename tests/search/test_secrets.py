@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from difftune.search.space import load_space
+from difftune.search.tracking import TAG_RUNTIME, start_parent_run
+from difftune.search.uris import redact
 from mlflow.tracking import MlflowClient
-
-from search.space import load_space
-from search.tracking import TAG_RUNTIME, redact, start_parent_run
 
 
 def test_redact_masks_userinfo_and_secret_query_values():

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import optuna
 import pytest
-
-from search.space import SpaceError, load_space, parse_set, preset_names
-from trainables.config import TrialConfig
-from trainables.trainable import decode_config
+from difftune.search.space import SpaceError, load_space, parse_set, preset_names
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.params import decode as decode_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

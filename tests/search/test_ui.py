@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -36,7 +31,7 @@ def listening_addresses(port: int) -> set[str]:
 def test_ui_binds_to_loopback_only(tmp_path):
     port = free_port()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "ui", "--tracking-uri", uri,
+    proc = subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "ui", "--tracking-uri", uri,
                              "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -1,4 +1,4 @@
-"""The Arrow feature cache (trainables.cache) and the no-cache source (trainables.online):
+"""The Arrow feature cache (trainables.cache*) and the no-cache source (trainables.online):
 hits equal fresh extraction, keys miss when their content changes, derived pools are exact,
 publishing is atomic across killed writers and concurrent processes, corruption is caught,
 and an S3-compatible store works across processes."""
@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainables import cache as cache_mod
-from trainables.cache import FeatureCache, list_entries, remove, total_bytes
-from trainables.config import TrialConfig
-from trainables.features import Extractor
-from trainables.online import OnlineFeatures
-from trainables.pipeline import cached_dataset, cached_unet, run_trial
-from trainables.unet import DEMO_CHECKPOINT
+from difftune.trainables import cache_store
+from difftune.trainables.cache import FeatureCache
+from difftune.trainables.cache_admin import list_entries, remove, total_bytes
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.data import shared_dataset
+from difftune.trainables.features import Extractor
+from difftune.trainables.heads import build_head
+from difftune.trainables.online import OnlineFeatures
+from difftune.trainables.pipeline import run_trial
+from difftune.trainables.unet import DEMO_CHECKPOINT, shared_unet
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FRACTION = 0.03  # 40 digits training images: one forward batch per extraction
@@ -39,8 +41,8 @@ def cfg_(**kw) -> TrialConfig:
 
 def fresh(cfg: TrialConfig, t: int, block: int, pool: int) -> torch.Tensor:
     """Features extracted directly with the Extractor (no cache): [N x C x pool x pool]."""
-    model, diffusion = cached_unet(cfg.model, cfg.checkpoint, "cpu")
-    ds, _ = cached_dataset(cfg.data, "train", model.image_size, cfg.label_fraction, cfg.seed)
+    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, "cpu")
+    ds, _ = shared_dataset(cfg.data, "train", model.image_size, cfg.label_fraction, cfg.seed)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     out = Extractor(model, diffusion).extract(x, t, [block], indices=ds.indices, pool=pool,
                                               seed=cfg.noise_seed)
@@ -70,7 +72,7 @@ def test_hit_equals_fresh_extraction_and_counts(tmp_path):
     assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
     assert close(stacked(ds, (90, 3)), fresh(cfg, 90, 3, 1))
     labels = [ds[i][1] for i in range(len(ds))]
-    assert labels == [int(cached_dataset("digits", "train", 16, FRACTION, 0)[0][i][1])
+    assert labels == [int(shared_dataset("digits", "train", 16, FRACTION, 0)[0][i][1])
                       for i in range(len(ds))]
 
     second = FeatureCache(str(tmp_path))
@@ -168,10 +170,10 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
     else:
         data = data[: len(data) - 100]
     path.write_bytes(bytes(data))
-    cache_mod._VERIFIED.clear()  # a file checked earlier in this process is trusted by mtime
+    cache_store.VERIFIED.clear()  # a file checked earlier in this process is trusted by mtime
 
     c = FeatureCache(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="trainables.cache"):
+    with caplog.at_level(logging.WARNING, logger="difftune.trainables.cache"):
         ds = c.get(cfg, "train", [(90, 2, 2)])
     assert any("corrupt" in r.getMessage() for r in caplog.records)
     assert c.stats.entries_corrupt == 1 and c.stats.entries_written == 1
@@ -184,8 +186,8 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
 CHILD = r"""
 import json, os, sys, time
 spec = json.loads(sys.argv[1])
-from trainables import cache
-from trainables.config import TrialConfig
+from difftune.trainables import cache
+from difftune.trainables.config import TrialConfig
 if spec.get("pause_dir"):  # freeze after the first written batch, to be killed
     real = cache.EntryWriter.write
     def write(self, *a, **k):
@@ -273,11 +275,6 @@ def test_lock_of_a_silent_holder_on_another_node_goes_stale(tmp_path):
     assert close(stacked(ds, (90, 2)), fresh(cfg, 90, 2, 2))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def s3_uri(tmp_path, monkeypatch):
@@ -329,7 +326,7 @@ def test_object_store_entries_written_by_one_process_are_read_by_another(tmp_pat
     assert writer["entries_written"] == 1 and writer["forward_batches"] == 1
     entries = list_entries(s3_uri)
     assert [(e["block"], e["pool"], e["rows"]) for e in entries] == [(2, 2, 40)]
-    names = {i.base_name for i in cache_mod._Store(s3_uri).files(recursive=True)}
+    names = {i.base_name for i in cache_store.Store(s3_uri).files(recursive=True)}
     assert names == {"b2-p2-float16.arrow", "b2-p2-float16.json"}  # lock released
 
     cfg = cfg_()
@@ -344,7 +341,7 @@ def test_object_store_entries_written_by_one_process_are_read_by_another(tmp_pat
 
 
 def test_online_wrapper_holds_only_the_head_and_draws_fresh_noise():
-    from trainables.heads import LinearHead
+    from difftune.trainables.heads import LinearHead
 
     cfg = cfg_(block=2, t=90, pool=2)
     src = OnlineFeatures()
@@ -360,7 +357,7 @@ def test_online_wrapper_holds_only_the_head_and_draws_fresh_noise():
     wrapped.eval()
     a, b = wrapped(batch), wrapped(batch)
     assert not torch.allclose(a, b)  # a fresh noise draw at every pass
-    assert src.stats == {"forward_batches": 2, "forward_images": 16}
+    assert src.unet_images == 16 and src.extractor.forward_batches == 2
     head.load_state_dict(wrapped.state_dict())
 
 
@@ -369,8 +366,10 @@ def test_a_trial_trains_from_either_source(tmp_path, source):
     cfg = cfg_(block=2, t=90, pool=2, epochs=1, batch_size=16)
     src = FeatureCache(str(tmp_path)) if source == "cache" else OnlineFeatures()
     head, history = run_trial(cfg, source=src)
-    assert len(history) == 1 and 0 <= history[0]["val_top1"] <= 100
+    assert len(history) == 1 and history[0]["epoch"] == 1
+    untrained = build_head(cfg, {(90, 2): (32, 2, 2)}, 10)
+    assert not torch.equal(head.fc.weight, untrained.fc.weight)  # it trained
     if source == "cache":
         assert src.stats.entries_written == 2  # train and val
     else:  # every batch of every epoch ran the U-Net, train and val
-        assert src.stats["forward_batches"] == 3 + 2
+        assert src.extractor.forward_batches == 3 + 2

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from trainables.config import ConfigError, TrialConfig
-from trainables.errors import UserError
+from difftune.trainables.config import ConfigError, TrialConfig
+from difftune.trainables.errors import UserError
 
 
 def test_defaults_are_the_papers_recipe():

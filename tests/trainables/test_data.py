@@ -7,10 +7,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from difftune.trainables.data import (
+    DataError,
+    data_fingerprint,
+    dataset_indices,
+    load_dataset,
+    targets_of,
+)
+from difftune.trainables.errors import UserError
 from PIL import Image
-
-from trainables.data import DataError, data_fingerprint, dataset_indices, load_dataset, targets_of
-from trainables.errors import UserError
 
 # --------------------------------------------------------------------------------------
 # digits

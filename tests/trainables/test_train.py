@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.heads import LinearHead, MLPHead, build_head
+from difftune.trainables.pipeline import run_trial
+from difftune.trainables.train import FeatureTensors, TrainingDiverged, evaluate, train_head
 from torch import nn
-
-from trainables.config import TrialConfig
-from trainables.heads import LinearHead, MLPHead, build_head
-from trainables.pipeline import run_trial
-from trainables.train import FeatureTensors, TrainingDiverged, evaluate, train_head
 
 KEY = (90, 10)
 

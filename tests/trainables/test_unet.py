@@ -11,25 +11,20 @@ import sys
 import zipfile
 from pathlib import Path
 
+import difftune.trainables as trainables
 import pytest
 import torch
 import yaml
-
-import trainables
-from trainables.config import TrialConfig
-from trainables.data import load_dataset, targets_of
-from trainables.errors import UserError
-from trainables.features import Extractor, block_modules
-from trainables.heads import build_head
-from trainables.pipeline import extract_dataset
-from trainables.train import FeatureTensors, train_head
-from trainables.unet import (
+from difftune.trainables.errors import UserError
+from difftune.trainables.features import Extractor, block_modules
+from difftune.trainables.geometry import geometry_of_model
+from difftune.trainables.probe import probe_grid
+from difftune.trainables.unet import (
     DEMO_CHECKPOINT,
     PAPER_CHECKPOINT_NAME,
     ModelError,
     build,
     load_unet,
-    num_blocks,
 )
 
 # --------------------------------------------------------------------------------------
@@ -48,7 +43,7 @@ def expand(table: dict[tuple[int, int], int]) -> dict[int, int]:
 
 def test_paper256_block_table(paper256):
     model, diffusion = paper256
-    assert num_blocks(model) == 37
+    assert geometry_of_model(model).num_blocks == 37
     mods = block_modules(model)
     assert mods[18] is model.middle_block  # block 19
     assert mods[23] is model.output_blocks[4]  # block 24
@@ -123,28 +118,20 @@ def test_demo_random_init_is_the_same_architecture(demo_unet, demo_unet_untraine
 PROBE_T, PROBE_POOL, PROBE_EPOCHS = 30, 1, 10
 
 
-def probe_top1(model, diffusion, *, block: int, t: int, pool: int, epochs: int) -> float:
-    """Val top-1 of a linear probe on pooled features of ``block`` at step ``t``."""
-    cfg = TrialConfig(block=block, t=t, pool=pool, head="linear", optimizer="adamw", lr=1e-3,
-                      weight_decay=1e-4, epochs=epochs, batch_size=64, seed=0)
-    ex = Extractor(model, diffusion)
-    splits = []
-    for split in ("train", "val"):
-        ds, _ = load_dataset("digits", split=split, image_size=model.image_size)
-        feats = extract_dataset(ex, ds, [(t, block, pool)], progress=False)
-        splits.append(FeatureTensors(feats, torch.tensor(targets_of(ds))))
-    head = build_head(cfg, splits[0].shapes(), 10)
-    history = train_head(head, splits[0], splits[1], cfg)
-    return history[-1]["val_top1"]
+def probe_top1(unet, *, block: int, t: int, pool: int, epochs: int) -> float:
+    """Val top-1 of ``difftune probe``'s linear probe on ``block`` at step ``t``."""
+    grid = probe_grid(unet, data="digits", blocks=[block], timesteps=[t], pools=[pool],
+                      epochs=epochs)
+    return grid[(block, t, pool)]["val_top1"]
 
 
 def test_demo_is_a_real_diffusion_model(demo_unet, demo_unet_untrained):
     """The issue's bar: a linear probe on the demo model's middle block at small t beats the
     same architecture untrained by at least 20 points on digits val."""
     settings = dict(block=10, t=PROBE_T, pool=PROBE_POOL, epochs=PROBE_EPOCHS)
-    assert num_blocks(demo_unet[0]) == 19  # block 10 is the middle block
-    trained = probe_top1(*demo_unet, **settings)
-    untrained = probe_top1(*demo_unet_untrained, **settings)
+    assert geometry_of_model(demo_unet[0]).num_blocks == 19  # block 10 is the middle block
+    trained = probe_top1(demo_unet, **settings)
+    untrained = probe_top1(demo_unet_untrained, **settings)
     print(f"demo probe top-1: trained {trained:.1f}%, untrained {untrained:.1f}%")
     assert trained >= untrained + 20, (trained, untrained)
 
@@ -163,7 +150,7 @@ def test_user_checkpoint_with_flags_beside_it(tmp_path, tiny_flags):
     model, _ = build(tiny_flags)
     save_model(model, tiny_flags, tmp_path / "mine.pt")
     loaded, diffusion = load_unet(str(tmp_path / "mine.pt"))
-    assert num_blocks(loaded) == num_blocks(model)
+    assert geometry_of_model(loaded) == geometry_of_model(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -275,7 +262,7 @@ def test_demo_checkpoint_ships_in_the_wheel(tmp_path):
     root = Path(__file__).resolve().parents[2]
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "__init__.py"):
         if (root / name).is_file():
             shutil.copy(root / name, src / name)
     for pkg in ("trainables", "search", "spaces"):
@@ -287,7 +274,12 @@ def test_demo_checkpoint_ships_in_the_wheel(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("difftune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "trainables/assets/demo_unet.pt" in names
-    assert "trainables/assets/demo_unet.yaml" in names
+    assert "difftune/trainables/assets/demo_unet.pt" in names
+    assert "difftune/trainables/assets/demo_unet.yaml" in names
+    assert "difftune/spaces/demo.yaml" in names
+    # the distribution owns one import name: no top-level search/, trainables/, spaces/
+    assert {n.split("/")[0] for n in names if not n.startswith("difftune-")} == {"difftune"}
+    top = zipfile.ZipFile(wheel).read("difftune-0.1.0.dist-info/top_level.txt").decode()
+    assert top.split() == ["difftune"]
     assert DEMO_CHECKPOINT.parent.name == "assets"
     assert DEMO_CHECKPOINT.parent.parent == Path(trainables.__file__).resolve().parent

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from trainables import heads
-from trainables.config import TrialConfig
-from trainables.diffeed import (
+from difftune.trainables import heads
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.errors import UserError
+from difftune.trainables.features import block_shapes, run_blocks
+from difftune.trainables.heads.diffeed import (
     DifFeed,
-    block_shapes,
     build_diffeed,
     make_feedback,
     mirror_block,
 )
-from trainables.errors import UserError
-from trainables.features import run_blocks
-from trainables.unet import DEMO_CHECKPOINT, build, load_unet
+from difftune.trainables.unet import load_unet, shared_unet
+from torch import nn
 
 N = 4
 BASE = dict(head="diffeed", t=50, block=13, feedback_blocks=[11, 14, 17], dim=32, heads=2,
@@ -27,14 +25,8 @@ BASE = dict(head="diffeed", t=50, block=13, feedback_blocks=[11, 14, 17], dim=32
 
 @pytest.fixture(scope="module")
 def unet():
-    """The shipped demo U-Net, or its architecture with random weights if not yet shipped."""
-    if DEMO_CHECKPOINT.is_file():
-        return load_unet("demo")
-    from trainables.pretrain import DEMO_FLAGS
-
-    torch.manual_seed(0)
-    model, diffusion = build(DEMO_FLAGS)
-    return model.eval().requires_grad_(False), diffusion
+    """The shipped demo U-Net."""
+    return load_unet("demo")
 
 
 def cfg(**overrides) -> TrialConfig:
@@ -172,12 +164,23 @@ def test_invalid_settings_are_user_errors(unet, overrides, message):
 
 def test_registry_knows_diffeed():
     assert heads.feature_requests(cfg()) == []
-    assert "diffeed" in heads.REGISTRY
+    kind = heads.head_kind("diffeed")
+    assert kind.live_unet and kind.gpus == 1.0
+    assert kind.blocks(cfg()) == [11, 13, 14, 17]
 
 
-@pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="demo checkpoint not shipped yet")
+def test_both_passes_are_counted_as_unet_images(unet, batch):
+    """A DifFeed forward runs the U-Net twice per image: both passes count."""
+    model, diffusion = unet
+    module = build_diffeed(cfg(), model, diffusion, 10)
+    assert module.unet_images == 0
+    with torch.no_grad():
+        module.eval()(dict(image=batch[0], index=batch[1]))
+    assert module.unet_images == 2 * len(batch[0])
+
+
 def test_tiny_trial_through_run_trial():
-    from trainables.pipeline import run_trial
+    from difftune.trainables.pipeline import run_trial
 
     seen = []
     small = cfg(epochs=1, batch_size=16, label_fraction=0.02, block=9, feedback_blocks=[11])
@@ -189,16 +192,13 @@ def test_tiny_trial_through_run_trial():
     fresh.load_state_dict(module.state_dict())
 
 
-@pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="demo checkpoint not shipped yet")
 def test_checkpoint_round_trip_through_trainable_files(tmp_path, batch):
-    from trainables.pipeline import cached_unet
-    from trainables.trainable import load_head, save_head
+    from difftune.trainables.checkpoint import load_head, save_head
 
-    model, diffusion = cached_unet("demo", None, "cpu")
+    model, diffusion = shared_unet("demo", None, "cpu")
     module = build_diffeed(cfg(seed=5), model, diffusion, 10)
     with torch.no_grad():
         module.train()(dict(image=batch[0], index=batch[1]))  # non-default BN statistics
-    assert getattr(module, "head", module) is module  # what the trainable checkpoints
     save_head(tmp_path, module, cfg(seed=5), epoch=1, shapes={}, num_classes=10)
     loaded, _, _ = load_head(tmp_path)
     assert isinstance(loaded, DifFeed)

@@ -14,7 +14,7 @@ One forward of :class:`DifFeed` on images ``x0`` at diffusion step ``t``:
    with gradients (through the frozen U-Net, whose weights never change) so that the
    feedback modules learn.
 4. Block ``cfg.block`` of the second pass, adaptive-avg-pooled to ``min(pre_pool, size)``,
-   feeds the attention head (:class:`trainables.heads_attention.AttentionHead`).
+   feeds the attention head (:class:`~.difformer.AttentionHead`).
 
 Feedback modules (``cfg.feedback_arch``) are written in the paper's letter codes, joined by
 ``_`` and read left to right:
@@ -29,7 +29,8 @@ A code must start with ``C`` (the channel mapping).
 
 The U-Net is held outside the module's registered children: ``state_dict()`` and
 ``parameters()`` hold only the feedback modules and the head, and ``.train()`` never puts
-the U-Net out of eval mode.
+the U-Net out of eval mode. Both passes are counted as U-Net image-passes
+(:attr:`DifFeed.unet_images`).
 """
 
 from __future__ import annotations
@@ -43,21 +44,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
-from . import heads
-from .config import ConfigError, TrialConfig
-from .features import (
+from ..errors import ConfigError
+from ..features import (
     ExtractionError,
     Extractor,
     autocast_for,
-    block_modules,
     block_shapes,
     check_timestep,
     model_timesteps,
     run_blocks,
 )
-from .heads_attention import AttentionHead, transformer_kwargs
+from ..geometry import geometry_of_model
+from .base import HeadKind
+from .difformer import AttentionHead
+from .transformer import TRANSFORMER_SETTINGS, check_transformer_settings, transformer_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ FEEDBACK_CODES = ("C", "B", "R", "S", "G")
 
 def mirror_block(model: nn.Module, block: int) -> int:
     """The encoder block mirroring decoder block ``block``: ``N + 1 - block``."""
-    return len(block_modules(model)) + 1 - block
+    return geometry_of_model(model).mirror(block)
 
 
 def make_feedback(arch: str, in_channels: int, out_channels: int) -> nn.Sequential:
@@ -97,10 +98,10 @@ def make_feedback(arch: str, in_channels: int, out_channels: int) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-def check_diffeed(cfg: TrialConfig, model: nn.Module, diffusion: Any) -> None:
+def check_diffeed(cfg, model: nn.Module, diffusion: Any) -> None:
     """Raise a user error naming the valid range for bad blocks, timestep or feedback."""
-    n = len(block_modules(model))
-    middle = len(model.input_blocks) + 1
+    geo = geometry_of_model(model)
+    n, middle = geo.num_blocks, geo.middle
     check_timestep(diffusion, cfg.t)
     if isinstance(cfg.block, bool) or not 1 <= cfg.block <= n:
         raise ExtractionError(f"block={cfg.block} is out of range; this model has blocks 1..{n}")
@@ -135,7 +136,7 @@ class DifFeed(nn.Module):
     :param diffusion: its diffusion (for ``q_sample`` and timestep scaling).
     """
 
-    def __init__(self, cfg: TrialConfig, model: nn.Module, diffusion: Any, num_classes: int):
+    def __init__(self, cfg, model: nn.Module, diffusion: Any, num_classes: int):
         super().__init__()
         check_diffeed(cfg, model, diffusion)
         model.eval().requires_grad_(False)
@@ -152,7 +153,6 @@ class DifFeed(nn.Module):
         })
         channels, side = shapes[cfg.block]
         self.pool = min(cfg.pre_pool, side)
-        # not named ``head``: the Ray trainable unwraps ``.head`` of online feature wrappers
         self.attention = AttentionHead((cfg.t, cfg.block), (channels, self.pool, self.pool),
                                        num_classes, **transformer_kwargs(cfg))
 
@@ -163,6 +163,11 @@ class DifFeed(nn.Module):
     @property
     def diffusion(self) -> Any:
         return self._frozen[1]
+
+    @property
+    def unet_images(self) -> int:
+        """Images passed through the U-Net so far (two passes per image per batch)."""
+        return self._frozen[2].forward_images
 
     def noised(self, x0: torch.Tensor, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, model timesteps)`` for images [N x 3 x H x W] with dataset ``indices``."""
@@ -182,7 +187,13 @@ class DifFeed(nn.Module):
 
         with torch.no_grad():
             run_blocks(self.unet, x_t, ts, upto=self.feedback_blocks[-1], on_block=keep)
+        self._count(len(x_t))
         return kept
+
+    def _count(self, n: int) -> None:
+        extractor = self._frozen[2]
+        extractor.forward_batches += 1
+        extractor.forward_images += n
 
     def feedback_maps(self, first: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Mirror block -> feedback [N x C_m x s_m x s_m] to add to its output."""
@@ -200,7 +211,9 @@ class DifFeed(nn.Module):
         """Blocks ``1..cfg.block`` with the feedback added; :return: [N x C x s x s] output
         of the head's block (with gradients to the feedback)."""
         inject = {m: functools.partial(_add_feedback, fb) for m, fb in feedback.items()}
-        return run_blocks(self.unet, x_t, ts, upto=self.block, inject=inject, on_block=on_block)
+        out = run_blocks(self.unet, x_t, ts, upto=self.block, inject=inject, on_block=on_block)
+        self._count(len(x_t))
+        return out
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """:param inputs: ``{"image": [N x 3 x H x W] in [-1, 1], "index": [N] dataset
@@ -218,81 +231,25 @@ class DifFeed(nn.Module):
             return self.attention({(self.t, self.block): pooled})
 
 
-def build_diffeed(cfg: TrialConfig, model: nn.Module, diffusion: Any, num_classes: int) -> DifFeed:
+def build_diffeed(cfg, model: nn.Module, diffusion: Any, num_classes: int) -> DifFeed:
     """Build a seeded (``cfg.seed``) :class:`DifFeed` around a loaded frozen U-Net."""
     torch.manual_seed(cfg.seed)
     return DifFeed(cfg, model, diffusion, num_classes)
 
 
-def _diffeed_requests(cfg: TrialConfig) -> list[tuple[int, int, int]]:
-    return []  # needs the live U-Net, no stored features
+def _validate(cfg) -> None:
+    check_transformer_settings(cfg)
+    make_feedback(cfg.feedback_arch, 1, 1)  # the letter code alone
 
 
-def _registry_builder(cfg: TrialConfig, shapes: dict, num_classes: int) -> DifFeed:
-    """``heads.build_head`` for DifFeed: loads the U-Net of ``cfg`` on the CPU (training goes
-    through :func:`run_diffeed_trial`, which loads it on the trial's device)."""
-    from .pipeline import cached_unet
-
-    model, diffusion = cached_unet(cfg.model, cfg.checkpoint, "cpu")
+def _build(cfg, shapes: dict, num_classes: int, unet=None) -> DifFeed:
+    if unet is None:
+        raise ValueError("a DifFeed head is built around its frozen U-Net: pass unet=")
+    model, diffusion = unet
     return DifFeed(cfg, model, diffusion, num_classes)
 
 
-heads.register("diffeed", _diffeed_requests, _registry_builder)
-
-
-class IndexedImages(Dataset):
-    """Items ``({"image": [3 x H x W], "index": dataset index}, label)`` for DifFeed."""
-
-    def __init__(self, ds: Dataset):
-        from .data import dataset_indices
-
-        self.ds, self.indices = ds, dataset_indices(ds)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Any], int]:
-        image, label = self.ds[i]
-        return {"image": image, "index": self.indices[i]}, int(label)
-
-
-def run_diffeed_trial(
-    cfg: TrialConfig,
-    *,
-    device: str = "cpu",
-    on_epoch: Callable[..., None] | None = None,
-    head_state: dict | None = None,
-    optimizer_state: dict | None = None,
-    start_epoch: int = 0,
-    on_data: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[DifFeed, list[dict[str, float]]]:
-    """Train and evaluate DifFeed for ``cfg`` (the U-Net runs live, twice per batch).
-
-    :param on_data: called once with ``{"shapes", "num_classes"}`` like
-        :func:`trainables.pipeline.run_trial` (shapes: the head's pooled block map).
-    :return: ``(module, per-epoch metrics)``; the module's state holds only the trainable
-        feedback modules and head.
-    """
-    from .pipeline import cached_dataset, cached_unet
-    from .train import train_head
-
-    model, diffusion = cached_unet(cfg.model, cfg.checkpoint, device)
-    splits = {}
-    for split in ("train", "val"):
-        ds, classes = cached_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
-                                     cfg.seed)
-        splits[split] = IndexedImages(ds)
-    module = build_diffeed(cfg, model, diffusion, len(classes))
-    if on_data is not None:
-        channels = block_shapes(model)[cfg.block][0]
-        on_data({"shapes": {(cfg.t, cfg.block): (channels, module.pool, module.pool)},
-                 "num_classes": len(classes)})
-    if head_state is not None:
-        module.load_state_dict(head_state)
-    logger.info("diffeed: %d trainable parameters, feedback %s -> mirrors %s, head on block %d",
-                sum(p.numel() for p in module.parameters() if p.requires_grad),
-                module.feedback_blocks, list(module.mirrors.values()), cfg.block)
-    history = train_head(module, splits["train"], splits["val"], cfg, device=device,
-                         on_epoch=on_epoch, start_epoch=start_epoch,
-                         optimizer_state=optimizer_state)
-    return module, history
+DIFFEED = HeadKind(name="diffeed", build=_build, requests=lambda cfg: [],
+                   settings=("block", "t", "feedback_blocks", "feedback_arch",
+                             *TRANSFORMER_SETTINGS),
+                   gpus=1.0, live_unet=True, validate=_validate)

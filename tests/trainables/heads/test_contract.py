@@ -1,5 +1,6 @@
-"""The contract every head keeps (linear, mlp, attention, difformer, diffeed) on the demo
-U-Net: output shape, training moves only the head, state_dict round trip, seeded builds."""
+"""The contract every head kind of the registry keeps, on the demo U-Net: output shape,
+training moves only the head, state_dict round trip, seeded builds, the checkpoint format,
+and what the kind declares (its requests are what its forward reads)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import copy
 
 import pytest
 import torch
-
-from trainables import heads
-from trainables.config import TrialConfig
-from trainables.diffeed import DifFeed, build_diffeed
-from trainables.features import Extractor
-from trainables.pipeline import clamp_requests
-from trainables.unet import DEMO_CHECKPOINT, build, load_unet
+from difftune.trainables import heads
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.features import Extractor
+from difftune.trainables.heads import DifFeed
+from difftune.trainables.pipeline import clamp_requests
+from difftune.trainables.unet import load_unet
 
 N, CLASSES = 6, 10
 TINY = dict(dim=32, heads=2, depth=1, mlp_ratio=2.0, pre_pool=4)
@@ -27,22 +27,9 @@ CONFIGS = {
 }
 
 
-def load_demo_unet():
-    """The shipped demo U-Net, or its architecture with random weights if not yet shipped."""
-    if DEMO_CHECKPOINT.is_file():
-        return load_unet("demo")
-    if DEMO_CHECKPOINT.with_suffix(".yaml").is_file():
-        return load_unet("demo", random_init=True)
-    from trainables.pretrain import DEMO_FLAGS
-
-    torch.manual_seed(0)
-    model, diffusion = build(DEMO_FLAGS)
-    return model.eval().requires_grad_(False), diffusion
-
-
 @pytest.fixture(scope="module")
 def unet():
-    return load_demo_unet()
+    return load_unet("demo")
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +48,9 @@ def make(name: str, unet, images, *, seed: int = 0):
     model, diffusion = unet
     x, _ = images
     cfg = TrialConfig.from_dict({**CONFIGS[name], "seed": seed})
-    if name == "diffeed":
-        return build_diffeed(cfg, model, diffusion, CLASSES), {"image": x,
-                                                              "index": torch.arange(N)}
+    if heads.head_kind(name).live_unet:
+        return (heads.build_head(cfg, {}, CLASSES, unet=unet),
+                {"image": x, "index": torch.arange(N)})
     if name not in _FEATS:  # features do not depend on the head's seed: extract once
         extractor = Extractor(model, diffusion)
         _FEATS[name] = {(t, b): extractor.extract(x, t, [b], pool=p)[b]
@@ -71,6 +58,10 @@ def make(name: str, unet, images, *, seed: int = 0):
     feats = _FEATS[name]
     shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     return heads.build_head(cfg, shapes, CLASSES), feats
+
+
+def test_every_registered_kind_has_a_contract_config():
+    assert set(CONFIGS) == set(heads.KINDS)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -131,3 +122,26 @@ class TestHeadContract:
                 outs.append(head(inputs))
         assert torch.equal(outs[0], outs[1])
         assert not torch.allclose(outs[0], outs[2])
+
+    def test_checkpoint_round_trip(self, name, unet, images, tmp_path):
+        from difftune.trainables.checkpoint import load_head, save_head
+
+        head, inputs = make(name, unet, images, seed=2)
+        cfg = TrialConfig.from_dict({**CONFIGS[name], "seed": 2})
+        shapes = {} if isinstance(head, DifFeed) else {k: tuple(v.shape[1:])
+                                                       for k, v in inputs.items()}
+        save_head(tmp_path, head, cfg, epoch=1, shapes=shapes, num_classes=CLASSES)
+        loaded, loaded_cfg, _ = load_head(tmp_path)
+        assert loaded_cfg == cfg and type(loaded) is type(head)
+        head.eval()
+        with torch.no_grad():
+            assert torch.equal(head(inputs), loaded(inputs))
+
+    def test_declared_settings_and_blocks(self, name, unet, images):
+        kind = heads.head_kind(name)
+        cfg = TrialConfig.from_dict(CONFIGS[name])
+        assert set(kind.settings) <= set(TrialConfig.__dataclass_fields__)
+        if not kind.live_unet:  # a feature head reads exactly the maps it requests
+            head, inputs = make(name, unet, images)
+            assert {(t, b) for t, b, _ in kind.requests(cfg)} == set(inputs)
+            assert kind.blocks(cfg) == sorted({b for _, b in inputs})

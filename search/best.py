@@ -1,0 +1,63 @@
+"""The one rule for "the best trial", used by the search summary, the champion, ``export``
+and ``train``:
+
+- eligible trials finished without error and reported a finite score;
+- a trial's score is its metric at its last reported epoch (a trial ASHA stopped early is
+  scored where it stopped);
+- the best score wins (``mode`` max or min); ties go to the trial that ran fewer epochs,
+  then to the earlier trial.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from difftune.trainables.errors import UserError
+
+MODES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trial as the rule sees it.
+
+    :param key: what the caller finds the trial by (a trial id, a run id).
+    :param order: the trial's position in the search (earlier = smaller).
+    :param score: its metric at its last reported epoch (None: never reported).
+    :param epochs: epochs it ran.
+    :param ok: it finished without error.
+    :param data: anything the caller wants back (its config, its run).
+    """
+
+    key: str
+    order: float
+    score: float | None
+    epochs: int
+    ok: bool = True
+    data: Any = field(default=None, compare=False)
+
+    @property
+    def eligible(self) -> bool:
+        return self.ok and self.score is not None and math.isfinite(self.score)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"mode={mode!r} is invalid; allowed: {list(MODES)}")
+    return mode
+
+
+def rank_trials(candidates: Iterable[Candidate], *, mode: str) -> list[Candidate]:
+    """Eligible candidates, best first (see the module docstring)."""
+    sign = -1.0 if check_mode(mode) == "max" else 1.0
+    return sorted((c for c in candidates if c.eligible),
+                  key=lambda c: (sign * c.score, c.epochs, c.order))
+
+
+def best_trial(candidates: Sequence[Candidate], *, mode: str) -> Candidate | None:
+    """The best candidate, or None when none is eligible."""
+    ranked = rank_trials(candidates, mode=mode)
+    return ranked[0] if ranked else None

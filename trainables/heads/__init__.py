@@ -1,0 +1,48 @@
+"""Heads trained on frozen U-Net features, and the one registry of head kinds.
+
+Every kind declares what it reads, how much GPU a trial of it needs, whether it runs the live
+U-Net, and which settings it reads (:class:`~.base.HeadKind`). A new head is one new module
+with its ``HeadKind`` and one line in :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import HeadKind, Key, Request, Shape, UNet
+from .diffeed import DIFFEED, DifFeed, build_diffeed
+from .difformer import ATTENTION, DIFFORMER, AttentionHead, DifFormer
+from .linear import LINEAR, LinearHead
+from .mlp import MLP, MLPHead
+
+#: every head kind by its ``head`` setting, in the order help texts list them
+KINDS: dict[str, HeadKind] = {k.name: k for k in (LINEAR, MLP, ATTENTION, DIFFORMER, DIFFEED)}
+HEAD_TYPES: tuple[str, ...] = tuple(KINDS)
+
+__all__ = ["HEAD_TYPES", "KINDS", "AttentionHead", "DifFeed", "DifFormer", "HeadKind", "Key",
+           "LinearHead", "MLPHead", "Request", "Shape", "UNet", "build_diffeed", "build_head",
+           "feature_requests", "head_kind"]
+
+
+def head_kind(name: str) -> HeadKind:
+    """The kind of head ``name``; :class:`ConfigError` naming the allowed ones otherwise."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ConfigError(f"head={name!r} is unknown; allowed: {list(HEAD_TYPES)}") from None
+
+
+def feature_requests(cfg) -> list[Request]:
+    """The ``(t, block, pool)`` maps the head of ``cfg`` reads (empty for a live head)."""
+    return head_kind(cfg.head).requests(cfg)
+
+
+def build_head(cfg, shapes: dict[Key, Shape], num_classes: int, *,
+               unet: UNet | None = None) -> nn.Module:
+    """The head of ``cfg``, seeded by ``cfg.seed``, for features of ``shapes`` ((t, block) ->
+    (C, h, w)); a live head (DifFeed) is built around ``unet`` = ``(model, diffusion)``."""
+    kind = head_kind(cfg.head)
+    torch.manual_seed(cfg.seed)
+    return kind.build(cfg, shapes, num_classes, unet)
