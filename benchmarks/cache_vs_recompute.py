@@ -44,8 +44,9 @@ params:
 
 def run(space_path: str, work: Path, *, no_cache: bool) -> tuple[int, float, int]:
     """Run one search; returns (U-Net image-passes, wall seconds, distinct timesteps)."""
-    from difftune.search.cli import main
     from mlflow.tracking import MlflowClient
+
+    from difftune.search.cli import main
 
     name = "nocache" if no_cache else "cache"
     uri = f"sqlite:///{work}/{name}.db"
@@ -73,6 +74,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+
     from difftune.trainables.data import load_dataset
 
     n_images = sum(len(load_dataset("digits", split=s, image_size=16)[0]) for s in ("train", "val"))

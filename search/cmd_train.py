@@ -51,6 +51,7 @@ def load_export(path: str, rank: int):
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from difftune.trainables.checkpoint import save_head
     from difftune.trainables.pipeline import run_trial
     from difftune.trainables.trainable import RuntimeOptions, make_source

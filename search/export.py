@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.tracking import MlflowClient
+
 from difftune.search.best import Candidate, rank_trials
 from difftune.search.tracking import TAG_CONFIG, TAG_RUNTIME, latest_search_run
 from difftune.search.uris import TrackingError, check_reachable, redact
 from difftune.trainables.config import TrialConfig
-from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 

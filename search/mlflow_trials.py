@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
-from difftune.search.uris import redact
-from difftune.trainables.params import decode
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
+
+from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
+from difftune.search.uris import redact
+from difftune.trainables.params import decode
 
 logger = logging.getLogger(__name__)
 

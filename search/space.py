@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from difftune.search import space_optuna
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import UserError

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from difftune.search.uris import TrackingError, artifact_root, redact
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
+
+from difftune.search.uris import TrackingError, artifact_root, redact
 
 logger = logging.getLogger(__name__)
 

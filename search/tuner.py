@@ -14,6 +14,11 @@ from typing import Any
 
 import optuna
 import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
 from difftune.search.best import Candidate, rank_trials
 from difftune.search.champion import log_champion
 from difftune.search.cluster import cluster_gpus, trial_resources
@@ -29,10 +34,6 @@ from difftune.search.tracking import (
 from difftune.search.uris import TrackingError
 from difftune.trainables.params import decode, trial_config
 from difftune.trainables.trainable import RuntimeOptions, train_trial
-from mlflow.tracking import MlflowClient
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
 

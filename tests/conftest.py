@@ -47,6 +47,7 @@ def demo_unet():
 def demo_unet_untrained():
     """The demo architecture with random weights (``load_unet("demo", random_init=True)``)."""
     import torch
+
     from difftune.trainables.unet import load_unet
 
     torch.manual_seed(0)
@@ -58,6 +59,7 @@ def paper256():
     """The paper's 256x256 unconditional ImageNet U-Net with random weights. Building it on
     CPU costs several seconds and ~2.2 GB, so it is built once per session."""
     import torch
+
     from difftune.trainables.unet import load_unet
 
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Geometry": "geometry", "geometry_of_flags": "geometry", "geometry_of_model": "geometry",
     "load_unet": "unet", "model_fingerprint": "unet",
     "Extractor": "features", "block_shapes": "features",
+    "BlockCost": "cost", "model_costs": "cost", "unet_costs": "cost",
     "load_dataset": "data",
     "HEAD_TYPES": "heads", "KINDS": "heads", "HeadKind": "heads", "build_head": "heads",
     "head_kind": "heads",

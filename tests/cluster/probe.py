@@ -25,6 +25,7 @@ def cache_get(root: str) -> dict:
     import tempfile
 
     import torch
+
     from difftune.trainables.cache import FeatureCache
     from difftune.trainables.config import TrialConfig
 

@@ -244,6 +244,7 @@ def test_champion_is_registered(search: dict):
 
 def test_search_cache_lives_in_the_object_store(search: dict, stand_ins):
     import pyarrow.fs as pafs
+
     from difftune.trainables.cache_admin import list_entries
 
     fs = pafs.S3FileSystem(endpoint_override=stand_ins.s3_endpoint, scheme="http",

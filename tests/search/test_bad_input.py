@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from difftune.search.cli import main
 
 GOOD_SPACE = """

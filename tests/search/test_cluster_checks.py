@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from difftune.search import cluster
 from difftune.search.cluster import (
     ClusterError,

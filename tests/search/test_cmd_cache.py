@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from difftune.search.cli import main
 
 EXTRACT = ["extract", "--model", "demo", "--data", "digits", "--timesteps", "90,150",

@@ -10,9 +10,10 @@ import time
 import urllib.request
 
 import pytest
-from difftune.search.cli import main
 from helpers import free_port
 from mlflow.tracking import MlflowClient
+
+from difftune.search.cli import main
 
 
 def trial_runs(client: MlflowClient, experiment: str):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from difftune.search.cli import main
 from mlflow.tracking import MlflowClient
+
+from difftune.search.cli import main
 
 
 @pytest.mark.parametrize("head", ["attention", "difformer", "diffeed"])

@@ -9,8 +9,9 @@ import json
 import mlflow
 import pytest
 import torch
-from difftune.search.cli import main
 from mlflow.tracking import MlflowClient
+
+from difftune.search.cli import main
 
 TRIALS = 3
 EPOCHS = 2

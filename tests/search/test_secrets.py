@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+from mlflow.tracking import MlflowClient
+
 from difftune.search.space import load_space
 from difftune.search.tracking import TAG_RUNTIME, start_parent_run
 from difftune.search.uris import redact
-from mlflow.tracking import MlflowClient
 
 
 def test_redact_masks_userinfo_and_secret_query_values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+
 from difftune.search.space import SpaceError, load_space, parse_set, preset_names
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.params import decode as decode_config

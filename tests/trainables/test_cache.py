@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
+
 from difftune.trainables import cache_store
 from difftune.trainables.cache import FeatureCache
 from difftune.trainables.cache_admin import list_entries, remove, total_bytes
@@ -29,7 +31,6 @@ from difftune.trainables.heads import build_head
 from difftune.trainables.online import OnlineFeatures
 from difftune.trainables.pipeline import run_trial
 from difftune.trainables.unet import DEMO_CHECKPOINT, shared_unet
-from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FRACTION = 0.03  # 40 digits training images: one forward batch per extraction

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from difftune.trainables.config import ConfigError, TrialConfig
 from difftune.trainables.errors import UserError
 

@@ -7,6 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from difftune.trainables.data import (
     DataError,
     data_fingerprint,
@@ -15,7 +17,6 @@ from difftune.trainables.data import (
     targets_of,
 )
 from difftune.trainables.errors import UserError
-from PIL import Image
 
 # --------------------------------------------------------------------------------------
 # digits

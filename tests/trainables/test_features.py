@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from difftune.trainables import features
 from difftune.trainables.errors import UserError
 from difftune.trainables.features import (

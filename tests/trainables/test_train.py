@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.heads import LinearHead, MLPHead, build_head
 from difftune.trainables.pipeline import run_trial
 from difftune.trainables.train import FeatureTensors, TrainingDiverged, evaluate, train_head
-from torch import nn
 
 KEY = (90, 10)
 

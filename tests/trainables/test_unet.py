@@ -11,10 +11,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-import difftune.trainables as trainables
 import pytest
 import torch
 import yaml
+
+import difftune.trainables as trainables
 from difftune.trainables.errors import UserError
 from difftune.trainables.features import Extractor, block_modules
 from difftune.trainables.geometry import geometry_of_model

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+
 from difftune.trainables import heads
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.features import Extractor

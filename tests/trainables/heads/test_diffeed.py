@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from difftune.trainables import heads
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import UserError
@@ -16,7 +18,6 @@ from difftune.trainables.heads.diffeed import (
     mirror_block,
 )
 from difftune.trainables.unet import load_unet, shared_unet
-from torch import nn
 
 N = 4
 BASE = dict(head="diffeed", t=50, block=13, feedback_blocks=[11, 14, 17], dim=32, heads=2,
