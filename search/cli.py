@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from difftune.search.argtypes import Parser
 from difftune.trainables.errors import UserError
 
 logger = logging.getLogger("difftune")
@@ -32,7 +33,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="difftune",
         description=(
             "Search which frozen guided-diffusion U-Net features (block, timestep, pooling) "
@@ -48,11 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``difftune ARGV``; returns the exit code (0, 2 for a user error, 130 interrupted)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed as one line (2)
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

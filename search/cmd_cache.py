@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from difftune.search.argtypes import Parser, integer
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ def human(n: float) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--cache", help="cache folder or URI (default: $DIFFTUNE_CACHE or "
                         "./difftune_cache)")
     p = sub.add_parser("cache", help="list, size or remove feature cache entries",
@@ -32,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "empties the cache folder (everything under it).")
     rm.add_argument("--all", action="store_true", help="remove everything")
     rm.add_argument("--model", help="a model name or a model fingerprint prefix")
-    rm.add_argument("--t", type=int, help="a timestep")
-    rm.add_argument("--block", type=int, help="a block number")
+    rm.add_argument("--t", type=integer(0), help="a timestep")
+    rm.add_argument("--block", type=integer(1), help="a block number")
     p.set_defaults(run=run)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from difftune.search.argtypes import integer
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,11 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write the best trial config(s) of an experiment to YAML",
         description="Read the finished trials of the latest search of EXPERIMENT from MLflow "
         "and write the top K configs, with everything needed to rerun them, to FILE.yaml.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--tracking-uri", help="default: sqlite:///mlflow.db in the working directory")
-    p.add_argument("--top", type=int, default=1, help="how many configs")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the "
+                   "working directory)")
+    p.add_argument("--top", type=integer(1), default=1, help="how many configs")
     p.add_argument("--search-run", help="parent run id of the search (default: the latest)")
     p.add_argument("--out", required=True, help="output YAML file")
     p.set_defaults(run=run)

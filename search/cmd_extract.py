@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from difftune.search.argtypes import integer
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,15 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="digits or an ImageFolder root")
     p.add_argument("--timesteps", required=True, help="comma-separated diffusion steps, e.g. 90,150")
     p.add_argument("--blocks", required=True, help="comma-separated block numbers, e.g. 19,24")
-    p.add_argument("--pool", required=True, type=int, help="pool size stored (p x p)")
+    p.add_argument("--pool", required=True, type=integer(1), help="pool size stored (p x p)")
     p.add_argument("--cache", help="cache folder or URI (default: $DIFFTUNE_CACHE or "
                    "./difftune_cache)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per U-Net forward pass")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--splits", default="train,val", help="comma-separated splits (train,val)")
+    p.add_argument("--batch-size", type=integer(1), default=256, help="images per U-Net forward pass")
+    p.add_argument("--seed", type=integer(0), default=0, help="noise seed")
+    p.add_argument("--splits", default="train,val", help="comma-separated splits")
     p.add_argument("--label-fraction", help="keep this fraction of the training labels "
                    "(subset seed 0), or a file listing the images to keep")
-    p.add_argument("--device", default="cpu", help="torch device for the U-Net (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device for the U-Net")
     p.set_defaults(run=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from difftune.search.argtypes import integer, number
+
 logger = logging.getLogger(__name__)
 
 
@@ -15,13 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a small unconditional guided-diffusion U-Net with guided-diffusion's "
         "own training_losses and save its EMA weights (PATH) and flags (PATH with .yaml).",
     )
-    p.add_argument("--data", default="digits", help="digits or an ImageFolder root (default: digits)")
+    p.add_argument("--data", default="digits", help="digits or an ImageFolder root")
     p.add_argument("--out", required=True, help="where to write the checkpoint (.pt)")
-    p.add_argument("--minutes", type=float, help="train for this many minutes")
-    p.add_argument("--steps", type=int, help="train for this many steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=number(0), help="train for this many minutes")
+    p.add_argument("--steps", type=integer(1), help="train for this many steps")
+    p.add_argument("--batch-size", type=integer(1), default=64, help="images per step")
+    p.add_argument("--lr", type=number(0), default=1e-3, help="learning rate")
+    p.add_argument("--seed", type=integer(0), default=0, help="random seed")
     p.set_defaults(run=run)
 
 

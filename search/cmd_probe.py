@@ -6,14 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from difftune.search.argtypes import fraction, int_list, integer, number
+
 logger = logging.getLogger(__name__)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,18 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="linear-probe accuracy over a block x timestep grid",
         description="Extract features once per timestep for all grid blocks, train one linear "
         "head per (block, t) and print val top-1 as a table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="demo", help="demo, paper256 or a checkpoint path")
     p.add_argument("--checkpoint", help="weights for a preset model")
     p.add_argument("--random-init", action="store_true", help="the same architecture untrained")
     p.add_argument("--data", default="digits", help="digits or an ImageFolder root")
-    p.add_argument("--blocks", type=_ints, default=[4, 7, 10, 13, 16], help="comma-separated")
-    p.add_argument("--timesteps", type=_ints, default=[10, 90, 300], help="comma-separated")
-    p.add_argument("--pool", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--label-fraction", type=float, help="use a fraction of the train labels")
+    p.add_argument("--blocks", type=int_list, default="4,7,10,13,16",
+                   help="comma-separated block numbers")
+    p.add_argument("--timesteps", type=int_list, default="10,90,300",
+                   help="comma-separated diffusion steps")
+    p.add_argument("--pool", type=integer(1), default=2, help="pool size (p x p)")
+    p.add_argument("--epochs", type=integer(1), default=10, help="epochs per probe")
+    p.add_argument("--lr", type=number(0), default=0.05, help="learning rate")
+    p.add_argument("--label-fraction", type=fraction, help="use a fraction of the train labels")
     p.set_defaults(run=run)
 
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from difftune.search.argtypes import check_env_number, integer, number
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,24 +18,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Search blocks, timesteps, pooling and heads with Ray Tune + Optuna, "
         "recording every trial in MLflow. With no arguments: the demo search (the shipped "
         "demo U-Net on scikit-learn's digits, 20 trials, a few minutes on 2 CPU cores).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--space", default="demo",
                    help="a preset (demo, linear, attention, difformer, diffeed) or a YAML file")
     p.add_argument("--model", help="override the space's model: demo, paper256 or a checkpoint path")
     p.add_argument("--checkpoint", help="weights for a preset model (paper256 needs one)")
     p.add_argument("--data", help="override the space's data: digits or an ImageFolder root")
-    p.add_argument("--trials", type=int, help="number of trials (default: the space's)")
-    p.add_argument("--seed", type=int, help="Optuna sampler seed (default: the space's)")
+    p.add_argument("--trials", type=integer(1), help="number of trials (default: the space's)")
+    p.add_argument("--seed", type=integer(0), help="Optuna sampler seed (default: the space's)")
     p.add_argument("--experiment", default="difftune-demo", help="MLflow experiment name")
-    p.add_argument("--model-name", help="registered model name for the champion head "
+    p.add_argument("--model-name", help="registered model name for the champion "
                    "(default: the experiment name, prefixed with difftune- unless it has it)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db "
                    "in the working directory)")
     p.add_argument("--address", help="Ray cluster address to join (default: a local Ray)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial")
-    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--gpus-per-trial", type=number(0, open_low=False),
+                   help="GPUs per trial, fractions up to 1 allowed (default: the space's, else "
+                   "each head's own share when the cluster has GPUs)")
+    p.add_argument("--cpus-per-trial", type=number(0), help="CPUs per trial (default: the space's)")
+    p.add_argument("--max-concurrent", type=integer(1),
+                   help="trials running at once (default: the space's)")
     p.add_argument("--storage", help="Ray Tune storage path (a shared folder or s3:// on a "
                    "cluster; default: ./difftune_runs)")
     p.add_argument("--cache", help="feature cache folder or URI (default: ./difftune_cache, "
@@ -45,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="EXPERIMENT",
                    help="continue the latest search of EXPERIMENT after its driver died "
                    "(finished trials are kept, unfinished ones continue)")
-    p.add_argument("--top", type=int, default=10, help="rows of the closing table")
+    p.add_argument("--top", type=integer(1), default=10, help="rows of the closing table")
     p.set_defaults(run=run)
 
 
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from difftune.search.cluster import check_addressable, check_inputs_on_nodes
     from difftune.search.space import load_space, parse_set
     from difftune.search.tuner import ensure_ray, resume_search, run_search
-    from difftune.search.uris import check_reachable, redact, resolve_uri
+    from difftune.search.uris import check_reachable, check_storage, redact, resolve_uri
     from difftune.trainables.cache import default_root
     from difftune.trainables.data import check_data
     from difftune.trainables.trainable import RuntimeOptions
@@ -78,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     check_data(space.data)
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
+    check_storage(args.storage)
+    check_env_number("DIFFTUNE_MLFLOW_WAIT_S")  # read at the end of the search
     cache = None if args.no_cache else (args.cache or default_root())
     if cache and "://" not in cache:
         cache = os.path.abspath(cache)  # trials run in other working directories

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from difftune.search.argtypes import integer
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,10 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="retrain and evaluate a config exported by `difftune export`",
         description="Retrain the head of an exported config on its features and report val "
         "top-1/top-5 per epoch; with the same seed it reproduces the trial.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("file", help="YAML written by difftune export")
-    p.add_argument("--rank", type=int, default=1, help="which config of the file")
+    p.add_argument("--rank", type=integer(1), default=1, help="which config of the file")
     p.add_argument("--cache", help="feature cache to use (default: the search's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--save", help="folder to save the trained head checkpoint in")

@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 
+from difftune.search.argtypes import integer
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,11 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="open the MLflow UI on the search's tracking store",
         description="Start `mlflow ui` on the tracking store (default sqlite:///mlflow.db in "
         "the working directory), bound to 127.0.0.1 unless --host says otherwise.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--tracking-uri", help="default: sqlite:///mlflow.db in the working directory")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the "
+                   "working directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=integer(1, 65535), default=5000, help="port to bind")
     p.set_defaults(run=run)
 
 

@@ -11,13 +11,15 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
                {choice: [a, b, ...]}                    categorical (lists allowed as values)
                {int: [lo, hi], step: s, log: bool}      integer range (inclusive)
                {float: [lo, hi], step: s, log: bool}    float range
-               {subset: [a, b, ...], min: 1}            a non-empty subset (e.g. DifFormer blocks)
+               {subset: [a, b, ...], min: 1}            a subset of at least min members (e.g.
+                                                        DifFormer blocks)
              ``head: {choice: {linear: {}, mlp: {hidden: ...}}}`` gives each head type its own
              conditional sub-space (suggested only when that head is chosen).
     paper_config: the paper's best trial, enqueued first when it lies inside the space
 
 The Optuna side (define-by-run, the paper's config as a point) is :mod:`.space_optuna`;
-parameter names are spelled by :mod:`difftune.trainables.params`.
+parameter names are spelled by :mod:`difftune.trainables.params`; the checks of a space's
+values (numbers, ranges, search settings) are :mod:`.space_checks`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from typing import Any
 import yaml
 
 from difftune.search import space_optuna
-from difftune.trainables.config import TrialConfig
+from difftune.search.space_checks import (
+    SpaceError,
+    check_label_fraction,
+    check_range,
+    check_search,
+    check_subset,
+    safe_load,
+)
+from difftune.trainables.config import TrialConfig, check_setting
 from difftune.trainables.errors import UserError
 from difftune.trainables.heads import HEAD_TYPES
 from difftune.trainables.unet import model_geometry
@@ -48,12 +58,7 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
 TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
 TIME_KEYS = ("t", "timesteps")
-POSITIVE_KEYS = ("pool", "pre_pool", "epochs", "batch_size", "dim", "heads", "depth")
 KINDS = ("choice", "int", "float", "subset")
-
-
-class SpaceError(UserError):
-    """A space file or a --set override is invalid."""
 
 
 @dataclass
@@ -144,7 +149,7 @@ def read_space_file(name_or_path: str) -> tuple[str, dict[str, Any]]:
                              f"({', '.join(preset_names())}) nor an existing YAML file")
         text, name = path.read_text(), path.stem
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -163,7 +168,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise SpaceError(f"--set {item!r} must look like NAME=VALUE (e.g. --set head=mlp)")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            out[k.strip()] = safe_load(v)
         except yaml.YAMLError:
             raise SpaceError(f"--set {item!r}: the value is not valid YAML") from None
     return out
@@ -191,7 +196,9 @@ def load_space(
         raise SpaceError(f"space {name}: unknown search setting(s) {bad}; "
                          f"allowed: {sorted(SEARCH_DEFAULTS)}")
     search.update(given_search)
-    search.update({k: v for k, v in (search_overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (search_overrides or {}).items() if v is not None}
+    search.update(flags)
+    check_search(name, search, flags)
     space = Space(
         name=name,
         model=model or raw.get("model") or "demo",
@@ -209,6 +216,8 @@ def load_space(
         if k not in TRIAL_KEYS:
             raise SpaceError(f"space {name}: fixed.{k} is not a trial setting; "
                              f"allowed: {sorted(TRIAL_KEYS)}")
+    if space.label_fraction is not None:
+        check_label_fraction(name, space.label_fraction)
     _check_params(space.params, f"space {name}: params")
     if overrides:
         _apply_pins(space, overrides)
@@ -249,15 +258,13 @@ def _check_params(params: dict, where: str, *, in_head: bool = False) -> None:
                     raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
                                      f"allowed: {list(HEAD_TYPES)}")
         elif "subset" in spec:
-            if not spec["subset"]:
-                raise SpaceError(f"{where}.{k}.subset is empty; give at least one value")
+            check_subset(spec, f"{where}.{k}")
         else:
-            kind = "int" if "int" in spec else "float"
-            rng = spec[kind]
-            if not (isinstance(rng, list) and len(rng) == 2 and rng[0] <= rng[1]):
-                raise SpaceError(f"{where}.{k}.{kind} must be [low, high] with low <= high")
-            if spec.get("log") and rng[0] <= 0:
-                raise SpaceError(f"{where}.{k}: a log range needs low > 0")
+            check_range(spec, f"{where}.{k}")
+        if "min" in spec and "subset" not in spec:
+            raise SpaceError(f"{where}.{k}: min is an option of subset only")
+        if ("step" in spec or "log" in spec) and not ("int" in spec or "float" in spec):
+            raise SpaceError(f"{where}.{k}: step and log are options of int and float ranges")
 
 
 def _values(spec: dict) -> list[Any]:
@@ -302,14 +309,16 @@ def _validate_against_model(space: Space) -> None:
             for t in flat:
                 if not isinstance(t, int) or not 0 <= t < steps:
                     raise SpaceError(f"{where}: timestep {t!r} is out of range; allowed 0..{steps - 1}")
-        elif key in POSITIVE_KEYS:
-            for p in flat:
-                if not isinstance(p, int) or p <= 0:
-                    raise SpaceError(f"{where}: {key}={p!r} is invalid; allowed: an integer >= 1")
         elif key == "head":
             bad = [h for h in flat if h not in HEAD_TYPES]
             if bad:
                 raise SpaceError(f"{where}: unknown head type(s) {bad}; allowed: {list(HEAD_TYPES)}")
+        if key != "head":
+            for v in values:  # every value (range end) as a trial reads it, in its range
+                try:
+                    check_setting(key, v)
+                except UserError as exc:
+                    raise SpaceError(f"space {space.name}: {where}: {exc}") from None
     # the fixed settings with each head's defaults must make a valid trial config
     try:
         TrialConfig.from_dict({k: v for k, v in space.fixed.items()})

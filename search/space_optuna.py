@@ -56,15 +56,21 @@ def _suggest(trial, name: str, spec: dict, const: dict, head: str | None = None)
         lo, hi = spec["float"]
         trial.suggest_float(key, lo, hi, step=spec.get("step"), log=spec.get("log", False))
     elif "subset" in spec:
-        members = spec["subset"]
+        members, least = spec["subset"], spec.get("min", 1)
         chosen = 0
         for i, m in enumerate(members):
             mkey = subset_param(key, m)
-            # the last member is forced in when fewer than `min` were chosen before it
-            if i == len(members) - 1 and chosen < spec.get("min", 1):
+            if _forced(least - chosen, len(members) - i):
                 const[mkey] = True
+                chosen += 1
             elif trial.suggest_categorical(mkey, [True, False]):
                 chosen += 1
+
+
+def _forced(missing: int, left: int) -> bool:
+    """A subset member is forced in (not suggested) when the members left, this one
+    included, are just enough for the ``min`` still missing."""
+    return missing >= left
 
 
 def _encode(name: str, spec: dict, config: dict, out: dict, head: str | None = None) -> bool:
@@ -93,14 +99,15 @@ def _encode(name: str, spec: dict, config: dict, out: dict, head: str | None = N
             return False
         out[key] = v
     elif "subset" in spec:
-        members = spec["subset"]
-        if not v or not set(v) <= set(members):
+        members, least = spec["subset"], spec.get("min", 1)
+        if len(v) < least or not set(v) <= set(members):
             return False
-        for m in members[:-1]:
-            out[subset_param(key, m)] = m in v
-        others = len([m for m in members[:-1] if m in v])
-        if others >= spec.get("min", 1):  # the last member is suggested too
-            out[subset_param(key, members[-1])] = members[-1] in v
-        elif members[-1] not in v:  # it would have been forced in
-            return False
+        chosen = 0
+        for i, m in enumerate(members):  # the define-by-run's walk, replayed
+            if _forced(least - chosen, len(members) - i):
+                if m not in v:
+                    return False
+            else:
+                out[subset_param(key, m)] = m in v
+            chosen += m in v
     return True

@@ -31,7 +31,7 @@ from difftune.search.tracking import (
     start_parent_run,
     trial_run_ids,
 )
-from difftune.search.uris import TrackingError
+from difftune.search.uris import TrackingError, storage_join
 from difftune.trainables.params import decode, trial_config
 from difftune.trainables.trainable import RuntimeOptions, train_trial
 
@@ -164,7 +164,7 @@ def run_search(
     if "://" not in storage_path:  # s3://, gs://: Ray Tune takes the URI as it is
         storage_path = str(Path(storage_path).resolve())
     name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tune_path = f"{storage_path}/{name}"
+    tune_path = storage_join(storage_path, name)
     model_name = model_name or default_model_name(experiment)
     client = MlflowClient(tracking_uri)
     parent = start_parent_run(client, experiment, space_dict=space.resolved(),

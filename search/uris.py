@@ -73,3 +73,32 @@ def artifact_root(uri: str, experiment: str) -> str | None:
         folder = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment
         return folder.as_uri()
     return None
+
+
+def storage_join(storage: str, name: str) -> str:
+    """``storage/name`` for Ray Tune's storage (a folder or a URI): a URI's query
+    (``s3://bucket/runs?endpoint_override=...``) stays at the end, where pyarrow reads it."""
+    if "://" not in storage:
+        return f"{storage.rstrip('/')}/{name}"
+    base, sep, query = storage.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def check_storage(storage: str | None) -> None:
+    """Fail with one line, before anything is written, when Ray Tune's storage URI cannot be
+    opened: pyarrow refuses its query (an unknown option) or its bucket does not exist."""
+    if not storage or "://" not in storage or storage.startswith("file://"):
+        return
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(storage)
+        bucket = path.split("/", 1)[0]
+        missing = bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except (ValueError, OSError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        text = str(exc).strip()
+        raise UserError(f"--storage {redact(storage)} cannot be opened: "
+                        f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+    if missing:
+        raise UserError(f"--storage {redact(storage)}: bucket {bucket!r} does not exist; "
+                        "create it, or pass a storage URI in an existing bucket")

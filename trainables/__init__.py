@@ -20,6 +20,7 @@ _EXPORTS = {
     "Extractor": "features", "block_shapes": "features",
     "BlockCost": "cost", "model_costs": "cost", "unet_costs": "cost",
     "load_dataset": "data",
+    "check_setting": "config", "LIMITS": "config",
     "HEAD_TYPES": "heads", "KINDS": "heads", "HeadKind": "heads", "build_head": "heads",
     "head_kind": "heads",
     "train_head": "train", "evaluate": "train",

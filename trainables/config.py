@@ -7,6 +7,7 @@ default), and so is a value of the wrong kind.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,7 +17,50 @@ from .heads import HEAD_TYPES, head_kind
 
 OPTIMIZERS = ("sgd", "adamw")
 
-__all__ = ["HEAD_TYPES", "OPTIMIZERS", "ConfigError", "TrialConfig"]
+__all__ = ["HEAD_TYPES", "LIMITS", "OPTIMIZERS", "ConfigError", "Limit", "TrialConfig",
+           "check_setting"]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of a numeric setting: ``low`` (and ``high``) inclusive unless open;
+    integers only unless ``integer`` is False; never NaN or infinite."""
+
+    low: float
+    high: float | None = None
+    integer: bool = True
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if value < self.low or (self.low_open and value == self.low):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+
+#: the allowed range of every numeric trial setting (list settings: of each element)
+LIMITS: dict[str, Limit] = {
+    "block": Limit(1), "t": Limit(0), "pool": Limit(1), "noise_seed": Limit(0),
+    "hidden": Limit(1), "dropout": Limit(0, 1, integer=False, high_open=True),
+    "dim": Limit(1), "heads": Limit(1), "depth": Limit(1),
+    "mlp_ratio": Limit(0, integer=False, low_open=True), "pre_pool": Limit(1),
+    "blocks": Limit(1), "timesteps": Limit(0), "feedback_blocks": Limit(1),
+    "lr": Limit(0, integer=False, low_open=True), "momentum": Limit(0, 1, integer=False),
+    "weight_decay": Limit(0, integer=False), "epochs": Limit(1), "batch_size": Limit(1),
+    "step_size": Limit(1), "gamma": Limit(0, integer=False, low_open=True), "seed": Limit(0),
+    "label_fraction": Limit(0, 1, integer=False, low_open=True),
+}
 
 
 @dataclass
@@ -81,12 +125,31 @@ class TrialConfig:
         kind = head_kind(self.head)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; allowed: {list(OPTIMIZERS)}")
-        for name in ("pool", "epochs", "batch_size", "step_size", "pre_pool", "dim", "heads"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
+        for name in LIMITS:
+            _check_limit(name, getattr(self, name))
         kind.validate(self)
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """One trial setting as a trial reads it (see :func:`_coerce`), checked against its
+    :data:`LIMITS`; :class:`ConfigError` naming the setting and what is allowed otherwise."""
+    known = {f.name: f for f in fields(TrialConfig)}
+    if name not in known:
+        raise ConfigError(f"unknown trial setting {name!r}; allowed: {sorted(known)}")
+    value = _coerce(name, value, known[name])
+    _check_limit(name, value)
+    return value
+
+
+def _check_limit(name: str, value: Any) -> None:
+    limit = LIMITS.get(name)
+    if limit is None or value is None or isinstance(value, str):  # a label_fraction file
+        return
+    for v in value if isinstance(value, list) else [value]:
+        if not limit.allows(v):
+            shown = value if isinstance(value, list) else v
+            raise ConfigError(f"{name}={shown!r} is invalid; allowed: {limit}"
+                              + (" each" if isinstance(value, list) else ""))
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:

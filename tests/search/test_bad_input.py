@@ -3,6 +3,8 @@ allowed, exit code 2, and nothing written: no MLflow store, no cache, no Tune st
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -25,12 +27,34 @@ def cases(tmp):
     (tmp / "malformed.yaml").write_text("model: demo\nparams: {block: [1, 2}\n")
     (tmp / "empty.yaml").write_text("model: demo\nparams:\n  pool: {choice: []}\n")
     (tmp / "block0.yaml").write_text(GOOD_SPACE.replace("[1, 19]", "[0, 19]"))
+    space = {  # numbers in a space file: a number in its allowed range, or one line
+        "lr_text": "params:\n  lr: {float: [fast, 0.1], log: true}\n",
+        "t_half": "params:\n  t: {int: [0, 50.5]}\n",
+        "step0": "params:\n  t: {int: [0, 500], step: 0}\n",
+        "steplog": "params:\n  lr: {float: [1e-3, 1e-1], log: true, step: 1e-3}\n",
+        "dropout": "params:\n  head: {choice: {mlp: {dropout: {float: [0, 1.5]}}}}\n",
+        "min3": "params:\n  head: {choice: [difformer]}\n  blocks: {subset: [7, 10], min: 3}\n",
+        "trials": "search: {trials: -1}\n",
+        "trials_text": "search: {trials: ten}\n",
+        "gpus": "search: {gpus_per_trial: -1}\n",
+        "rf": "search: {reduction_factor: 1}\n",
+        "failures": "search: {max_failures: -1}\n",
+        "cache_pool": "search: {cache_pool: 0}\n",
+        "fraction": "label_fraction: 1.5\n",
+        "batch": "fixed: {batch_size: 0}\n",
+    }
+    for name, text in space.items():
+        (tmp / f"{name}.yaml").write_text("model: demo\n" + text)
     (tmp / "noclasses" / "train").mkdir(parents=True)
     (tmp / "noclasses" / "val").mkdir(parents=True)
     other = {"weight": torch.zeros(3, 3)}
     torch.save(other, tmp / "other.pt")
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Pickled()}, tmp / "pickled.pt")
     s = ["search"]
+
+    def sp(name: str) -> list[str]:
+        return ["search", "--space", str(tmp / f"{name}.yaml")]
+
     return [
         (s + ["--space", str(tmp / "unknown.yaml")], "unknown key(s) ['bogus']"),
         (s + ["--space", str(tmp / "malformed.yaml")], "is not valid YAML"),
@@ -60,6 +84,50 @@ def cases(tmp):
          "there is no MLflow store"),
         (["train", str(tmp / "missing.yaml")], "does not exist"),
         (["probe", "--blocks", "0"], "block 0 is out of range; this model has blocks 1..19"),
+        # numbers in a space file
+        (sp("lr_text"), "params.lr.float must be [low, high], two numbers; got ['fast', 0.1]"),
+        (sp("t_half"), "params.t.int must be [low, high], two integers; got [0, 50.5]"),
+        (sp("step0"), "params.t.step=0 is invalid; allowed: an integer > 0"),
+        (sp("steplog"), "params.lr: step and log cannot be combined"),
+        (sp("dropout"), "dropout=1.5 is invalid; allowed: a number in [0, 1)"),
+        (sp("min3"), "params.blocks.min=3 is invalid; allowed: an integer in 1..2"),
+        (sp("trials"), "search.trials=-1 is invalid; allowed: an integer >= 1"),
+        (sp("trials_text"), "search.trials='ten' is invalid; allowed: an integer >= 1"),
+        (sp("gpus"), "search.gpus_per_trial=-1 is invalid; allowed: a number >= 0"),
+        (sp("rf"), "search.reduction_factor=1 is invalid; allowed: a number > 1"),
+        (sp("failures"), "search.max_failures=-1 is invalid; allowed: an integer >= 0"),
+        (sp("cache_pool"), "search.cache_pool=0 is invalid; allowed: an integer >= 1"),
+        (sp("fraction"), "label_fraction=1.5 is invalid; allowed: a number in (0, 1]"),
+        (sp("batch"), "batch_size=0 is invalid; allowed: an integer >= 1"),
+        # every numeric flag and setting in its range, before anything starts
+        (s + ["--trials", "-1"], "argument --trials: -1 is out of range; allowed: an integer >= 1"),
+        (s + ["--trials", "many"], "argument --trials: 'many' is not an integer"),
+        (s + ["--gpus-per-trial", "-1"], "argument --gpus-per-trial: -1 is out of range"),
+        (s + ["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5 is invalid; allowed: a number >= 0"),
+        (s + ["--cpus-per-trial", "0"], "argument --cpus-per-trial: 0 is out of range"),
+        (s + ["--max-concurrent", "0"], "argument --max-concurrent: 0 is out of range"),
+        (s + ["--seed", "-1"], "argument --seed: -1 is out of range"),
+        (s + ["--top", "0"], "argument --top: 0 is out of range"),
+        (s + ["--set", "epochs=0"], "epochs=0 is invalid; allowed: an integer >= 1"),
+        (s + ["--set", "lr=-1e-3"], "lr=-0.001 is invalid; allowed: a number > 0"),
+        (s + ["--set", "momentum=2"], "momentum=2.0 is invalid; allowed: a number in [0, 1]"),
+        (s + ["--set", "step_size=0"], "step_size=0 is invalid"),
+        (s + ["--storage", "s3://bucket/runs?region=us-east-1&bogus=1"],
+         "--storage s3://bucket/runs?region=us-east-1&bogus=1 cannot be opened: Unexpected "
+         "query parameter in S3 URI: 'bogus'"),
+        (["export", "--experiment", "x", "--out", str(tmp / "x.yaml"), "--top", "0"],
+         "argument --top: 0 is out of range"),
+        (["train", str(tmp / "missing.yaml"), "--rank", "0"], "argument --rank: 0 is out of range"),
+        (["ui", "--port", "70000"], "argument --port: 70000 is out of range; allowed: an integer "
+         "in 1..65535"),
+        (["probe", "--epochs", "0"], "argument --epochs: 0 is out of range"),
+        (["probe", "--lr", "0"], "argument --lr: 0 is out of range; allowed: a number > 0"),
+        (["probe", "--label-fraction", "2"], "argument --label-fraction: 2 is out of range"),
+        (["extract", "--model", "demo", "--data", "digits", "--timesteps", "90", "--blocks", "2",
+          "--pool", "2", "--batch-size", "0"], "argument --batch-size: 0 is out of range"),
+        (["pretrain", "--out", str(tmp / "x.pt"), "--minutes", "-1"],
+         "argument --minutes: -1 is out of range"),
+        (["cache", "rm", "--t", "-1"], "argument --t: -1 is out of range"),
     ]
 
 
@@ -74,9 +142,20 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeyp
         assert rc == 2, argv
         assert len(err) == 1, (argv, err)
         assert needle in err[0], (argv, err[0])
-        assert err[0].startswith(f"difftune {argv[0]}: error: ")
+        assert re.match(rf"difftune {argv[0]}( \w+)?: error: ", err[0]), err[0]
         assert sorted(p.name for p in work.iterdir()) == [], argv  # nothing written
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_a_bad_number_in_the_environment_is_one_line(tmp_path, monkeypatch, capsys):
+    """$DIFFTUNE_MLFLOW_WAIT_S is read when the search ends: it is checked before it starts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFTUNE_MLFLOW_WAIT_S", "five minutes")
+    assert main(["search"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["difftune search: error: $DIFFTUNE_MLFLOW_WAIT_S='five minutes' is invalid; "
+                   "allowed: a number >= 0"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_of_an_experiment_without_finished_trials(tmp_path, capsys):
@@ -95,8 +174,45 @@ def test_export_of_an_experiment_without_finished_trials(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["search", "--help"], ["--help"]])
 def test_help_explains(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "usage: difftune" in out
+
+
+COMMANDS = ["search", "export", "train", "ui", "extract", "cache ls", "cache rm",
+            "pretrain", "probe"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_states_each_default_once_and_never_none(command, capsys):
+    assert main([*command.split(), "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in text and "default: []" not in text
+    options = re.split(r" (?=-{1,2}[a-z][\w-]* )", text.split("options:", 1)[1])
+    for option in options:
+        assert option.count("default") <= 1, option
+
+
+def test_required_options_show_no_default(capsys):
+    assert main(["export", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT output YAML file" in text and "--out OUT output YAML file (default" not in text
+
+
+def test_a_space_number_written_without_a_dot_is_a_number(tmp_path):
+    """PyYAML reads 1e-3 as a string; a space file reads it as the number it is."""
+    import optuna
+
+    from difftune.search.space import load_space, parse_set
+
+    path = tmp_path / "lr.yaml"
+    path.write_text("model: demo\nsearch: {trials: 1e1}\n"
+                    "params:\n  lr: {float: [1e-3, 5e-2], log: true}\n  t: {int: [0, 1e2]}\n")
+    space = load_space(str(path), overrides=parse_set(["momentum=9e-1"]))
+    assert space.params["lr"] == {"float": [1e-3, 5e-2], "log": True}
+    assert space.params["t"] == {"int": [0, 100]} and space.search["trials"] == 10
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    trial = study.ask()
+    const = space.define_by_run(trial)
+    assert 1e-3 <= trial.params["lr"] <= 5e-2 and isinstance(trial.params["t"], int)
+    assert const["momentum"] == 0.9

@@ -62,7 +62,7 @@ def test_cache_location_comes_from_the_environment(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("argv, message", [
     (["--blocks", "2,40"], "block 40 is out of range; this model has blocks 1..19"),
     (["--timesteps", "1000"], "timestep t=1000 is out of range"),
-    (["--pool", "0"], "pool=0 is invalid"),
+    (["--pool", "0"], "argument --pool: 0 is out of range; allowed: an integer >= 1"),
     (["--blocks", "2,x"], "--blocks must be comma-separated integers"),
     (["--splits", "test"], "--splits 'test' is invalid"),
 ])

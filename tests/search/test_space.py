@@ -148,3 +148,34 @@ def test_block_set_covers_ranges_subsets_and_head_subspaces():
     assert load_space("difformer").block_set() == (15, 19, 24, 27, 30, 33)
     # DifFeed: the feedback blocks and the head's block choices
     assert load_space("diffeed").block_set() == (19, 21, 24, 27, 30, 33, 36)
+
+
+def test_subset_min_is_honoured_and_the_point_replays(tmp_path):
+    """``{subset: [...], min: 2}``: every suggested subset has at least 2 members, every
+    size from 2 up is reached, and a config's point replays to that config."""
+    path = write(tmp_path, """
+model: demo
+params:
+  head: {choice: [difformer]}
+  blocks: {subset: [7, 10, 13, 16], min: 2}
+""")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    sizes = set()
+    for _ in range(80):
+        trial = study.ask()
+        const = space.define_by_run(trial)
+        cfg = decode_config({**trial.params, **const})
+        assert len(cfg["blocks"]) >= 2 and set(cfg["blocks"]) <= {7, 10, 13, 16}, cfg
+        sizes.add(len(cfg["blocks"]))
+        study.tell(trial, 0.0)
+    assert sizes == {2, 3, 4}
+    for blocks in ([7, 10], [13, 16], [7, 16], [10, 13, 16]):
+        point = space.point({"head": "difformer", "blocks": blocks})
+        replay = optuna.create_study()
+        replay.enqueue_trial(point)
+        trial = replay.ask()
+        const = space.define_by_run(trial)
+        cfg = decode_config({**trial.params, **const})
+        assert cfg["blocks"] == blocks and set(trial.params) == set(point)
+    assert space.point({"head": "difformer", "blocks": [7]}) is None  # below min: outside

@@ -91,6 +91,14 @@ def test_wrong_types_are_refused(key, value):
         ("batch_size", 0, ["batch_size"]),
         ("lr", 0, ["lr"]),
         ("lr", -1e-3, ["lr"]),
+        ("lr", float("inf"), ["lr=inf is invalid; allowed: a number > 0"]),
+        ("momentum", 1.5, ["momentum=1.5 is invalid; allowed: a number in [0, 1]"]),
+        ("weight_decay", -0.1, ["weight_decay=-0.1 is invalid; allowed: a number >= 0"]),
+        ("gamma", 0, ["gamma=0.0 is invalid; allowed: a number > 0"]),
+        ("dropout", 1.0, ["dropout=1.0 is invalid; allowed: a number in [0, 1)"]),
+        ("noise_seed", -1, ["noise_seed=-1 is invalid; allowed: an integer >= 0"]),
+        ("timesteps", [90, -1], ["timesteps=[90, -1] is invalid; allowed: an integer >= 0"]),
+        ("label_fraction", 0, ["label_fraction=0.0 is invalid; allowed: a number in (0, 1]"]),
     ],
 )
 def test_invalid_values_name_what_is_allowed(key, value, words):

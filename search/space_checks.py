@@ -1,0 +1,140 @@
+"""Checks of a search space's values, one line each (:class:`SpaceError`): numbers read as
+numbers (YAML 1.2 floats: ``1e-3`` is a number), ranges of ``int``/``float`` specs, subsets
+with their ``min``, the search settings and ``label_fraction`` in their allowed ranges.
+The structure of a space and its fit to the model are checked in :mod:`.space`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difftune.trainables.config import check_setting
+from difftune.trainables.errors import UserError
+
+
+class SpaceError(UserError):
+    """A space file or a --set override is invalid."""
+
+
+#: the allowed range of each numeric search setting: (check, what is allowed)
+SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
+    "trials": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "grace_period": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (epochs)"),
+    "reduction_factor": (lambda v: _is_num(v) and v > 1, "a number > 1"),
+    "max_concurrent": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "cpus_per_trial": (lambda v: _is_num(v) and v > 0 and (v <= 1 or float(v).is_integer()),
+                       "a number > 0 (a fraction up to 1, whole numbers above)"),
+    "gpus_per_trial": (lambda v: v is None or (_is_num(v) and v >= 0 and (
+        v <= 1 or float(v).is_integer())),
+                       "a number >= 0 (a fraction up to 1, whole numbers above), or unset "
+                       "for each head's own share"),
+    "max_failures": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (retries per trial)"),
+    "cache_pool": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1, or unset"),
+    "metric": (lambda v: isinstance(v, str) and v != "", "a metric name such as val_top1"),
+    "mode": (lambda v: v in ("max", "min"), "max or min"),
+}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return _is_num(v) and float(v).is_integer()
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2's floats: PyYAML (YAML 1.1) reads ``1e-3`` and ``1e3``
+    (an exponent without a dot) as strings; here they are numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""", re.X),
+    list("-+0123456789."))
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML with ``yaml.SafeLoader`` (no objects built) and YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def check_search(name: str, search: dict[str, Any], flags: dict[str, Any]) -> None:
+    """Every search setting in its allowed range (:data:`SEARCH_LIMITS`); integral numbers
+    become ints. A value given by a flag is named by the flag."""
+    for key, (ok, allowed) in SEARCH_LIMITS.items():
+        value = search[key]
+        if not ok(value):
+            who = (f"--{key.replace('_', '-')} {value}" if key in flags
+                   else f"space {name}: search.{key}={value!r}")
+            raise SpaceError(f"{who} is invalid; allowed: {allowed}")
+        if _is_int(value) and key not in ("reduction_factor", "cpus_per_trial",
+                                          "gpus_per_trial"):
+            search[key] = int(value)
+
+
+def check_label_fraction(name: str, value: Any) -> None:
+    """A fraction in (0, 1] or the file listing the images to keep."""
+    if isinstance(value, str) and not _number(value):
+        if not Path(value).is_file():
+            raise SpaceError(f"space {name}: label_fraction file {value} does not exist; "
+                             "allowed: a fraction in (0, 1] or a file listing the images")
+        return
+    try:
+        check_setting("label_fraction", value)
+    except UserError as exc:
+        raise SpaceError(f"space {name}: {exc}") from None
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_subset(spec: dict, where: str) -> None:
+    members = spec["subset"]
+    if not isinstance(members, list) or not members:
+        raise SpaceError(f"{where}.subset is empty; give at least one value")
+    if len(set(map(repr, members))) != len(members):
+        raise SpaceError(f"{where}.subset {members} repeats a value; give each once")
+    low = spec.setdefault("min", 1)
+    if not _is_int(low) or not 1 <= low <= len(members):
+        raise SpaceError(f"{where}.min={low!r} is invalid; allowed: an integer in "
+                         f"1..{len(members)} (the subset's size)")
+    spec["min"] = int(low)
+
+
+def check_range(spec: dict, where: str) -> None:
+    """A range ``{int|float: [low, high], step, log}``: numbers (made ints or floats), low <=
+    high, a positive step (an integer for int), log only above 0 and without step."""
+    kind = "int" if "int" in spec else "float"
+    rng, what = spec[kind], "integers" if kind == "int" else "numbers"
+    ok = _is_int if kind == "int" else _is_num
+    if not (isinstance(rng, list) and len(rng) == 2 and all(ok(v) for v in rng)):
+        raise SpaceError(f"{where}.{kind} must be [low, high], two {what}; got {rng!r}")
+    rng = spec[kind] = [int(v) if kind == "int" else float(v) for v in rng]
+    if rng[0] > rng[1]:
+        raise SpaceError(f"{where}.{kind} must be [low, high] with low <= high; got {rng}")
+    if "step" in spec:
+        step = spec["step"]
+        if not ok(step) or step <= 0:
+            raise SpaceError(f"{where}.step={step!r} is invalid; allowed: "
+                             f"{'an integer' if kind == 'int' else 'a number'} > 0")
+        spec["step"] = int(step) if kind == "int" else float(step)
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(f"{where}.log={log!r} is invalid; allowed: true or false")
+    if log and rng[0] <= 0:
+        raise SpaceError(f"{where}: a log range needs low > 0; got {rng}")
+    if log and "step" in spec:
+        raise SpaceError(f"{where}: step and log cannot be combined; drop one")
