@@ -15,6 +15,7 @@ _EXPORTS = {
     "SearchResult": "tuner",
     "Candidate": "best", "best_trial": "best", "rank_trials": "best",
     "export_best": "export",
+    "default_experiment": "tracking",
     "main": "cli",
 }
 

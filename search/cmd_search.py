@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="override the space's data: digits or an ImageFolder root")
     p.add_argument("--trials", type=integer(1), help="number of trials (default: the space's)")
     p.add_argument("--seed", type=integer(0), help="Optuna sampler seed (default: the space's)")
-    p.add_argument("--experiment", default="difftune-demo", help="MLflow experiment name")
+    p.add_argument("--experiment", help="MLflow experiment name (default: difftune-SPACE-DATA, "
+                   "e.g. difftune-linear-imagenet for --space linear --data /data/imagenet; "
+                   "the demo search: difftune-demo)")
     p.add_argument("--model-name", help="registered model name for the champion "
                    "(default: the experiment name, prefixed with difftune- unless it has it)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db "
@@ -56,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from difftune.search.cluster import check_addressable, check_inputs_on_nodes
     from difftune.search.space import load_space, parse_set
-    from difftune.search.tuner import ensure_ray, resume_search, run_search
+    from difftune.search.tracking import default_experiment
+    from difftune.search.tuner import default_model_name, ensure_ray, resume_search, run_search
     from difftune.search.uris import check_reachable, check_storage, redact, resolve_uri
     from difftune.trainables.cache import default_root
     from difftune.trainables.data import check_data
@@ -96,28 +99,40 @@ def run(args: argparse.Namespace) -> int:
                              threads=max(1, int(space.search["cpus_per_trial"])))
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
                 space.search["trials"], space.model, space.data, redact(uri))
-    result = run_search(space, experiment=args.experiment, tracking_uri=uri, runtime=runtime,
+    experiment = args.experiment or default_experiment(space)
+    model_name = args.model_name or default_model_name(experiment)
+    result = run_search(space, experiment=experiment, tracking_uri=uri, runtime=runtime,
                         storage_path=args.storage, address=args.address,
-                        model_name=args.model_name)
-    print_summary(result, top=args.top)
+                        model_name=model_name)
+    print_summary(result, top=args.top, model_name=model_name)
     return 0
 
 
-def print_summary(result, *, top: int = 10) -> None:
+def summary_table(rows: list[dict], cols: list[str]) -> list[str]:
+    """Rows as aligned text lines under a header, every cell in full (run ids are 32
+    characters: a cut one finds nothing)."""
+    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    return ["  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+            for line in [cols, *cells]]
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return "-" if v is None else str(v)
+
+
+def print_summary(result, *, top: int = 10, model_name: str | None = None) -> None:
     from difftune.search.uris import redact
 
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
     print(f"\nbest trials of experiment {result.experiment!r} "
-          f"({len(result.rows)} finished):")
-    print("  ".join(f"{c:>10}" for c in cols))
-    for row in result.rows[:top]:
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            cells.append(f"{str(v if v is not None else '-')[:10]:>10}")
-        print("  ".join(cells))
+          f"({len(result.rows)} finished; epochs: the epochs each trial ran):")
+    for line in summary_table(result.rows[:top], cols):
+        print(line)
     if result.best_run_id:
         print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
               f"registered as version {result.model_version} (alias 'champion')")

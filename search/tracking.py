@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +40,21 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{v}+{sha}" if sha else v
+
+
+def default_experiment(space) -> str:
+    """The experiment a search records into when ``--experiment`` is not given:
+    ``difftune-SPACE-DATA`` (DATA: ``digits`` or the data folder's name), with the model's
+    name appended when it is not the space's own; the demo search keeps ``difftune-demo``.
+    Two searches of different data never share an experiment (nor a champion alias)."""
+    data = "digits" if space.data == "digits" else Path(space.data).resolve().name
+    parts = [space.name, data]
+    own_model = (space.raw or {}).get("model") or "demo"
+    if space.model != own_model:
+        parts.append(Path(space.model).stem)
+    if parts == ["demo", "digits"]:
+        return "difftune-demo"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "difftune-" + "-".join(parts))
 
 
 def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[str, Any],

@@ -224,9 +224,11 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
             score=float(score) if isinstance(score, (int, float)) else None,
             epochs=int(metrics.get("epoch", 0) or 0), ok=r.error is None, data=r))
     ranked = rank_trials(candidates, mode=s["mode"])
-    rows = [{"trial_id": c.key, "val_top1": c.data.metrics.get("val_top1"),
+    # the settings first: a trial's "epochs" is the epochs it ran, not the configured ones
+    rows = [{**decode(c.data.config), "trial_id": c.key,
+             "val_top1": c.data.metrics.get("val_top1"),
              "val_top5": c.data.metrics.get("val_top5"), s["metric"]: c.score,
-             "epochs": c.epochs, "run_id": runs.get(c.key), **decode(c.data.config)}
+             "epochs": c.epochs, "run_id": runs.get(c.key)}
             for c in ranked]
     best_run = best_cfg = best_val = version = None
     best = next((c for c in ranked if c.data.checkpoint is not None), None)

@@ -179,3 +179,16 @@ params:
         cfg = decode_config({**trial.params, **const})
         assert cfg["blocks"] == blocks and set(trial.params) == set(point)
     assert space.point({"head": "difformer", "blocks": [7]}) is None  # below min: outside
+
+
+def test_default_experiment_comes_from_the_space_and_the_data(tmp_path):
+    from difftune.search.tracking import default_experiment
+
+    assert default_experiment(load_space("demo")) == "difftune-demo"
+    flowers = tmp_path / "Oxford Flowers"
+    for split in ("train", "val"):
+        (flowers / split / "rose").mkdir(parents=True)
+    assert default_experiment(load_space("demo", data=str(flowers) + "/")) == \
+        "difftune-demo-Oxford-Flowers"
+    other = load_space(write(tmp_path, BASE), model="paper256")
+    assert default_experiment(other) == "difftune-space-digits-paper256"  # not its own model
