@@ -15,6 +15,8 @@ _EXPORTS = {
     "SearchResult": "tuner",
     "Candidate": "best", "best_trial": "best", "rank_trials": "best",
     "export_best": "export",
+    "ChampionClassifier": "classifier", "log_classifier": "classifier",
+    "predict_images": "classifier",
     "default_experiment": "tracking",
     "main": "cli",
 }

@@ -1,5 +1,6 @@
-"""The champion: the best trial's head logged as an MLflow model on its run, registered
-with the alias ``champion``, and the best config put on the parent run."""
+"""The champion: the best trial's head logged on its run (as a PyTorch model and as an image
+classifier), the classifier registered with the alias ``champion``, and the best config put
+on the parent run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+
+from difftune.search.classifier import log_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +42,15 @@ def package_snapshot(dest: Path) -> Path:
 def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
                  best_run_id: str, checkpoint_dir: str, model_name: str,
                  best_config: dict[str, Any], metric_value: float) -> int:
-    """Log the best trial's head as an MLflow PyTorch model on its run, register it under
+    """Log the best trial's head on its run as an MLflow PyTorch model (``head``) and as an
+    image classifier (``classifier``, :mod:`.classifier`), register the classifier under
     ``model_name`` with the alias ``champion``, and put the best config on the parent run.
 
     :return: the registered model version.
     """
     from difftune.trainables.checkpoint import load_head
 
-    head, _, _ = load_head(checkpoint_dir)
+    head, cfg, loaded = load_head(checkpoint_dir)
     mlflow.set_tracking_uri(tracking_uri)
     # the pickle format is deliberate (every head type, code shipped beside it): no warning
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
@@ -54,9 +58,11 @@ def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
         mlflow.log_artifacts(checkpoint_dir, artifact_path="head_checkpoint")
         # pickled with the difftune package beside it, so every head type loads anywhere
         code = package_snapshot(Path(stage))
-        info = mlflow.pytorch.log_model(head, name="head", code_paths=[str(code)],
-                                        serialization_format="pickle",
-                                        pip_requirements=["torch"])
+        mlflow.pytorch.log_model(head, name="head", code_paths=[str(code)],
+                                 serialization_format="pickle", pip_requirements=["torch"])
+        # what is registered: images in, a label per image out (signature, input example)
+        info = log_classifier(head, cfg, loaded["meta"], stage=Path(stage) / "classifier",
+                              code_path=code)
     mv = mlflow.register_model(info.model_uri, model_name)
     client.set_registered_model_alias(model_name, "champion", mv.version)
     client.set_model_version_tag(model_name, mv.version, "run_id", best_run_id)

@@ -24,6 +24,7 @@ COMMANDS = (
     "difftune.search.cmd_search",
     "difftune.search.cmd_export",
     "difftune.search.cmd_train",
+    "difftune.search.cmd_predict",
     "difftune.search.cmd_ui",
     "difftune.search.cmd_extract",
     "difftune.search.cmd_cache",
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``difftune ARGV``; returns the exit code (0, 2 for a user error, 130 interrupted)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's download bars (logging the champion checks its input example) are not progress
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
     try:

@@ -140,3 +140,6 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
     print(f"open the MLflow UI:  difftune ui --tracking-uri {uri}")
     print(f"export the best:     difftune export --experiment {result.experiment} "
           f"--tracking-uri {uri} --out best.yaml")
+    if result.best_run_id and model_name:
+        print(f"classify images:     difftune predict IMAGE... --model "
+              f"models:/{model_name}@champion --tracking-uri {uri}")

@@ -64,17 +64,12 @@ def _digits(split: str, image_size: int) -> TensorImages:
 
 
 def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     split_dir = _check_split(root, split)
-    tf = transforms.Compose([
-        transforms.Resize(image_size),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5] * 3, [0.5] * 3),
-        ])
     try:
-        ds = datasets.ImageFolder(str(split_dir), transform=tf, loader=_rgb_loader)
+        ds = datasets.ImageFolder(str(split_dir), transform=image_transform(image_size),
+                                  loader=_rgb_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"data folder {split_dir}: {exc}") from None
     train_dir = root / "train"
@@ -92,6 +87,36 @@ def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
             ds.classes = train_classes
             ds.class_to_idx = {c: i for i, c in enumerate(train_classes)}
     return ds
+
+
+def image_transform(image_size: int):
+    """A PIL RGB image -> [3 x image_size x image_size] in [-1, 1] (resize the short side,
+    centre crop): what every image of a folder dataset, and every image a champion
+    classifies, goes through."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+
+
+def load_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """One image file as a folder dataset serves it: [3 x image_size x image_size] in [-1, 1];
+    :class:`DataError` naming the file when it cannot be read."""
+    if not Path(path).is_file():
+        raise DataError(f"image {path} does not exist")
+    return image_transform(image_size)(_rgb_loader(str(path)))
+
+
+def class_names(name_or_path: str) -> list[str]:
+    """The class names of a dataset, in label order, without reading an image."""
+    if name_or_path == "digits":
+        return [str(c) for c in range(10)]
+    return sorted(d.name for d in os.scandir(_check_split(Path(name_or_path), "train"))
+                  if d.is_dir())
 
 
 def _check_split(root: Path, split: str) -> Path:

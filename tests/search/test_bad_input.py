@@ -45,6 +45,7 @@ def cases(tmp):
     }
     for name, text in space.items():
         (tmp / f"{name}.yaml").write_text("model: demo\n" + text)
+    (tmp / "image.png").write_bytes(b"not read")
     (tmp / "noclasses" / "train").mkdir(parents=True)
     (tmp / "noclasses" / "val").mkdir(parents=True)
     other = {"weight": torch.zeros(3, 3)}
@@ -128,6 +129,8 @@ def cases(tmp):
         (["pretrain", "--out", str(tmp / "x.pt"), "--minutes", "-1"],
          "argument --minutes: -1 is out of range"),
         (["cache", "rm", "--t", "-1"], "argument --t: -1 is out of range"),
+        (["predict", str(tmp / "missing.png")], "image " + str(tmp / "missing.png") + " does not"),
+        (["predict", str(tmp / "image.png")], "there is no MLflow store"),
     ]
 
 
@@ -179,7 +182,7 @@ def test_help_explains(argv, capsys):
     assert "usage: difftune" in out
 
 
-COMMANDS = ["search", "export", "train", "ui", "extract", "cache ls", "cache rm",
+COMMANDS = ["search", "export", "train", "predict", "ui", "extract", "cache ls", "cache rm",
             "pretrain", "probe"]
 
 
