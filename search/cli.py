@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow's download bars (logging the champion checks its input example) are not progress
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # guided-diffusion's own deprecations (torch.cuda.amp.custom_fwd) are not the user's
+    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -83,7 +83,7 @@ def _device() -> str:
 
 def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -> None:
     """Ray Tune function trainable: one trial = one head on one feature setting."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
     import ray
     from ray import tune
 

@@ -1,7 +1,8 @@
 """The files of cluster/ are what Ray's and Kubernetes' schemas accept, offline:
 
 - the cluster launcher YAMLs against the JSON schema shipped in the ray package
-  (``ray/autoscaler/ray-schema.json``) and Ray's own ``prepare_config``/``validate_config``;
+  (``ray/autoscaler/ray-schema.json``), as given and with the provider's defaults filled in
+  by Ray's ``ray.autoscaler.sdk.fillout_defaults``;
 - the Kubernetes objects (PersistentVolumeClaim, ServiceAccount, Deployment, Service) against
   the Kubernetes OpenAPI schemas shipped in the ``kubernetes-validate`` package (strict: an
   unknown field fails), and KubeRay's RayCluster/RayJob against the fields of KubeRay's
@@ -50,11 +51,16 @@ def launcher(request) -> tuple[str, dict]:
 
 
 def test_launcher_files_pass_rays_schema_and_config_checks(launcher):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler.sdk import fillout_defaults
 
     name, cfg = launcher
     jsonschema.validate(cfg, ray_schema())
-    validate_config(prepare_config(copy.deepcopy(cfg)))  # fills provider defaults, offline
+    # what `ray up` checks after filling in the provider's defaults (offline)
+    filled = fillout_defaults(copy.deepcopy(cfg))
+    jsonschema.validate(filled, ray_schema())
+    types = filled["available_node_types"]
+    assert filled["head_node_type"] in types
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= filled["max_workers"]
     assert cfg["provider"]["type"] == name
 
 

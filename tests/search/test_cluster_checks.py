@@ -4,7 +4,11 @@ tests/cluster)."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -165,19 +169,37 @@ def test_unset_gpus_on_a_cpu_cluster_are_zero():
                            gpus_available=0) == {"cpu": 1.0, "gpu": 0.0}
 
 
-def test_tune_accepts_the_per_head_function():
-    """tune.with_resources takes a function of the trial config (Ray's function trainable
-    calls it from default_resource_request)."""
-    from ray import tune
+#: a Ray of its own with two (declared) GPUs: a trial of each head type reports the
+#: resources Ray gave it (the test process's own Ray has no GPUs)
+PER_HEAD_TRIALS = """
+import json, sys
+import ray
+from ray import tune
+from difftune.search.cluster import trial_resources
 
-    def trainable(config):
-        pass
+def trainable(config):
+    got = ray.get_runtime_context().get_assigned_resources()
+    tune.report({"gpu": got.get("GPU", 0.0), "cpu": got.get("CPU", 0.0)})
 
-    res = trial_resources({"cpus_per_trial": 1, "gpus_per_trial": None}, gpus_available=1)
-    wrapped = tune.with_resources(tune.with_parameters(trainable, x=1), res)
-    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
-    from ray.tune.trainable.function_trainable import wrap_function
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+         logging_level="ERROR", log_to_driver=False)
+res = trial_resources({"cpus_per_trial": 1, "gpus_per_trial": None}, gpus_available=2)
+tuner = tune.Tuner(tune.with_resources(trainable, res),
+                   param_space={"head": tune.grid_search(["linear", "difformer", "diffeed"])},
+                   run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0))
+out = {r.config["head"]: [r.metrics["cpu"], r.metrics["gpu"]] for r in tuner.fit()}
+print(json.dumps(out))
+ray.shutdown()
+"""
 
-    asked = wrap_function(wrapped).default_resource_request({"head": "difformer"})
-    assert asked == {"cpu": 1.0, "gpu": 0.5}  # Trial turns the dict into a placement group
-    assert resource_dict_to_pg_factory(asked).required_resources == {"CPU": 1.0, "GPU": 0.5}
+
+@pytest.mark.slow
+def test_each_trial_gets_its_heads_gpu_share_from_ray(tmp_path):
+    """tune.with_resources takes the per-head function: on a real Ray, each trial runs with
+    the GPU fraction of its head type."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    run = subprocess.run([sys.executable, "-c", PER_HEAD_TRIALS, str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got == {"linear": [1.0, 0.1], "difformer": [1.0, 0.5], "diffeed": [1.0, 1.0]}

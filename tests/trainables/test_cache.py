@@ -5,7 +5,6 @@ and an S3-compatible store works across processes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -281,9 +280,6 @@ def test_lock_of_a_silent_holder_on_another_node_goes_stale(tmp_path):
 def s3_uri(tmp_path, monkeypatch):
     """An ``s3://`` URI on a moto server of our own (stopped by pid afterwards)."""
     import pyarrow.fs as pafs
-
-    if importlib.util.find_spec("moto") is None:
-        pytest.skip("moto[server] is not installed")
 
     port = free_port()
     log = open(tmp_path / "moto.log", "w")
