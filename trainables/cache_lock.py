@@ -1,5 +1,33 @@
-"""The right to extract into one group directory of the feature cache, held across
-processes and nodes, so that a missing entry is extracted by exactly one of them."""
+"""The right to extract into one group directory of the feature cache, held across processes
+and nodes, so that a missing entry is extracted by exactly one of them.
+
+The lock is one small object, ``.lock``, holding its owner (pid, host + pid namespace, a
+token and a beat counter). Taking it is an exclusive create; holding it means refreshing it
+every ``stale_s / 4`` seconds; a lock nobody refreshed for ``stale_s`` (its holder on another
+node died), or whose holder is a dead process of this host, is stale and is taken over.
+
+- **Local and network filesystems** (NFS, EFS, Filestore, ...): the owner is written to a
+  temporary file that is then hard-linked to ``.lock`` (``link`` fails if the name exists;
+  atomic on NFS too, unlike ``O_EXCL`` on old clients, and the lock is never seen half
+  written). The holder refreshes the mtime of *its own inode* through a file descriptor, after
+  checking that ``.lock`` still is that inode, so it never touches a lock it no longer holds.
+  A stale lock is renamed away by the one waiter whose rename succeeds, checked to be the
+  inode judged stale (else put back), and deleted.
+- **S3** (and S3-compatible stores with conditional writes, such as moto and MinIO): through
+  boto3 with the endpoint, region and credentials of the cache's pyarrow filesystem. Create is
+  ``PutObject`` with ``If-None-Match: *``; a refresh is ``PutObject`` with ``If-Match`` of the
+  ETag the holder wrote last (each beat changes the body, so the ETag), so it fails once anyone
+  else wrote the lock; taking over a stale lock is the same compare-and-swap on the ETag judged
+  stale; release is ``DeleteObject`` with ``If-Match``. Age is the server's ``Date`` minus the
+  object's ``Last-Modified``: no clock of a node is involved.
+- **Other object stores** (``gs://``, ...) have no conditional write through pyarrow: there the
+  lock is best effort (create if absent, wait ``settle`` seconds, read back; refresh only while
+  the lock still holds our token). Two owners can still result; they publish identical
+  entries with atomic PUTs, so work is wasted and nothing is corrupted.
+
+A holder that finds its lock taken over (it was judged stale while it was alive, e.g. paused
+for longer than ``stale_s``) logs a warning, stops refreshing and leaves the other's lock alone.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +38,11 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import pyarrow.fs as pafs
 
+from .cache_lock_backends import BestEffortLock, FileLock, Held, S3Lock, close_fd
 from .cache_store import Store
 
 logger = logging.getLogger(__name__)
@@ -27,111 +57,90 @@ def where() -> str:
     return f"{socket.gethostname()}|{ns}"
 
 
+# ---------------------------------------------------------------------------- the lock
+
+
 class CacheLock:
     """The right to extract into one group directory, held across processes and nodes.
 
-    Local (or shared, e.g. NFS) disk: ``.lock`` created with ``O_CREAT | O_EXCL`` holding pid,
-    host (+ pid namespace) and a token; the holder touches it every ``stale_s / 4`` seconds.
-    A lock is stale when its holder is a dead process on this host, or nobody touched it for
-    ``stale_s`` (a holder on another node died); a stale lock is renamed away (one breaker
-    wins; a fresh lock renamed by mistake is linked back) and deleted.
-    Object stores have no exclusive create, so this is best effort: a contender that sees no
-    lock object writes one with its token, waits ``settle`` seconds and reads it back; the
-    last writer wins, so contenders racing within ``settle`` agree on one owner. Should two
-    owners still result, both publish identical entries with atomic PUTs: work is wasted,
-    nothing is corrupted.
+    :param store: the cache's storage.
+    :param rel: the lock's path below the store's root (``<group>/.lock``).
+    :param stale_s: a lock nobody refreshed for this long belongs to a dead holder.
+    :param settle: seconds a best-effort lock waits before reading itself back.
     """
 
     def __init__(self, store: Store, rel: str, stale_s: float, settle: float = 0.5):
-        self.store, self.rel, self.stale_s, self.settle = store, rel, stale_s, settle
+        self.store, self.rel, self.stale_s = store, rel, stale_s
         self.path = store.path(rel)
         self.owner = {"pid": os.getpid(), "host": where(), "token": uuid.uuid4().hex}
-        self.waited = False
+        if store.local:
+            self.backend: Any = FileLock(self.path)
+        elif isinstance(store.fs, pafs.S3FileSystem):
+            self.backend = S3Lock(store.fs, self.path)
+        else:
+            self.backend = BestEffortLock(store, rel, settle)
+        self.waited = False  # another process held it when we first asked
+        self.lost = False  # found taken over by another process while we held it
+        self._beats = 0
+        self._handle: Any = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def _try(self) -> bool:
-        data = json.dumps(self.owner).encode()
-        if self.store.local:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        if self.store.info(self.rel).type != pafs.FileType.NotFound:
-            return False
-        self.store.put(self.rel, data)
-        time.sleep(self.settle)
-        held = self.store.read_json(self.rel) or {}
-        return held.get("token") == self.owner["token"]
+    def _data(self) -> bytes:
+        self._beats += 1  # a new body each time: an S3 refresh changes the ETag
+        return json.dumps({**self.owner, "beat": self._beats}).encode()
 
-    def _break_if_stale(self) -> None:
-        info = self.store.info(self.rel)
-        if info.type == pafs.FileType.NotFound:
-            return
-        raw = b""
-        if self.store.local:
+    def _stale(self, held: Held) -> bool:
+        owner = held.owner
+        if owner.get("host") == self.owner["host"] and isinstance(owner.get("pid"), int):
             try:
-                with open(self.path, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                return
-        try:
-            held = json.loads(raw) if self.store.local else self.store.read_json(self.rel)
-        except ValueError:
-            held = None  # being written, or its writer died before writing
-        held = held if isinstance(held, dict) else {}
-        dead = False
-        if held.get("host") == self.owner["host"] and isinstance(held.get("pid"), int):
-            try:
-                os.kill(held["pid"], 0)
+                os.kill(owner["pid"], 0)
             except ProcessLookupError:
-                dead = True
+                return True  # its holder died on this host
             except PermissionError:
                 pass
-        age = time.time() - info.mtime_ns / 1e9 if info.mtime_ns else 0.0
-        if not (dead or age > self.stale_s):
-            return
-        logger.warning("breaking stale cache lock %s (holder %s, %.0f s old)", self.path,
-                       held or "unknown", age)
-        if self.store.local:
-            away = f"{self.path}.stale-{self.owner['token']}"
-            try:
-                os.rename(self.path, away)
-            except FileNotFoundError:
-                return  # another waiter broke it first
-            with open(away, "rb") as f:
-                fresh = f.read() != raw
-            if fresh:  # we took a lock newer than the stale one: give it back
-                try:
-                    os.link(away, self.path)
-                except FileExistsError:
-                    pass
-            os.unlink(away)
-        else:
-            self.store.delete(self.rel)
+        return held.age > self.stale_s
+
+    def beat(self) -> bool:
+        """Refresh the lock if we still hold it; False (and ``lost``) once another process
+        has it. Called every ``stale_s / 4`` seconds by the heartbeat thread."""
+        if self.lost:
+            return False
+        handle = self.backend.refresh(self._handle, self._data())
+        if handle is None:
+            self.lost = True
+            logger.warning("the cache lock %s was taken over by another process (this one "
+                           "did not refresh it for %.0f s); both extract, publishing identical "
+                           "entries", self.path, self.stale_s)
+            return False
+        self._handle = handle
+        return True
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.stale_s / 4):
             try:
-                if self.store.local:
-                    os.utime(self.path)
-                else:
-                    self.store.put(self.rel, json.dumps(self.owner).encode())
-            except OSError as exc:
+                if not self.beat():
+                    return
+            except Exception as exc:  # noqa: BLE001 - a store that hiccups: try next beat
                 logger.warning("cannot refresh cache lock %s: %s", self.path, exc)
 
     def __enter__(self) -> CacheLock:
         delay = 0.05
-        while not self._try():
+        while True:
+            self._handle = self.backend.create(self._data())
+            if self._handle is not None:
+                break
             if not self.waited:
                 logger.info("waiting for another process to extract into %s",
                             os.path.dirname(self.path))
                 self.waited = True
-            self._break_if_stale()
+            held = self.backend.read()
+            if held is not None and self._stale(held):
+                logger.warning("taking over stale cache lock %s (holder %s, %.0f s old)",
+                               self.path, held.owner or "unknown", held.age)
+                self._handle = self.backend.take_over(held, self._data())
+                if self._handle is not None:
+                    break
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -142,5 +151,10 @@ class CacheLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-        if (self.store.read_json(self.rel) or {}).get("token") == self.owner["token"]:
-            self.store.delete(self.rel)  # unless it was broken as stale and taken over
+        try:
+            if not self.lost:
+                self.backend.release(self._handle)  # never deletes another's lock
+            elif isinstance(self.backend, FileLock):
+                close_fd(self._handle[0])
+        except Exception as exc:  # noqa: BLE001 - left behind, it goes stale
+            logger.warning("cannot release cache lock %s: %s", self.path, exc)

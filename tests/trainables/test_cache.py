@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
 
 from difftune.trainables import cache_store
 from difftune.trainables.cache import FeatureCache
@@ -276,43 +275,22 @@ def test_lock_of_a_silent_holder_on_another_node_goes_stale(tmp_path):
 
 
 
-@pytest.fixture
-def s3_uri(tmp_path, monkeypatch):
-    """An ``s3://`` URI on a moto server of our own (stopped by pid afterwards)."""
-    import pyarrow.fs as pafs
-
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port),
-                               "-H", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in creds.items():
-        monkeypatch.setenv(k, v)
-    try:
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                               access_key="testing", secret_key="testing", region="us-east-1",
-                               allow_bucket_creation=True)
-        deadline = time.monotonic() + 180  # moto imports slowly on a busy machine
-        while True:
-            try:
-                fs.create_dir("difftune-test")
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto died"
-                time.sleep(0.2)
-        # allow_delayed_open: small objects go up in one PutObject; moto 5.2.1 answers
-        # CompleteMultipartUpload with a root tag pyarrow rejects (getmoto/moto#10055)
-        yield f"s3://difftune-test/cache?endpoint_override=127.0.0.1:{port}&scheme=http" \
-              f"&region=us-east-1&allow_delayed_open=true"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+@pytest.mark.slow
+def test_two_processes_extract_a_missing_entry_once_on_s3(tmp_path, s3_uri):
+    """The S3 lock is an exclusive create (If-None-Match: *): of two processes that miss the
+    same entry at the same moment, one extracts and the other reads its entries."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    spec = {"root": s3_uri, "fraction": FRACTION, "requests": [(90, 2, 2), (90, 3, 2)],
+            "barrier": str(barrier), "n": 2}
+    procs = [child({**spec, "me": i, "mirror": str(tmp_path / f"mirror{i}")})
+             for i in range(2)]
+    stats = [stats_of(p) for p in procs]
+    assert sorted(s["forward_batches"] for s in stats) == [0, 1]
+    assert sorted(s["entries_written"] for s in stats) == [0, 2]
+    assert [(e["block"], e["rows"]) for e in list_entries(s3_uri)] == [(2, 40), (3, 40)]
+    names = {i.base_name for i in cache_store.Store(s3_uri).files(recursive=True)}
+    assert ".lock" not in names
 
 
 @pytest.mark.slow
