@@ -40,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from difftune.search.uris import redact
     from difftune.trainables import cache_admin as cache
     from difftune.trainables.cache import default_root
     from difftune.trainables.errors import UserError
@@ -54,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{e['model'][-14:]:<14} {e['model_fp']:<16} {e['data'][-14:]:<14} "
                   f"{e['split']:<5} {e['t']:>4} {e['seed']:>4} {e['block']:>5} {e['pool']:>4} "
                   f"{e['rows']:>8} {human(e['bytes'] or 0):>10}  {e['created']}")
-        print(f"{len(entries)} entries, {human(sum(e['bytes'] or 0 for e in entries))} in {root}")
+        print(f"{len(entries)} entries, {human(sum(e['bytes'] or 0 for e in entries))} in {redact(root)}")
     elif args.action == "du":
-        print(f"{human(cache.total_bytes(root))} in {root}")
+        print(f"{human(cache.total_bytes(root))} in {redact(root)}")
     else:
         if not (args.all or args.model or args.t is not None or args.block is not None):
             raise UserError("cache rm needs --all or at least one of --model, --t, --block")
         n = cache.remove(root, all=args.all, model=args.model, t=args.t, block=args.block)
-        print(f"removed {n} entries from {root}")
+        print(f"removed {n} entries from {redact(root)}")
     return 0

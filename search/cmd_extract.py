@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, extra_blocks=blocks, progress=True)
     for split in splits:
         cache.get(cfg, split, requests)
+    from difftune.search.uris import redact
+
     s = cache.stats
     print(f"extract: {s.forward_batches} U-Net forward batches ({s.forward_images} images); "
-          f"entries reused {s.entries_reused}, written {s.entries_written} in {cache.root}")
+          f"entries reused {s.entries_reused}, written {s.entries_written} in {redact(cache.root)}")
     return 0

@@ -58,12 +58,17 @@ def default_experiment(space) -> str:
 
 
 def start_parent_run(client: MlflowClient, experiment: str, *, space_dict: dict[str, Any],
-                     runtime: dict[str, Any], tune_path: str, model_name: str) -> str:
-    """Create the search's parent run with the resolved space; returns its run id."""
+                     runtime: dict[str, Any], tune_path: str, model_name: str,
+                     artifact_location: str | None = None) -> str:
+    """Create the search's parent run with the resolved space; returns its run id.
+
+    :param artifact_location: where a new experiment keeps its artifacts (None:
+        :func:`~.uris.artifact_root` of the store)."""
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifact_root(client.tracking_uri, experiment))
-    runtime = {**runtime, "cache": redact(runtime.get("cache"))}
+        experiment, artifact_location=artifact_location or artifact_root(client.tracking_uri,
+                                                                         experiment))
+    runtime = {**runtime, "cache": redact(runtime.get("cache"))}  # never holds one: refused
     run = client.create_run(exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={TAG_ROLE: "search", TAG_RUNTIME: json.dumps(runtime),
                                   "difftune.tune_path": tune_path,
