@@ -1,6 +1,6 @@
 """What a search needs from a multi-node Ray cluster: checks and per-trial resources.
 
-- :func:`check_addressable`: on a cluster with more than one alive node, every place a trial
+- :func:`check_addressable`: on a cluster with more than one node, every place a trial
   or a later command reads or writes (Ray Tune's storage path, the feature cache, the MLflow
   tracking store) must be reachable from every node. A local path of the driver is rejected
   with one line naming the setting and what is allowed, unless it lies on a shared filesystem:
@@ -9,7 +9,11 @@
   by ``:``, e.g. ``/mnt/shared:/data``: a mount this machine cannot recognise, or one machine
   pretending to be several nodes).
 - :func:`check_inputs_on_nodes`: read-only inputs (a checkpoint, an ImageFolder root) need not
-  be shared, only present at the same path on every node; one probe task per alive node checks.
+  be shared, only present at the same path on every node; one probe task per alive node checks
+  (nodes an autoscaler adds later cannot be probed before they exist).
+- Both count a cluster as multi-node when more than one node is alive *or* its autoscaler may
+  add nodes (:func:`max_nodes`), as the GPU count does (:func:`cluster_gpus`): an autoscaling
+  cluster starts with its head alone.
 - :func:`trial_resources`: CPUs and GPUs per trial. A space that sets ``gpus_per_trial`` gets
   exactly that for every trial; otherwise each trial gets the fraction its head kind declares
   (:attr:`~difftune.trainables.heads.HeadKind.gpus`) when the cluster has (or can autoscale
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -43,8 +48,24 @@ LOCAL_TRACKING_SCHEMES = ("sqlite", "file", "")
 #: where the cluster's mount table is read (a module attribute so tests can point elsewhere)
 MOUNTS = "/proc/mounts"
 
+#: Ray's own switch for single-machine use (its default on Windows and macOS): "0" makes a
+#: local Ray use 127.0.0.1 as its node address, so its processes listen on loopback only
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 class ClusterError(UserError):
     """A setting names something that not every node of the Ray cluster can reach."""
+
+
+def local_ray_on_loopback() -> bool:
+    """Make the local Ray this process is about to start listen on 127.0.0.1 only (Ray's
+    GCS, raylet, workers and agents; the dashboard is off): Ray reads :data:`LOOPBACK_ENV`
+    when it is imported, so this must run first. Whether it took effect (False when Ray was
+    imported already, or the variable is set by the user)."""
+    if "ray" in sys.modules or LOOPBACK_ENV in os.environ:
+        return False
+    os.environ[LOOPBACK_ENV] = "0"
+    return True
 
 
 # ------------------------------------------------------------------------- shared paths
@@ -156,58 +177,111 @@ def alive_nodes(nodes: Sequence[Mapping[str, Any]] | None = None) -> list[Mappin
     return [n for n in nodes if n.get("Alive")]
 
 
+def max_nodes(config: Any = None) -> int:
+    """The most nodes the connected cluster's autoscaler may run (Ray publishes the node
+    types of a launcher/KubeRay cluster: the sum of their ``max_count``, ``sys.maxsize`` when
+    one is unbounded), or 0 when no autoscaler config is published (a cluster of fixed
+    nodes, a local Ray).
+
+    :param config: an ``autoscaler_pb2.ClusterConfig`` (read from the cluster when None).
+    """
+    if config is None:
+        try:
+            from ray._private.state import state
+
+            config = state.get_cluster_config()
+        except Exception as exc:  # a private API: never let it break a search
+            logger.debug("no autoscaler config: %s", exc)
+            return 0
+    if config is None:
+        return 0
+    total = 0
+    for group in config.node_group_configs:
+        if group.max_count < 0:
+            return sys.maxsize
+        total += group.max_count
+    return total
+
+
+def _nodes_phrase(alive: int, most: int) -> str:
+    if most > alive:
+        up_to = "any number of" if most == sys.maxsize else f"up to {most}"
+        return f"{alive} node{'s' * (alive != 1)} now and its autoscaler may add nodes " \
+               f"({up_to})"
+    return f"{alive} nodes"
+
+
 def check_addressable(
     *,
     storage_path: str | None,
     cache: str | None,
     tracking_uri: str,
+    artifact_location: str | None = None,
     nodes: Sequence[Mapping[str, Any]] | None = None,
+    most_nodes: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> None:
-    """Reject, on a cluster of more than one alive node, a local path that is not shared.
+    """Reject, on a cluster of more than one node, a local path that is not shared.
 
-    Call it once Ray is up (``ray.nodes()`` answers). One node (a laptop, or a cluster whose
-    workers have not started yet): anything goes.
+    Call it once Ray is up (``ray.nodes()`` answers). The cluster counts as more than one node
+    when more than one is alive or its autoscaler may start more (:func:`max_nodes`: an
+    autoscaling cluster starts with its head alone). One node that stays one (a laptop, a
+    local Ray): anything goes.
 
     :param storage_path: Ray Tune's storage path (None: ``./difftune_runs``).
     :param cache: the feature cache folder or URI (None: no cache, nothing to check).
     :param tracking_uri: the MLflow tracking URI the driver records to.
+    :param artifact_location: where the experiment's artifacts (the champion) go, for a
+        database tracking URI (a server decides for itself; sqlite: beside its file).
     :param nodes: ``ray.nodes()`` (queried when None).
+    :param most_nodes: :func:`max_nodes` (queried when None).
     :param env: the environment holding ``$DIFFTUNE_SHARED_PATHS`` (``os.environ`` when None).
     :raises ClusterError: one line naming every offending setting and what is allowed
         (one sentence per setting).
     """
-    alive = alive_nodes(nodes)
-    if len(alive) <= 1:
+    from difftune.search.uris import is_database, redact
+
+    alive = len(alive_nodes(nodes))
+    most = max_nodes() if most_nodes is None else most_nodes
+    if max(alive, most) <= 1:
         return
-    n = len(alive)
+    n = _nodes_phrase(alive, most)
     shared_hint = (f"a folder on a filesystem mounted on every node (NFS/EFS/Filestore, or "
                    f"declared in ${SHARED_PATHS_ENV})")
     problems = []
     storage = storage_path or "./difftune_runs"
     local = local_path_of_store(storage)
     if local is not None and not is_shared_path(local, env):
-        shown = storage if storage_path else f"{storage} (the default)"
+        shown = redact(storage) if storage_path else f"{storage} (the default)"
         problems.append(f"--storage {shown} is a local folder of the driver but the Ray "
-                        f"cluster has {n} nodes; allowed: {shared_hint}, or s3://BUCKET/PATH, "
+                        f"cluster has {n}; allowed: {shared_hint}, or s3://BUCKET/PATH, "
                         "gs://BUCKET/PATH")
     if cache:
         local = local_path_of_store(cache)
         if local is not None and not is_shared_path(local, env):
-            problems.append(f"--cache {cache} is a local folder of the driver but the Ray "
-                            f"cluster has {n} nodes; allowed: {shared_hint}, "
+            problems.append(f"--cache {redact(cache)} is a local folder of the driver but the "
+                            f"Ray cluster has {n}; allowed: {shared_hint}, "
                             "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (pyarrow URIs), or "
                             "--no-cache")
     local = local_path_of_tracking(tracking_uri)
     if local is not None and (local == ":memory:" or not is_shared_path(local, env)):
-        problems.append(f"--tracking-uri {tracking_uri} is a store on the driver's disk but "
-                        f"the Ray cluster has {n} nodes; allowed: an MLflow server "
+        problems.append(f"--tracking-uri {redact(tracking_uri)} is a store on the driver's disk "
+                        f"but the Ray cluster has {n}; allowed: an MLflow server "
                         "http://HOST:PORT reachable from every node, a database URI "
                         "(postgresql://...), or sqlite:////PATH in " + shared_hint)
+    if is_database(tracking_uri):
+        where = local_path_of_store(artifact_location) if artifact_location else "./mlruns"
+        if where is not None and not is_shared_path(where, env):
+            problems.append(f"--tracking-uri {redact(tracking_uri)} keeps no artifacts itself "
+                            f"and they would go to {redact(artifact_location) or './mlruns'}, "
+                            f"a local folder of the driver, but the Ray cluster has {n}; "
+                            "allowed: --artifact-location s3://BUCKET/PATH, gs://BUCKET/PATH or "
+                            f"{shared_hint} (for a new experiment), or an MLflow server "
+                            "http://HOST:PORT that stores them")
     if problems:
         raise ClusterError(". ".join(problems))
-    logger.debug("storage %s, cache %s and tracking %s are reachable from all %d nodes",
-                 storage, cache, tracking_uri, n)
+    logger.debug("storage %s, cache %s and tracking %s are reachable from all nodes (%s)",
+                 redact(storage), redact(cache), redact(tracking_uri), n)
 
 
 def check_inputs_on_nodes(
@@ -224,8 +298,8 @@ def check_inputs_on_nodes(
     """
     paths = {k: v for k, v in inputs.items() if v and "://" not in v and os.path.isabs(v)}
     alive = alive_nodes()
-    if not paths or len(alive) <= 1:
-        return
+    if not paths or max(len(alive), max_nodes()) <= 1:
+        return  # one node that stays one: the driver checked its inputs itself
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -31,8 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the demo search: difftune-demo)")
     p.add_argument("--model-name", help="registered model name for the champion "
                    "(default: the experiment name, prefixed with difftune- unless it has it)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db "
-                   "in the working directory)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI: http://HOST:PORT of a server, "
+                   "a database (postgresql://USER@HOST/DB; its password in $PGPASSWORD, "
+                   "~/.pgpass or $MLFLOW_TRACKING_URI) or sqlite:///FILE (default: "
+                   "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--artifact-location", help="where a new experiment keeps its artifacts "
+                   "(the champion model) when --tracking-uri is a database: s3://, gs:// or a "
+                   "folder every node reaches (default: ./mlartifacts; a server or a sqlite "
+                   "store decides for itself)")
     p.add_argument("--address", help="Ray cluster address to join (default: a local Ray)")
     p.add_argument("--gpus-per-trial", type=number(0, open_low=False),
                    help="GPUs per trial, fractions up to 1 allowed (default: the space's, else "
@@ -56,11 +62,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from difftune.search.cluster import local_ray_on_loopback
+
+    if not args.address:
+        local_ray_on_loopback()  # before Ray is imported: it reads the setting at import
     from difftune.search.cluster import check_addressable, check_inputs_on_nodes
     from difftune.search.space import load_space, parse_set
     from difftune.search.tracking import default_experiment
-    from difftune.search.tuner import default_model_name, ensure_ray, resume_search, run_search
-    from difftune.search.uris import check_reachable, check_storage, redact, resolve_uri
+    from difftune.search.tuner import (
+        default_model_name,
+        ensure_ray,
+        plan_resume,
+        resume_search,
+        run_search,
+    )
+    from difftune.search.uris import (
+        check_reachable,
+        check_storage,
+        redact,
+        refuse_secrets,
+        resolve_uri,
+    )
     from difftune.trainables.cache import default_root
     from difftune.trainables.data import check_data
     from difftune.trainables.trainable import RuntimeOptions
@@ -69,8 +91,21 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         uri = resolve_uri(args.tracking_uri)
         check_reachable(uri, must_exist=True)
-        result = resume_search(experiment=args.resume, tracking_uri=uri, address=args.address)
-        print_summary(result, top=args.top)
+        plan = plan_resume(experiment=args.resume, tracking_uri=uri)
+        if plan.finished:
+            print(f"nothing to resume: the latest search of experiment {args.resume!r} (run "
+                  f"{plan.parent}) finished; its runs and champion stay as they are (start a "
+                  "new search without --resume)")
+            return 0
+        # the stores are checked again before anything restarts: the cluster may differ
+        ensure_ray(args.address)
+        check_addressable(storage_path=plan.storage_path, cache=plan.runtime.cache,
+                          tracking_uri=uri, artifact_location=experiment_artifacts(
+                              uri, args.resume, None))
+        check_inputs_on_nodes({"--checkpoint": plan.space.checkpoint,
+                               "--data": plan.space.data})
+        result = resume_search(plan, tracking_uri=uri, address=args.address)
+        print_summary(result, top=args.top, model_name=plan.model_name)
         return 0
 
     space = load_space(
@@ -83,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     )
     check_model(space.model, checkpoint=space.checkpoint)
     check_data(space.data)
+    refuse_secrets("--storage", args.storage)
+    refuse_secrets("--cache", args.cache)
+    refuse_secrets("--artifact-location", args.artifact_location)
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
     check_storage(args.storage)
@@ -90,8 +128,11 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else (args.cache or default_root())
     if cache and "://" not in cache:
         cache = os.path.abspath(cache)  # trials run in other working directories
+    experiment = args.experiment or default_experiment(space)
+    artifacts = experiment_artifacts(uri, experiment, args.artifact_location)
     ensure_ray(args.address)
-    check_addressable(storage_path=args.storage, cache=cache, tracking_uri=uri)
+    check_addressable(storage_path=args.storage, cache=cache, tracking_uri=uri,
+                      artifact_location=artifacts)
     check_inputs_on_nodes({"--checkpoint": space.checkpoint, "--data": space.data})
     runtime = RuntimeOptions(cache=cache, online=args.no_cache,
                              store_pool=space.search.get("cache_pool"),
@@ -99,13 +140,30 @@ def run(args: argparse.Namespace) -> int:
                              threads=max(1, int(space.search["cpus_per_trial"])))
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
                 space.search["trials"], space.model, space.data, redact(uri))
-    experiment = args.experiment or default_experiment(space)
     model_name = args.model_name or default_model_name(experiment)
     result = run_search(space, experiment=experiment, tracking_uri=uri, runtime=runtime,
                         storage_path=args.storage, address=args.address,
-                        model_name=model_name)
+                        model_name=model_name, artifact_location=artifacts)
     print_summary(result, top=args.top, model_name=model_name)
     return 0
+
+
+def experiment_artifacts(uri: str, experiment: str, given: str | None) -> str | None:
+    """Where ``experiment``'s artifacts go: its own location if it exists (fixed when it was
+    made), else ``given`` or the store's default (:func:`~difftune.search.uris.artifact_root`).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from difftune.search.uris import artifact_root, is_database
+
+    if given and "://" not in given:
+        given = os.path.abspath(given)
+    if not is_database(uri):
+        return given  # a server keeps its own; sqlite: beside its file (nothing to check)
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.artifact_location
+    return given or artifact_root(uri, experiment)
 
 
 def summary_table(rows: list[dict], cols: list[str]) -> list[str]:
@@ -126,8 +184,6 @@ def _cell(v) -> str:
 
 
 def print_summary(result, *, top: int = 10, model_name: str | None = None) -> None:
-    from difftune.search.uris import redact
-
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
     print(f"\nbest trials of experiment {result.experiment!r} "
           f"({len(result.rows)} finished; epochs: the epochs each trial ran):")
@@ -136,10 +192,27 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
     if result.best_run_id:
         print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
               f"registered as version {result.model_version} (alias 'champion')")
-    uri = redact(result.tracking_uri)
-    print(f"open the MLflow UI:  difftune ui --tracking-uri {uri}")
-    print(f"export the best:     difftune export --experiment {result.experiment} "
-          f"--tracking-uri {uri} --out best.yaml")
-    if result.best_run_id and model_name:
-        print(f"classify images:     difftune predict IMAGE... --model "
-              f"models:/{model_name}@champion --tracking-uri {uri}")
+    print(follow_up(result.tracking_uri, result.experiment,
+                    model_name=model_name if result.best_run_id else None))
+
+
+def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = None) -> str:
+    """The commands to look at a search's results, as a user can paste them: a server's own
+    UI address, and a URI with a password spelled as the variable that should hold it."""
+    import shlex
+
+    from difftune.search.uris import TRACKING_URI_ENV, has_secret, paste_form, server_ui
+
+    uri = paste_form(tracking_uri)
+    ui = server_ui(tracking_uri)
+    lines = [f"open the MLflow UI:  {ui}" if ui else
+             f"open the MLflow UI:  difftune ui --tracking-uri {uri}",
+             f"export the best:     difftune export --experiment {shlex.quote(experiment)} "
+             f"--tracking-uri {uri} --out best.yaml"]
+    if model_name:
+        lines.append(f"classify images:     difftune predict IMAGE... --model "
+                     f"{shlex.quote(f'models:/{model_name}@champion')} --tracking-uri {uri}")
+    if has_secret(tracking_uri):
+        lines.append(f"(${TRACKING_URI_ENV} must hold the tracking URI with its password, "
+                     "which is not printed)")
+    return "\n".join(lines)

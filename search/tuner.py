@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from difftune.search.best import Candidate, rank_trials
 from difftune.search.champion import log_champion
 from difftune.search.cluster import cluster_gpus, trial_resources
-from difftune.search.mlflow_trials import MLflowTrials
+from difftune.search.mlflow_trials import MLflowTrials, first_line, store_is_away
 from difftune.search.space import Space
 from difftune.search.tracking import (
     TAG_RUNTIME,
@@ -31,7 +32,7 @@ from difftune.search.tracking import (
     start_parent_run,
     trial_run_ids,
 )
-from difftune.search.uris import TrackingError, storage_join
+from difftune.search.uris import TrackingError, redact, storage_join
 from difftune.trainables.params import decode, trial_config
 from difftune.trainables.trainable import RuntimeOptions, train_trial
 
@@ -157,9 +158,13 @@ def run_search(
     storage_path: str | None = None,
     address: str | None = None,
     model_name: str | None = None,
+    artifact_location: str | None = None,
     verbose: int = 1,
 ) -> SearchResult:
-    """Run a whole search: parent run, trials, champion. Returns what the CLI prints."""
+    """Run a whole search: parent run, trials, champion. Returns what the CLI prints.
+
+    :param artifact_location: where a new experiment keeps its artifacts (None:
+        :func:`~.uris.artifact_root`)."""
     storage_path = storage_path or DEFAULT_STORAGE
     if "://" not in storage_path:  # s3://, gs://: Ray Tune takes the URI as it is
         storage_path = str(Path(storage_path).resolve())
@@ -169,52 +174,84 @@ def run_search(
     client = MlflowClient(tracking_uri)
     parent = start_parent_run(client, experiment, space_dict=space.resolved(),
                               runtime=runtime.to_dict(), tune_path=tune_path,
-                              model_name=model_name)
+                              model_name=model_name, artifact_location=artifact_location)
     ensure_ray(address)
+    trials = MLflowTrials(tracking_uri, parent, outbox_dir=tune_path)
     tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
-                        callbacks=[MLflowTrials(tracking_uri, parent)], verbose=verbose)
+                        callbacks=[trials], verbose=verbose)
     return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
                            tracking_uri=tracking_uri, tune_path=tune_path,
                            model_name=model_name)
 
 
-def resume_search(*, experiment: str, tracking_uri: str, address: str | None = None,
-                  verbose: int = 1) -> SearchResult:
-    """Continue the latest search of ``experiment`` after its driver died: Ray Tune restores
-    the trials and the Optuna searcher; finished trials are not rerun and their MLflow runs are
-    left as they are; unfinished ones continue in their own run."""
+@dataclass
+class ResumePlan:
+    """What ``--resume`` restores, read from the latest search run of an experiment."""
+
+    experiment: str
+    parent: str  # the search's parent run id
+    status: str  # the parent run's MLflow status (FINISHED: nothing to resume)
+    tune_path: str
+    space: Space
+    runtime: RuntimeOptions
+    model_name: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    @property
+    def storage_path(self) -> str:
+        """Ray Tune's storage (the experiment's parent; a URI keeps its query at the end)."""
+        base, sep, query = self.tune_path.partition("?") if "://" in self.tune_path \
+            else (self.tune_path, "", "")
+        return base.rsplit("/", 1)[0] + sep + query
+
+
+def plan_resume(*, experiment: str, tracking_uri: str) -> ResumePlan:
+    """Read what ``--resume`` needs from the latest search of ``experiment`` (nothing is
+    changed)."""
     client = MlflowClient(tracking_uri)
-    parent_run = latest_search_run(client, experiment, what="--resume")
-    parent = parent_run.info.run_id
-    tags = parent_run.data.tags
-    tune_path = tags.get("difftune.tune_path", "")
-    if not tune.Tuner.can_restore(tune_path):
-        raise TrackingError(f"--resume {experiment}: the search's Ray Tune state {tune_path} "
-                            "is missing or not restorable (was --storage on another machine?)")
-    space = space_from_run(client, parent)
-    runtime = RuntimeOptions.from_dict(json.loads(tags.get(TAG_RUNTIME, "{}")))
+    run = latest_search_run(client, experiment, what="--resume")
+    tags = run.data.tags
+    return ResumePlan(
+        experiment=experiment, parent=run.info.run_id, status=run.info.status,
+        tune_path=tags.get("difftune.tune_path", ""), space=space_from_run(client, run.info.run_id),
+        runtime=RuntimeOptions.from_dict(json.loads(tags.get(TAG_RUNTIME, "{}"))),
+        model_name=tags.get("difftune.model_name", default_model_name(experiment)))
+
+
+def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = None,
+                  verbose: int = 1) -> SearchResult:
+    """Continue a search whose driver died: Ray Tune restores the trials and the Optuna
+    searcher; finished trials are not rerun and their MLflow runs are left as they are;
+    unfinished ones continue in their own run. Call it after :func:`plan_resume` and the
+    checks of the stores (``cmd_search``)."""
+    if not tune.Tuner.can_restore(plan.tune_path):
+        raise TrackingError(f"--resume {plan.experiment}: the search's Ray Tune state "
+                            f"{redact(plan.tune_path)} is missing or not restorable (was "
+                            "--storage on another machine?)")
+    client = MlflowClient(tracking_uri)
     ensure_ray(address)
-    client.update_run(parent, status="RUNNING")
-    logger.info("resuming %s from %s", experiment, tune_path)
-    tuner = tune.Tuner.restore(tune_path, trainable=make_trainable(space, runtime),
+    client.update_run(plan.parent, status="RUNNING")
+    logger.info("resuming %s from %s", plan.experiment, redact(plan.tune_path))
+    tuner = tune.Tuner.restore(plan.tune_path, trainable=make_trainable(plan.space, plan.runtime),
                                resume_unfinished=True, resume_errored=True)
-    return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
-                           tracking_uri=tracking_uri, tune_path=tune_path,
-                           model_name=tags.get("difftune.model_name",
-                                               default_model_name(experiment)))
+    return _fit_and_finish(tuner, plan.space, client=client, parent=plan.parent,
+                           experiment=plan.experiment, tracking_uri=tracking_uri,
+                           tune_path=plan.tune_path, model_name=plan.model_name)
 
 
 def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
                     experiment: str, tracking_uri: str, tune_path: str,
                     model_name: str) -> SearchResult:
-    status = "FAILED"
     try:
         results = tuner.fit()
-        status = "FINISHED"
-    finally:
-        client.set_terminated(parent, status)
+    except BaseException:
+        _mark(client, parent, "FAILED")
+        raise
     s = space.search
-    runs = trial_run_ids(client, parent)
+    runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
     candidates = []
     for i, r in enumerate(results):
         metrics = r.metrics or {}
@@ -237,9 +274,41 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
         best_val = best.score
         best_cfg = trial_config(best.data.config).to_dict()
         with best.data.checkpoint.as_directory() as ckpt_dir:
-            version = log_champion(client, tracking_uri=tracking_uri, parent_run_id=parent,
-                                   best_run_id=best_run, checkpoint_dir=ckpt_dir,
-                                   model_name=model_name, best_config=best_cfg,
-                                   metric_value=best_val)
+            version = while_away("registering the champion", lambda: log_champion(
+                client, tracking_uri=tracking_uri, parent_run_id=parent, best_run_id=best_run,
+                checkpoint_dir=ckpt_dir, model_name=model_name, best_config=best_cfg,
+                metric_value=best_val))
+    # FINISHED last: a search whose driver died before its champion was registered is
+    # resumable, and --resume of a FINISHED one has nothing to do
+    while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
     return SearchResult(experiment, parent, tracking_uri, tune_path, best_run,
                         best_val, best_cfg, version, rows)
+
+
+def while_away(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, called again every 5 s while the tracking store is away (as the trials'
+    records wait: :func:`~.mlflow_trials.store_is_away`), up to ``DIFFTUNE_MLFLOW_WAIT_S``
+    (default 300) seconds: a server that goes away as the search ends costs a wait, not the
+    search."""
+    deadline = time.monotonic() + float(os.environ.get("DIFFTUNE_MLFLOW_WAIT_S", "300"))
+    warned = False
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not store_is_away(exc) or time.monotonic() > deadline:
+                raise
+            if not warned:
+                logger.warning("MLflow is not answering while %s (%s); trying again until it "
+                               "is back", what, first_line(exc))
+                warned = True
+            time.sleep(5)
+
+
+def _mark(client: MlflowClient, parent: str, status: str) -> None:
+    """Set the parent run's status while an error ends the search, without hiding that
+    error behind a tracking store that is away."""
+    try:
+        client.set_terminated(parent, status)
+    except Exception as exc:  # noqa: BLE001 - the error in flight is the one to report
+        logger.error("could not mark search run %s %s: %s", parent, status, first_line(exc))

@@ -58,7 +58,26 @@ def rejected(stand_ins, probe: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def search(stand_ins, probe: dict, rejected) -> dict:
+def resume_rejected(stand_ins, probe: dict) -> tuple[str, subprocess.CompletedProcess]:
+    """``difftune search --resume`` joining the cluster for a search whose Ray Tune storage
+    is a folder only this driver has (as when a laptop's search is resumed on a cluster)."""
+    from difftune.search.space import load_space
+    from difftune.search.tracking import start_parent_run
+
+    s = stand_ins
+    parent = start_parent_run(MlflowClient(s.tracking_uri), "cluster-resume-rejected",
+                              space_dict=load_space(str(REPO / SPACE)).resolved(),
+                              runtime={"cache": s.cache_uri("resume")},
+                              tune_path="/var/tmp/difftune-local/runs/resume-1",
+                              model_name="difftune-cluster-resume-rejected")
+    return parent, subprocess.run(
+        ["difftune", "search", "--resume", "cluster-resume-rejected", "--address",
+         s.gcs_address, "--tracking-uri", s.tracking_uri],
+        env={**s.env}, cwd=s.root, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def search(stand_ins, probe: dict, rejected, resume_rejected) -> dict:
     """The demo search submitted as a Ray job; the worker node's processes are killed as soon
     as a trial on it has reported its first epoch (cluster/standin_kill_worker.py). Runs after
     the fixtures that need both nodes."""
@@ -168,6 +187,17 @@ def test_joining_the_cluster_with_a_local_storage_path_is_one_clear_error(reject
     # rejected before anything was recorded
     assert MlflowClient(stand_ins.tracking_uri).get_experiment_by_name("cluster-rejected") \
         is None
+
+
+def test_resume_checks_the_stores_against_the_cluster_before_restarting(resume_rejected,
+                                                                          stand_ins):
+    parent, done = resume_rejected
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("difftune search:")]
+    assert line.startswith("difftune search: error: --storage /var/tmp/difftune-local/runs is "
+                           "a local folder of the driver but the Ray cluster has 2 nodes")
+    run = MlflowClient(stand_ins.tracking_uri).get_run(parent)
+    assert run.info.status == "RUNNING" and run.info.end_time is None  # nothing restarted
 
 
 # ----------------------------------------------------------------------------- the search

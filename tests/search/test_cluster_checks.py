@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,7 @@ from difftune.search.cluster import (
     is_shared_path,
     local_path_of_store,
     local_path_of_tracking,
+    max_nodes,
     mount_of,
     trial_resources,
 )
@@ -47,14 +49,52 @@ def mounts(tmp_path, monkeypatch):
 
 def test_one_alive_node_accepts_local_paths(mounts):
     check_addressable(storage_path="/home/u/runs", cache="/home/u/cache",
-                      tracking_uri="sqlite:///mlflow.db", nodes=ONE)
+                      tracking_uri="sqlite:///mlflow.db", nodes=ONE, most_nodes=0)
 
 
 def test_remote_stores_pass_on_a_cluster(mounts):
     check_addressable(storage_path="s3://bucket/runs", cache="gs://bucket/cache?x=1",
                       tracking_uri=HTTP, nodes=TWO)
     check_addressable(storage_path="/mnt/efs/runs", cache=None,
-                      tracking_uri="postgresql://u@db:5432/mlflow", nodes=TWO)
+                      tracking_uri="postgresql://u@db:5432/mlflow",
+                      artifact_location="s3://bucket/mlflow", nodes=TWO)
+
+
+def test_one_alive_node_of_an_autoscaling_cluster_is_checked(mounts):
+    """An autoscaling cluster starts with its head alone: the autoscaler's maximum counts."""
+    with pytest.raises(ClusterError) as err:
+        check_addressable(storage_path="/home/u/runs", cache=None, tracking_uri=HTTP,
+                          nodes=ONE, most_nodes=9)
+    assert str(err.value).startswith("--storage /home/u/runs") and \
+        "1 node now and its autoscaler may add nodes (up to 9)" in str(err.value)
+    check_addressable(storage_path="/home/u/runs", cache="/home/u/c",
+                      tracking_uri="sqlite:///m.db", nodes=ONE, most_nodes=1)
+
+
+def test_max_nodes_sums_the_node_types_of_the_autoscaler_config():
+    def config(*counts):
+        return SimpleNamespace(node_group_configs=[SimpleNamespace(max_count=c) for c in counts])
+
+    assert max_nodes(config(1, 8)) == 9  # a head and up to 8 GPU workers
+    assert max_nodes(config(1, -1)) == sys.maxsize  # a worker group without a maximum
+    assert max_nodes(config()) == 0
+
+
+@pytest.mark.parametrize("artifacts, ok", [
+    (None, False), ("file:///home/u/mlartifacts/x", False), ("/home/u/art", False),
+    ("s3://bucket/mlflow", True), ("gs://bucket/mlflow", True), ("/mnt/efs/mlartifacts", True),
+])
+def test_a_database_tracking_uri_on_a_cluster_needs_shared_artifacts(mounts, artifacts, ok):
+    kwargs = dict(storage_path="s3://b/r", cache=None, nodes=TWO, artifact_location=artifacts,
+                  tracking_uri="postgresql://mlflow:SECRET@db:5432/mlflow")
+    if ok:
+        check_addressable(**kwargs)
+        return
+    with pytest.raises(ClusterError) as err:
+        check_addressable(**kwargs)
+    msg = str(err.value)
+    assert msg.startswith("--tracking-uri postgresql://***@db:5432/mlflow keeps no artifacts")
+    assert "--artifact-location s3://" in msg and "SECRET" not in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("setting, kwargs", [
@@ -73,7 +113,7 @@ def test_a_local_path_on_a_cluster_is_one_clear_error(mounts, setting, kwargs):
         check_addressable(nodes=TWO, **kwargs)
     msg = str(err.value)
     assert isinstance(err.value, UserError) and "\n" not in msg
-    assert msg.startswith(setting) and "2 nodes" in msg and "allowed:" in msg
+    assert msg.startswith(setting) and "has 2 nodes;" in msg and "allowed:" in msg
     assert cluster.SHARED_PATHS_ENV in msg
 
 

@@ -3,6 +3,8 @@ away mid-search and comes back."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from helpers import free_port
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
+from difftune.search.mlflow_trials import OUTBOX, MLflowTrials, store_is_away
 
 
 def trial_runs(client: MlflowClient, experiment: str):
@@ -52,6 +55,96 @@ paper_config: {lr: 1.0e+30}
     version = client.get_model_version_by_alias("difftune-nan", "champion")
     assert version.run_id in {r.info.run_id for r in finished}
 
+
+
+class Trial:
+    """What the callback reads of a Tune trial (Tune hands it a ray.tune Trial)."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config = trial_id, config
+        self.last_result, self.num_failures, self.error_file = {}, 0, None
+
+    def __str__(self) -> str:
+        return f"trial_{self.trial_id}"
+
+
+def test_a_refused_record_fails_alone_and_later_records_go_on(tmp_path, caplog):
+    """HTTP 4xx (here: a parameter name MLflow refuses) is that record's fault: one line, and
+    the records after it, of that trial and of others, are written."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("refused")
+    parent = client.create_run(exp, tags={"difftune.role": "search"}).info.run_id
+    callback = MLflowTrials(uri, parent, outbox_dir=str(tmp_path / "exp"))
+    bad, good = Trial("a", {"head": "linear", "bad name?": 1}), Trial("b", {"head": "mlp"})
+    with caplog.at_level(logging.ERROR, logger="difftune.search.mlflow_trials"):
+        for trial in (bad, good):
+            callback.on_trial_start(0, [], trial)
+        for trial in (bad, good):
+            callback.on_trial_result(0, [], trial, {"epoch": 1, "val_top1": 50.0})
+            callback.on_trial_complete(0, [], trial)
+    refused = [r.getMessage() for r in caplog.records]
+    assert len(refused) == 1 and "trial a (start, HTTP 400" in refused[0] and "\n" not in refused[0]
+    assert "INVALID_PARAMETER_VALUE" in refused[0]
+    assert callback.flush() and not callback._outbox
+    runs = {r.data.tags["difftune.trial_id"]: r for r in trial_runs(client, "refused")}
+    assert set(runs) == {"a", "b"} and all(r.info.status == "FINISHED" for r in runs.values())
+    assert all(r.data.metrics["val_top1"] == 50.0 for r in runs.values())
+    assert not (tmp_path / "exp" / OUTBOX).exists()
+
+
+def test_a_resumed_search_closes_the_runs_its_dead_driver_left_open(tmp_path):
+    """Tune saved a trial as ended, the driver died before sending its last records: the
+    resumed driver (a callback restored from tuner.pkl) sends its last epoch and its end;
+    a run recorded in full is left as it is."""
+    import pickle
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("settle")
+    parent = client.create_run(exp, tags={"difftune.role": "search"}).info.run_id
+    first = MLflowTrials(uri, parent)
+    saved = pickle.dumps(first)  # as Tune's tuner.pkl holds it
+    cut, done = Trial("cut", {"head": "linear", "epochs": 2}), Trial("done", {"epochs": 2})
+    for trial in (cut, done):
+        first.on_trial_start(0, [], trial)
+        first.on_trial_result(0, [], trial, {"epoch": 1, "val_top1": 40.0})
+    first.on_trial_result(0, [], done, {"epoch": 2, "val_top1": 60.0})
+    first.on_trial_complete(0, [], done)  # ... and the driver dies before cut's last epoch
+    runs = {r.data.tags["difftune.trial_id"]: r for r in trial_runs(client, "settle")}
+    assert runs["cut"].info.status == "RUNNING"
+    finished_at = runs["done"].info.end_time
+
+    resumed = pickle.loads(saved)
+    for trial, value in ((cut, 55.0), (done, 60.0)):
+        trial.status, trial.last_result = "TERMINATED", {"epoch": 2, "val_top1": value}
+    resumed.on_experiment_end([cut, done])
+    runs = {r.data.tags["difftune.trial_id"]: r for r in trial_runs(client, "settle")}
+    assert runs["cut"].info.status == "FINISHED"
+    history = client.get_metric_history(runs["cut"].info.run_id, "val_top1")
+    assert [(m.step, m.value) for m in history] == [(1, 40.0), (2, 55.0)]
+    assert runs["cut"].data.metrics["final_val_top1"] == 55.0
+    assert runs["cut"].data.tags["early_stopped"] == "false"
+    assert runs["done"].info.end_time == finished_at  # left as it is
+
+
+def test_only_an_absent_store_makes_records_wait():
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    assert store_is_away(MlflowException("API request to http://h/api failed with exception "
+                                          "HTTPConnectionPool: Max retries exceeded"))
+    assert store_is_away(MlflowException("API request to endpoint /api failed with error code "
+                                          "503 != 200. Response body: ''"))
+    assert store_is_away(requests.exceptions.ConnectionError("refused"))
+    assert store_is_away(ConnectionResetError(104, "reset"))
+    assert store_is_away(RestException({"error_code": "INTERNAL_ERROR", "message": "db"}))
+    assert not store_is_away(RestException({"error_code": "PERMISSION_DENIED", "message": "no"}))
+    assert not store_is_away(RestException({"error_code": "INVALID_PARAMETER_VALUE",
+                                            "message": "bad"}))
+    assert not store_is_away(MlflowException("API request to endpoint /api failed with error "
+                                             "code 403 != 200. Response body: 'Forbidden'"))
+    assert not store_is_away(ValueError("a value MLflow cannot take"))
 
 
 def start_server(root, port: int) -> subprocess.Popen:
@@ -122,4 +215,65 @@ params:
         if search.poll() is None:
             search.kill()
             search.wait()
+        stop(server)
+
+
+def test_driver_killed_during_an_outage_loses_no_record_after_resume(ray_session, tmp_path):
+    """Records that wait for the tracking server are kept beside the Tune experiment: the
+    driver is killed while they wait, the server comes back, and --resume sends them."""
+    port = free_port()
+    server = start_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    space = tmp_path / "s.yaml"
+    space.write_text("""
+model: demo
+search: {trials: 3, seed: 2, max_concurrent: 1, grace_period: 2}
+fixed: {head: linear, epochs: 2, pool: 1, momentum: 0.9, batch_size: 128}
+params:
+  block: {choice: [7, 10, 13]}
+  lr: {float: [0.01, 0.1], log: true}
+""")
+    common = ["--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space),
+         "--experiment", "outbox", "--storage", str(tmp_path / "runs"),
+         "--cache", str(tmp_path / "cache"), *common],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    client = MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 300
+        while not trial_runs(client, "outbox"):  # the first trial is recorded
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial started"
+            time.sleep(0.5)
+        stop(server)  # the server goes away while trials run
+        waiting: list = []
+        while not any(r["op"] == "complete" for r in waiting):  # a trial finished meanwhile
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.5)
+            kept = list((tmp_path / "runs").glob(f"*/{OUTBOX}"))
+            try:
+                waiting = json.loads(kept[0].read_text())["records"] if kept else []
+            except ValueError:
+                waiting = []
+        time.sleep(2)  # Tune saves its experiment state every second
+    finally:
+        driver.kill()  # SIGKILL: nothing is flushed on the way out
+        driver.wait()
+    finished_then = {r["trial"] for r in waiting if r["op"] == "complete"}
+    server = start_server(tmp_path, port)
+    try:
+        resumed = subprocess.run([sys.executable, "-m", "difftune.search.cli", "search",
+                                  "--resume", "outbox", *common], capture_output=True,
+                                 text=True, timeout=600, env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        runs = {r.data.tags["difftune.trial_id"]: r for r in trial_runs(client, "outbox")}
+        assert len(runs) == 3 and finished_then <= set(runs)
+        for r in runs.values():
+            assert r.info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_top1")]
+            assert steps == [1, 2]  # each epoch once, none lost
+        assert not list((tmp_path / "runs").glob(f"*/{OUTBOX}"))
+        assert client.get_model_version_by_alias("difftune-outbox", "champion")
+    finally:
         stop(server)

@@ -77,7 +77,9 @@ def test_resume_after_sigkill_records_every_trial_once(ray_session, tmp_path):
     after = children(client, "resume")
     trial_ids = [r.data.tags["difftune.trial_id"] for r in after]
     assert len(after) == TRIALS and len(set(trial_ids)) == TRIALS
-    assert all(r.info.status == "FINISHED" for r in after)
+    assert all(r.info.status == "FINISHED" for r in after), (
+        [(r.data.tags["difftune.trial_id"], r.info.status) for r in after],
+        resumed.stderr[-4000:])
     for rid, history in histories.items():  # finished runs: neither duplicated nor overwritten
         assert [(m.step, m.value) for m in client.get_metric_history(rid, "val_top1")] == history
     for r in after:  # every run has each epoch once

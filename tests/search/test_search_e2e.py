@@ -59,8 +59,10 @@ def test_one_nested_child_run_per_trial(searched):
         stopped = child.data.tags["early_stopped"] == "true"
         assert len(history) < EPOCHS if stopped else len(history) == EPOCHS
         assert [m.step for m in history] == list(range(1, len(history) + 1))
-        # the run's val_top1 is its last epoch's; top-1 never exceeds top-5
+        # the run's val_top1 is its last epoch's (final_val_top1 repeats it); top-1 never
+        # exceeds top-5
         assert child.data.metrics["val_top1"] == history[-1].value
+        assert child.data.metrics["final_val_top1"] == history[-1].value
         assert child.data.metrics["val_top1"] <= child.data.metrics["val_top5"]
         assert child.data.tags["hostname"]
 
@@ -132,3 +134,37 @@ def test_export_of_unknown_experiment_is_one_clear_error(searched, tmp_path, cap
     assert rc == 2
     assert "--experiment 'nope': no such experiment" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_resume_of_a_finished_search_changes_nothing(searched, capsys):
+    client, uri = searched["client"], searched["uri"]
+    (parent,) = searched["parents"]
+    versions = client.search_model_versions("name='e2e-head'")
+    alias = client.get_model_version_by_alias("e2e-head", "champion").version
+    runs = client.search_runs([parent.info.experiment_id], max_results=1000)
+    capsys.readouterr()
+    assert main(["search", "--resume", "e2e", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing to resume: the latest search of experiment 'e2e'")
+    assert len(client.search_model_versions("name='e2e-head'")) == len(versions)
+    assert client.get_model_version_by_alias("e2e-head", "champion").version == alias
+    again = client.get_run(parent.info.run_id).info
+    assert (again.status, again.end_time) == ("FINISHED", parent.info.end_time)
+    assert len(client.search_runs([parent.info.experiment_id], max_results=1000)) == len(runs)
+
+
+def test_the_closing_export_command_runs_as_printed(searched, tmp_path):
+    """The follow-up printed after a search, pasted into a shell, works."""
+    import subprocess
+    import sys
+
+    from difftune.search.cmd_search import follow_up
+
+    line = follow_up(searched["uri"], "e2e").splitlines()[1]
+    command = line.split(":", 1)[1].strip()
+    assert command.startswith("difftune export --experiment e2e --tracking-uri ")
+    python = f"{sys.executable} -m difftune.search.cli"  # `difftune` of this environment
+    done = subprocess.run(["bash", "-c", command.replace("difftune", python, 1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "best.yaml").is_file()

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
+import pytest
+from helpers import free_port
 from mlflow.tracking import MlflowClient
 
+from difftune.search.cli import main
+from difftune.search.cmd_search import follow_up
 from difftune.search.space import load_space
 from difftune.search.tracking import TAG_RUNTIME, start_parent_run
 from difftune.search.uris import redact
@@ -31,3 +41,84 @@ def test_parent_run_records_the_cache_uri_without_its_keys(tmp_path):
     recorded = json.dumps({**run.data.tags, **run.data.params})
     assert "VERYSECRET" not in recorded and "AKIAXXXX" not in recorded
     assert json.loads(run.data.tags[TAG_RUNTIME])["cache"].startswith("s3://b/c?")
+
+
+def test_a_password_is_kept_in_memory_and_saved_nowhere(monkeypatch):
+    """What is saved (the MLflow callback in Tune's tuner.pkl) holds the URI without its
+    password; the driver puts it back at run time, from memory or $MLFLOW_TRACKING_URI."""
+    import pickle
+
+    from difftune.search import uris
+    from difftune.search.mlflow_trials import MLflowTrials
+
+    monkeypatch.setattr(uris, "_SECRETS", {})
+    monkeypatch.delenv(uris.TRACKING_URI_ENV, raising=False)
+    full = "postgresql://mlflow:S3CRET@db.example:5432/mlflow"
+    assert uris.public_uri(full) == "postgresql://mlflow@db.example:5432/mlflow"
+    assert uris.resolve_uri(full) == full
+    callback = MLflowTrials(full, "parent")
+    assert b"S3CRET" not in pickle.dumps(callback)
+    # (the callback connects with uris.runtime_uri(callback.tracking_uri))
+    assert uris.runtime_uri(callback.tracking_uri) == full  # put back in this process
+    restored = pickle.loads(pickle.dumps(callback))
+    monkeypatch.setattr(uris, "_SECRETS", {})  # a new driver (--resume): from the environment
+    monkeypatch.setenv(uris.TRACKING_URI_ENV, full)
+    assert uris.runtime_uri(restored.tracking_uri) == full
+    monkeypatch.delenv(uris.TRACKING_URI_ENV)  # else the URI as saved ($PGPASSWORD, ~/.pgpass)
+    assert uris.runtime_uri(restored.tracking_uri) == "postgresql://mlflow@db.example:5432/mlflow"
+
+
+@pytest.mark.parametrize("flag", ["--storage", "--cache"])
+def test_credentials_in_a_saved_uri_are_refused(tmp_path, capsys, flag):
+    uri = "s3://AKIAXXXX:VERYSECRET@bucket/path"
+    rc = main(["search", flag, uri, "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+               "--experiment", "sec"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"difftune search: error: {flag} s3://***@bucket/path holds "
+                             "credentials") and "AWS_ACCESS_KEY_ID" in err[0]
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_printed_follow_up_commands_can_be_pasted():
+    local = follow_up("sqlite:////runs/mlflow.db", "demo")
+    assert "difftune ui --tracking-uri sqlite:////runs/mlflow.db" in local
+    server = follow_up("http://mlflow.example:5000", "my exp")
+    assert "open the MLflow UI:  http://mlflow.example:5000/" in server  # the server's own UI
+    assert "difftune ui" not in server and "--experiment 'my exp'" in server
+    secret = follow_up("postgresql://mlflow:S3CRET@db/mlflow", "demo")
+    assert "S3CRET" not in secret and "***" not in secret
+    assert secret.count('--tracking-uri "$MLFLOW_TRACKING_URI"') == 2
+    assert "$MLFLOW_TRACKING_URI must hold" in secret
+
+
+def test_ui_of_a_server_is_one_line_naming_its_own_ui(capsys):
+    rc = main(["ui", "--tracking-uri", "http://alice:pw@127.0.0.1:5999"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pw" not in err[0].replace("open", "")
+    assert "is an MLflow server" in err[0] and "open http://127.0.0.1:5999/" in err[0]
+
+
+def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path):
+    """The password reaches `mlflow ui` through its environment, not its command line (which
+    every user of the machine can read in ps)."""
+    secret = "postgresql://mlflow:S3CRET@127.0.0.1:9/mlflow"  # nothing listens: it stays up
+    proc = subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "ui",
+                             "--tracking-uri", secret, "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert "postgresql://***@127.0.0.1:9/mlflow" in first and "S3CRET" not in first
+        deadline = time.monotonic() + 60
+        while True:  # the exec'd mlflow and whatever it starts
+            cmdlines = [p.cmdline() for p in [psutil.Process(proc.pid),
+                                               *psutil.Process(proc.pid).children(True)]]
+            if any("mlflow" in " ".join(c) for c in cmdlines) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert any("mlflow" in " ".join(c) for c in cmdlines)
+        assert not any("S3CRET" in " ".join(c) for c in cmdlines), cmdlines
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

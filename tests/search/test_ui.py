@@ -1,14 +1,18 @@
-"""`difftune ui` serves the MLflow UI on 127.0.0.1 unless --host says otherwise."""
+"""What a single-machine user exposes: `difftune ui` serves the MLflow UI on 127.0.0.1
+unless --host says otherwise, and the local Ray of a search listens on loopback only."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
+import psutil
 from helpers import free_port
 
 
@@ -50,3 +54,63 @@ def test_ui_binds_to_loopback_only(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+#: how /proc/net/tcp* spell loopback: 127.0.0.1, the same mapped into IPv6, and ::1
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening_sockets_of(pids: set[int]) -> set[tuple[str, int]]:
+    """(local address, port) of every listening TCP socket the processes ``pids`` hold."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:["):-1])
+        except OSError:  # gone meanwhile
+            continue
+    out = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(name).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                addr, port = fields[1].split(":")
+                out.add((addr, int(port, 16)))
+    return out
+
+
+def test_a_local_search_listens_on_loopback_only(tmp_path):
+    """Every process of the Ray a single-machine search starts (GCS, raylet, agents,
+    workers) listens on 127.0.0.1 only, as does the search itself."""
+    temp = tempfile.mkdtemp(prefix="dtl", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update({"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "difftune.search.cli", "search", "--trials", "1",
+         "--set", "epochs=1", "--experiment", "lo", "--tracking-uri",
+         f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "runs"),
+         "--cache", str(tmp_path / "cache")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    seen: set[tuple[str, int]] = set()
+    names: set[str] = set()
+    try:
+        while proc.poll() is None:
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]
+                names |= {p.name() for p in tree}
+            except psutil.Error:
+                continue
+            seen |= listening_sockets_of({p.pid for p in tree})
+            time.sleep(0.3)
+        assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert {"gcs_server", "raylet"} <= names  # the search started a Ray of its own
+    assert len(seen) >= 3 and {addr for addr, _ in seen} <= LOOPBACK, sorted(seen)
