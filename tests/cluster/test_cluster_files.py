@@ -95,8 +95,20 @@ def test_launcher_nodes_share_a_folder_install_difftune_and_use_token_auth(launc
         start = " ".join(cfg[key])
         assert "RAY_AUTH_MODE=token" in start and f"DIFFTUNE_SHARED_PATHS={shared}" in start
     head = " ".join(cfg["head_start_ray_commands"])
-    assert "mlflow server" in head and "--backend-store-uri" in head
-    assert "--artifacts-destination" in head
+    # the server's settings come from the env file, exported; none is on its command line
+    assert "mlflow server" in head and "set -a; . ~/.difftune/mlflow.env; set +a;" in head
+    server = head[head.index("mlflow server"):]
+    assert "--backend-store-uri" not in server and "MLFLOW_BACKEND_STORE_URI" not in server
+    assert "--artifacts-destination" not in server
+
+
+def test_the_mlflow_servers_have_sqlalchemys_postgresql_driver(launcher):
+    """SQLAlchemy 2.1 reads postgresql:// with psycopg 3 (psycopg2 is not enough)."""
+    name, cfg = launcher
+    setup = " ".join(cfg["head_setup_commands"])
+    assert '"psycopg[binary]>=3.1"' in setup and "psycopg2" not in setup
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert '"psycopg[binary]>=3.1"' in dockerfile and "psycopg2" not in dockerfile
 
 
 # ------------------------------------------------------------------------------- KubeRay
@@ -290,8 +302,10 @@ def test_mlflow_server_is_reachable_by_its_service_name():
     deployment, service = docs["Deployment"], docs["Service"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     args = " ".join(container["args"])
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args
-    assert "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
+    # the store and the bucket reach mlflow server through its environment (the Secret),
+    # never as arguments, which would put the database password on its command line
+    assert "MLFLOW_BACKEND_STORE_URI" not in args and "--backend-store-uri" not in args
+    assert container["envFrom"] == [{"secretRef": {"name": "mlflow"}}]
     hosts = re.search(r"--allowed-hosts=(\S+)", args)[1].split(",")
     name = service["metadata"]["name"]
     port = service["spec"]["ports"][0]["port"]
