@@ -290,14 +290,20 @@ def while_away(what: str, fn: Callable[[], Any]) -> Any:
     records wait: :func:`~.mlflow_trials.store_is_away`), up to ``DIFFTUNE_MLFLOW_WAIT_S``
     (default 300) seconds: a server that goes away as the search ends costs a wait, not the
     search."""
-    deadline = time.monotonic() + float(os.environ.get("DIFFTUNE_MLFLOW_WAIT_S", "300"))
+    wait_s = float(os.environ.get("DIFFTUNE_MLFLOW_WAIT_S", "300"))
+    deadline = time.monotonic() + wait_s
     warned = False
     while True:
         try:
             return fn()
         except Exception as exc:
-            if not store_is_away(exc) or time.monotonic() > deadline:
+            if not store_is_away(exc):
                 raise
+            if time.monotonic() > deadline:
+                raise TrackingError(f"the tracking store did not answer for {wait_s:.0f} s "
+                                    f"while {what} ({first_line(exc)}); the trials are done: "
+                                    "when it is back, difftune search --resume EXPERIMENT "
+                                    "records the rest") from None
             if not warned:
                 logger.warning("MLflow is not answering while %s (%s); trying again until it "
                                "is back", what, first_line(exc))
