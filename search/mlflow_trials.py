@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
-from difftune.search.uris import public_uri, redact, runtime_uri
+from difftune.search.uris import public_uri, redact, redact_text, runtime_uri
 from difftune.trainables.cache_store import Store
 from difftune.trainables.params import decode
 
@@ -64,8 +64,9 @@ def store_is_away(exc: BaseException) -> bool:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, URIs redacted (MLflow's name the request)."""
     lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    return redact_text(lines[0] if lines else type(exc).__name__)[:300]
 
 
 class MLflowTrials(tune.Callback):

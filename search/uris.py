@@ -6,6 +6,7 @@ command starts."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 from pathlib import Path
@@ -51,6 +52,11 @@ def redact(uri: str | None) -> str | None:
     netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
     query = urlencode([(k, "***" if k in secret else v) for k, v in pairs], safe="*:/")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, say) with every URI in it passed through :func:`redact`."""
+    return re.sub(r"[A-Za-z][\w+.-]*://[^\s'\"<>]+", lambda m: redact(m[0]), text)
 
 
 def has_secret(uri: str | None) -> bool:

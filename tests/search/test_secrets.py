@@ -18,7 +18,7 @@ from difftune.search.cli import main
 from difftune.search.cmd_search import follow_up
 from difftune.search.space import load_space
 from difftune.search.tracking import TAG_RUNTIME, start_parent_run
-from difftune.search.uris import redact
+from difftune.search.uris import redact, redact_text
 
 
 def test_redact_masks_userinfo_and_secret_query_values():
@@ -28,6 +28,8 @@ def test_redact_masks_userinfo_and_secret_query_values():
     assert "AKIA123" not in got and "abc" not in got and "zzz" not in got
     assert "region=us-east-1" in got and "endpoint_override=127.0.0.1" in got
     assert redact("/local/folder") == "/local/folder"
+    assert redact_text("API request to http://bob:pw1@h:5000/api/2.0/x failed") == \
+        "API request to http://***@h:5000/api/2.0/x failed"
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
 
 
