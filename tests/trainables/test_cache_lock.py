@@ -20,24 +20,48 @@ from difftune.trainables.cache_store import Store
 REPO = Path(__file__).resolve().parents[2]
 REL = "group/.lock"
 
-#: a process that takes the lock ``rounds`` times, logging when it enters and leaves
+#: one of two processes that take the lock ``rounds`` times, logging when they enter and
+#: leave. They contend for certain: the first to hold it stays inside until the other says
+#: (through the lock's own "waiting" log line) that it waits.
 RACER = r"""
-import json, os, sys, time
+import json, logging, os, sys, time
 from difftune.trainables.cache_lock import CacheLock
 from difftune.trainables.cache_store import Store
 spec = json.loads(sys.argv[1])
+me, peer, flags = spec["me"], 1 - spec["me"], spec["barrier"]
+
+def flag(name):
+    open(os.path.join(flags, name), "w").close()
+
+def seen(name):
+    return os.path.exists(os.path.join(flags, name))
+
+class Waiting(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("waiting for another process"):
+            flag(f"waiting-{me}")
+
+log = logging.getLogger("difftune.trainables.cache_lock")
+log.setLevel(logging.INFO)
+log.addHandler(Waiting())
 store = Store(spec["root"])
-open(os.path.join(spec["barrier"], str(spec["me"])), "w").close()
-while len(os.listdir(spec["barrier"])) < spec["n"]:
+flag(f"ready-{me}")
+while not seen(f"ready-{peer}"):
     time.sleep(0.002)
 waits = 0
-for _ in range(spec["rounds"]):
+for r in range(spec["rounds"]):
     with CacheLock(store, spec["rel"], stale_s=60.0) as lock:
         with open(spec["log"], "a") as f:
-            f.write(f"enter {spec['me']}\n")
+            f.write(f"enter {me}\n")
+        deadline = time.monotonic() + 120
+        while r == 0 and not (seen(f"waiting-{peer}") or seen(f"first-{peer}")):
+            assert time.monotonic() < deadline, "the other process never asked for the lock"
+            time.sleep(0.01)
         time.sleep(0.02)
         with open(spec["log"], "a") as f:
-            f.write(f"leave {spec['me']}\n")
+            f.write(f"leave {me}\n")
+    if r == 0:
+        flag(f"first-{me}")
     waits += lock.waited
 print("WAITS", waits)
 """
@@ -51,21 +75,21 @@ def root(request, tmp_path):
     return request.getfixturevalue("s3_uri")
 
 
-def race(root: str, tmp_path: Path, n: int = 2, rounds: int = 8) -> list[str]:
+def race(root: str, tmp_path: Path, rounds: int = 8) -> list[str]:
     barrier, log = tmp_path / "barrier", tmp_path / "log"
     barrier.mkdir()
     procs = [subprocess.Popen(
-        [sys.executable, "-c", RACER, json.dumps({"root": root, "rel": REL, "me": i, "n": n,
+        [sys.executable, "-c", RACER, json.dumps({"root": root, "rel": REL, "me": i,
                                                   "rounds": rounds, "barrier": str(barrier),
                                                   "log": str(log)})],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(n)]
+        for i in range(2)]
     waits = 0
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
         waits += int(out.split("WAITS")[-1])
-    assert waits > 0  # they did contend
+    assert waits > 0  # they did contend (see RACER)
     return log.read_text().splitlines()
 
 
