@@ -18,7 +18,7 @@ _EXPORTS = {
     "Geometry": "geometry", "geometry_of_flags": "geometry", "geometry_of_model": "geometry",
     "load_unet": "unet", "model_fingerprint": "unet",
     "Extractor": "features", "block_shapes": "features",
-    "BlockCost": "cost", "model_costs": "cost", "unet_costs": "cost",
+    "BlockCost": "cost", "model_costs": "cost", "unet_costs": "cost", "trial_gflops": "cost",
     "load_dataset": "data", "load_image": "data", "class_names": "data",
     "check_setting": "config", "LIMITS": "config",
     "classify": "classify", "image_keys": "classify",
@@ -29,6 +29,8 @@ _EXPORTS = {
     "FeatureCache": "cache", "OnlineFeatures": "online",
     "save_head": "checkpoint", "load_head": "checkpoint",
     "probe_grid": "probe",
+    "Grid": "grid", "GridError": "grid", "HeadGrid": "grid_heads", "build_grid": "grid_heads",
+    "run_grid_trial": "grid_train", "train_grid": "grid_train",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -5,6 +5,9 @@ numbering). Nothing is allocated, so even ``paper256`` costs no memory and a fra
 second.
 
 GFLOPs count a multiply-add as 2 FLOPs (the flop counter's convention), forward pass only.
+
+:func:`trial_gflops` is what a trial reports as ``gflops``: the U-Net passes its features
+need per image plus its head, the head too built on the meta device.
 """
 
 from __future__ import annotations
@@ -116,3 +119,34 @@ def module_gflops(module: torch.nn.Module, inputs: Any) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(inputs)
     return counter.get_total_flops() / 1e9
+
+
+def trial_gflops(cfg, shapes: dict[tuple[int, int], tuple[int, int, int]],
+                 num_classes: int) -> float:
+    """GFLOPs per image of what a trial of ``cfg`` computes at inference: one U-Net pass per
+    timestep it reads, stopped after the deepest block it reads, plus its head on the maps
+    of ``shapes`` ((t, block) -> (C, p, p)). A head that runs the U-Net itself (DifFeed) is
+    counted whole: its passes are part of its forward.
+
+    Counted on the meta device (nothing is allocated, the global random state is left as it
+    was).
+    """
+    from .heads import build_head, head_kind
+    from .unet import full_flags, resolve
+
+    kind = head_kind(cfg.head)
+    flags, _ = resolve(cfg.model, checkpoint=cfg.checkpoint)
+    with torch.random.fork_rng(), torch.device("meta"):
+        if kind.live_unet:
+            from .unet import build
+
+            full = {**full_flags(flags), "use_fp16": False}
+            model, diffusion = build(full)
+            head = build_head(cfg, shapes, num_classes, unet=(model, diffusion)).eval()
+            size = int(full["image_size"])
+            return module_gflops(head, {"image": torch.zeros(1, 3, size, size),
+                                        "index": [0]})
+        head = build_head(cfg, shapes, num_classes).eval()
+        head_flops = module_gflops(head, {k: torch.zeros(1, *s) for k, s in shapes.items()})
+    steps = len({t for t, _, _ in kind.requests(cfg)})
+    return steps * gflops_to(unet_costs(flags), kind.blocks(cfg)) + head_flops

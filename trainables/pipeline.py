@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import TrialConfig
+from .cost import trial_gflops
 from .data import ImageItems, dataset_indices, shared_dataset, targets_of
 from .features import Extractor, block_sizes
 from .heads import Request, build_head, head_kind
@@ -138,6 +139,18 @@ def image_data(cfg: TrialConfig, image_size: int) -> TrialData:
     return TrialData(ImageItems(splits[0][0]), ImageItems(splits[1][0]), {}, len(splits[0][1]))
 
 
+def trial_data(cfg: TrialConfig, source: FeatureSource | None = None, device: str = "cpu"
+               ) -> tuple[TrialData, tuple[torch.nn.Module, Any]]:
+    """What the head of ``cfg`` trains on (features from ``source``, default in memory, or
+    images for a live head) and the frozen ``(model, diffusion)``."""
+    kind = head_kind(cfg.head)
+    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
+    if kind.live_unet:
+        return image_data(cfg, model.image_size), (model, diffusion)
+    source = source or DirectFeatures(device=device)
+    return source.prepare(cfg, clamp_requests(model, kind.requests(cfg))), (model, diffusion)
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -154,22 +167,20 @@ def run_trial(
     :param source: where a feature head's features come from (default: in memory).
     :param on_epoch: called after every epoch with ``(epoch, metrics, head, optimizer,
         scheduler)``; ``head`` is the bare head (what a checkpoint holds).
-    :param on_data: called once the data is ready with ``{"shapes", "num_classes", "head"}``
-        (what a checkpoint needs to rebuild the head).
+    :param on_data: called once the data is ready with ``{"shapes", "num_classes", "head",
+        "gflops"}`` (what a checkpoint needs to rebuild the head, and the trial's GFLOPs per
+        image, :func:`~.cost.trial_gflops`).
     :return: ``(head, per-epoch metrics)``.
     """
-    kind = head_kind(cfg.head)
-    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
-    if kind.live_unet:
-        data = image_data(cfg, model.image_size)
-    else:
-        source = source or DirectFeatures(device=device)
-        data = source.prepare(cfg, clamp_requests(model, kind.requests(cfg)))
-    head = build_head(cfg, data.shapes, data.num_classes, unet=(model, diffusion))
+    data, unet = trial_data(cfg, source, device)
+    # counted before the head is built: building seeds the random state training starts from
+    gflops = trial_gflops(cfg, data.shapes, data.num_classes)
+    head = build_head(cfg, data.shapes, data.num_classes, unet=unet)
     if head_state is not None:
         head.load_state_dict(head_state)
     if on_data is not None:
-        on_data({"shapes": data.shapes, "num_classes": data.num_classes, "head": head})
+        on_data({"shapes": data.shapes, "num_classes": data.num_classes, "head": head,
+                 "gflops": gflops})
 
     def report(epoch: int, metrics: dict[str, float], _trained, opt, sched) -> None:
         if on_epoch is not None:

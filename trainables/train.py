@@ -55,26 +55,66 @@ def make_optimizer(params, cfg: TrialConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class Tally:
+    """Top-1 / top-5 hits and summed loss of one head over evaluation batches."""
+
+    def __init__(self) -> None:
+        self.correct1 = self.correct5 = self.n = 0
+        self.loss_sum = 0.0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """:param logits: [N x classes] float; :param labels: [N] on the same device."""
+        self.loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        self.correct1 += (top[:, 0] == labels).sum().item()
+        self.correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        self.n += len(labels)
+
+    def metrics(self) -> dict[str, float]:
+        """``val_top1``, ``val_top5`` (percent) and ``val_loss`` (mean)."""
+        n = max(self.n, 1)
+        return {"val_top1": 100.0 * self.correct1 / n, "val_top5": 100.0 * self.correct5 / n,
+                "val_loss": self.loss_sum / n}
+
+
 @torch.no_grad()
 def evaluate(head: nn.Module, ds: Dataset, *, batch_size: int = 256,
              device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean loss of ``head`` on ``ds``."""
     device = torch.device(device)
     head.eval()
-    correct1 = correct5 = 0
-    loss_sum, n = 0.0, 0
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    tally = Tally()
+    loader = eval_loader(ds, batch_size=batch_size, num_workers=num_workers)
     for inputs, labels in loader:
-        logits = head(to_device(inputs, device)).float()
-        labels = labels.to(device)
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        n += len(labels)
-    return {"val_top1": 100.0 * correct1 / n, "val_top5": 100.0 * correct5 / n,
-            "val_loss": loss_sum / n}
+        tally.add(head(to_device(inputs, device)).float(), labels.to(device))
+    return tally.metrics()
+
+
+def eval_loader(ds: Dataset, *, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
+    """An evaluation loader that draws nothing from the global random state (a loader
+    without a generator draws its seed from it each time it starts), so that a head's
+    dropout masks do not depend on how often it was evaluated."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      generator=torch.Generator())
+
+
+def train_loader(train_ds: Dataset, cfg: TrialConfig, *, num_workers: int = 0
+                 ) -> tuple[DataLoader, torch.Generator]:
+    """The shuffled training loader of ``cfg`` and its generator: reseed the generator with
+    :func:`epoch_seed` before each epoch (epoch ``e`` always sees one order, so training
+    resumes exactly)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    # a trailing batch of one image would break BatchNorm in training mode
+    drop_last = len(train_ds) % cfg.batch_size == 1
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                        drop_last=drop_last, num_workers=num_workers)
+    return loader, g
+
+
+def epoch_seed(cfg: TrialConfig, epoch: int) -> int:
+    """The shuffling seed of epoch ``epoch`` (0-based)."""
+    return cfg.seed * 1000 + epoch
 
 
 def train_head(
@@ -105,14 +145,10 @@ def train_head(
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state["optimizer"])
         sched.load_state_dict(optimizer_state["scheduler"])
-    g = torch.Generator().manual_seed(cfg.seed)
-    # a trailing batch of one image would break BatchNorm in training mode
-    drop_last = len(train_ds) % cfg.batch_size == 1
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                        drop_last=drop_last, num_workers=num_workers)
+    loader, g = train_loader(train_ds, cfg, num_workers=num_workers)
     history: list[dict[str, float]] = []
     for epoch in range(start_epoch, cfg.epochs):
-        g.manual_seed(cfg.seed * 1000 + epoch)  # resumable: epoch e always sees one order
+        g.manual_seed(epoch_seed(cfg, epoch))
         head.train()
         loss_sum, n = 0.0, 0
         for inputs, labels in loader:

@@ -3,7 +3,12 @@
 Ray hands the trial a flat dict (Optuna's parameter names, :mod:`.params`); it becomes a
 :class:`~.config.TrialConfig` at once (an unknown key fails loudly), the head is trained on its
 features (:func:`~.pipeline.run_trial`), and every epoch is reported with a checkpoint of the
-head (:mod:`.checkpoint`).
+head (:mod:`.checkpoint`) and the trial's ``gflops`` (:func:`~.cost.trial_gflops`).
+
+With a grid (:mod:`.grid`), one trial trains every head of the grid in one pass
+(:func:`~.grid_train.run_grid_trial`) and reports its best head: the checkpoint's ``head.pt`` +
+``meta.json`` hold that head alone, as a plain head of its grid point, and ``grid.pt`` beside
+them every head and the optimizer, to resume the grid.
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ import logging
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checkpoint import HEAD_FILE, META_FILE, read_checkpoint, save_head
+from .grid import GRID_BEST, GRID_INDEX, Grid
 from .params import trial_config
+
+if TYPE_CHECKING:
+    from .grid_train import GridEpoch
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +91,15 @@ def _device() -> str:
     return "cuda" if gpus and torch.cuda.is_available() else "cpu"
 
 
-def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -> None:
-    """Ray Tune function trainable: one trial = one head on one feature setting."""
+def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None,
+                grid: Grid | None = None) -> None:
+    """Ray Tune function trainable: one trial = one head on one feature setting, or the
+    heads of ``grid`` on it."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
     import ray
     from ray import tune
 
+    from .grid_train import GRID_FILE, read_resume_state, run_grid_trial
     from .pipeline import run_trial
 
     runtime = runtime or RuntimeOptions()
@@ -94,14 +107,16 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
     if runtime.threads > 0:
         torch.set_num_threads(runtime.threads)
     device = _device()
-    head_state = optimizer_state = None
+    head_state = optimizer_state = grid_state = None
     start_epoch = 0
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state, meta = read_checkpoint(d)
+            grid_state = read_resume_state(d) if grid is not None else None
         head_state, start_epoch = state["head"], int(meta["epoch"])
-        optimizer_state = {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
+        optimizer_state = {"optimizer": state.get("optimizer"),
+                           "scheduler": state.get("scheduler")}
         logger.info("resuming trial at epoch %d", start_epoch)
 
     data: dict[str, Any] = {}
@@ -116,8 +131,25 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None) -
         with tempfile.TemporaryDirectory() as d:
             save_head(d, head, cfg, epoch=epoch, shapes=data["shapes"],
                       num_classes=data["num_classes"], optimizer=opt, scheduler=sched)
-            report = {**metrics, "unet_images": unet_images(), "node_id": node_id}
+            report = {**metrics, "gflops": data["gflops"], "unet_images": unet_images(),
+                      "node_id": node_id}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
+    def on_grid_epoch(ep: GridEpoch) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            save_head(d, ep.best_head(), ep.config, epoch=ep.epoch, shapes=data["shapes"],
+                      num_classes=data["num_classes"],
+                      extra={GRID_BEST: ep.metrics[GRID_BEST], GRID_INDEX: ep.best})
+            torch.save(ep.resume_state(), Path(d) / GRID_FILE)
+            report = {**ep.metrics, "unet_images": unet_images(), "node_id": node_id}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+    if grid is not None:
+        if ckpt is not None and grid_state is None:
+            raise RuntimeError("the checkpoint to resume this grid trial from holds no grid "
+                               f"state ({GRID_FILE})")
+        run_grid_trial(cfg, grid, source=source, device=device, on_epoch=on_grid_epoch,
+                       resume=grid_state, on_data=data.update)
+        return
     run_trial(cfg, source=source, device=device, on_epoch=on_epoch, head_state=head_state,
               optimizer_state=optimizer_state, start_epoch=start_epoch, on_data=data.update)

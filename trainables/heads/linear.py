@@ -1,5 +1,10 @@
 """The linear probe: BatchNorm without affine (as in MAE's linear probe) + one linear layer on
-the pooled, flattened map of one ``(t, block)``."""
+the pooled, flattened map of one ``(t, block)``.
+
+The linear layer runs through :func:`linear_heads`, the batched matmul a grid of linear heads
+on the same input shares (:mod:`difftune.trainables.grid_heads`): a head alone is the case of
+one, so a head trained alone and the same head trained in a grid compute the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,19 @@ import torch
 from torch import nn
 
 from .base import HeadKind, Key, Shape
+
+
+def linear_heads(x: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+    """``K`` linear layers on one input in one batched matmul.
+
+    :param x: ``[N x D]`` input; :param weights: ``[K x classes x D]``; :param biases: ``[K x
+        classes]``. :return: ``[K x N x classes]`` logits.
+
+    On the CPU each head's slice is bitwise what it would be with ``K = 1`` (forward and
+    gradients), which :class:`LinearHead` uses.
+    """
+    k = weights.shape[0]
+    return torch.baddbmm(biases[:, None, :], x.expand(k, *x.shape), weights.transpose(1, 2))
 
 
 class LinearHead(nn.Module):
@@ -21,7 +39,8 @@ class LinearHead(nn.Module):
 
     def forward(self, feats: dict[Key, torch.Tensor]) -> torch.Tensor:
         """:param feats: (t, block) -> [N x C x p x p]; :return: [N x classes] logits."""
-        return self.fc(self.norm(feats[self.key].flatten(1).float()))
+        x = self.norm(feats[self.key].flatten(1).float())
+        return linear_heads(x, self.fc.weight[None], self.fc.bias[None])[0]
 
 
 def single_request(cfg) -> list[tuple[int, int, int]]:
