@@ -22,9 +22,11 @@ _TRAINABLES = ("TrialConfig", "UserError", "ConfigError", "Geometry", "geometry_
                "load_unet", "model_fingerprint", "Extractor", "block_shapes", "load_dataset",
                "HEAD_TYPES", "KINDS", "HeadKind", "build_head", "head_kind", "train_head",
                "evaluate", "run_trial", "DirectFeatures", "FeatureCache", "OnlineFeatures",
-               "save_head", "load_head", "probe_grid", "classify")
+               "save_head", "load_head", "probe_grid", "classify", "Grid", "run_grid_trial",
+               "trial_gflops")
 _SEARCH = ("Space", "SpaceError", "load_space", "preset_names", "build_tuner", "run_search",
-           "resume_search", "SearchResult", "export_best", "predict_images", "main")
+           "resume_search", "SearchResult", "export_best", "export_pareto", "pareto_front",
+           "predict_images", "main")
 _EXPORTS = {**dict.fromkeys(_TRAINABLES, "trainables"), **dict.fromkeys(_SEARCH, "search")}
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -48,14 +48,16 @@ def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
 
     :return: the registered model version.
     """
-    from difftune.trainables.checkpoint import load_head
+    from difftune.trainables.checkpoint import HEAD_FILE, META_FILE, load_head
 
     head, cfg, loaded = load_head(checkpoint_dir)
     mlflow.set_tracking_uri(tracking_uri)
     # the pickle format is deliberate (every head type, code shipped beside it): no warning
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as stage, mlflow.start_run(run_id=best_run_id):
-        mlflow.log_artifacts(checkpoint_dir, artifact_path="head_checkpoint")
+        # the head alone (a grid trial's checkpoint also holds grid.pt, to resume the grid)
+        for name in (HEAD_FILE, META_FILE):
+            mlflow.log_artifact(str(Path(checkpoint_dir) / name), artifact_path="head_checkpoint")
         # pickled with the difftune package beside it, so every head type loads anywhere
         code = package_snapshot(Path(stage))
         mlflow.pytorch.log_model(head, name="head", code_paths=[str(code)],

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo U-Net on scikit-learn's digits, 20 trials, a few minutes on 2 CPU cores).",
     )
     p.add_argument("--space", default="demo",
-                   help="a preset (demo, linear, attention, difformer, diffeed) or a YAML file")
+                   help="a preset (demo, demo_grid, demo_cost, linear, attention, difformer, "
+                   "diffeed) or a YAML file")
     p.add_argument("--model", help="override the space's model: demo, paper256 or a checkpoint path")
     p.add_argument("--checkpoint", help="weights for a preset model (paper256 needs one)")
     p.add_argument("--data", help="override the space's data: digits or an ImageFolder root")
@@ -192,11 +193,15 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
     if result.best_run_id:
         print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
               f"registered as version {result.model_version} (alias 'champion')")
+    if result.pareto:
+        print_pareto(result.pareto)
     print(follow_up(result.tracking_uri, result.experiment,
-                    model_name=model_name if result.best_run_id else None))
+                    model_name=model_name if result.best_run_id else None,
+                    pareto=bool(result.pareto)))
 
 
-def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = None) -> str:
+def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = None,
+              pareto: bool = False) -> str:
     """The commands to look at a search's results, as a user can paste them: a server's own
     UI address, and a URI with a password spelled as the variable that should hold it."""
     import shlex
@@ -209,6 +214,9 @@ def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = No
              f"open the MLflow UI:  difftune ui --tracking-uri {uri}",
              f"export the best:     difftune export --experiment {shlex.quote(experiment)} "
              f"--tracking-uri {uri} --out best.yaml"]
+    if pareto:
+        lines.append(f"export the front:    difftune export --experiment "
+                     f"{shlex.quote(experiment)} --tracking-uri {uri} --pareto --out pareto.yaml")
     if model_name:
         lines.append(f"classify images:     difftune predict IMAGE... --model "
                      f"{shlex.quote(f'models:/{model_name}@champion')} --tracking-uri {uri}")
@@ -216,3 +224,14 @@ def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = No
         lines.append(f"(${TRACKING_URI_ENV} must hold the tracking URI with its password, "
                      "which is not printed)")
     return "\n".join(lines)
+
+
+def print_pareto(front: list[dict]) -> None:
+    """The Pareto front of a multi-objective search, best first by the first objective."""
+    from difftune.search.pareto import FIGURE, TABLE, short
+
+    names = [k for k in front[0] if k not in ("trial_id", "run_id", "config")]
+    print(f"\nPareto front ({len(front)} configs; {TABLE} and {FIGURE} on the search run):")
+    rows = [{**r, "setting": short(r["config"])} for r in front]
+    for line in summary_table(rows, [*names, "setting", "run_id"]):
+        print(line)

@@ -11,6 +11,11 @@ loses none: ``--resume`` sends them. A record the store refuses (HTTP 4xx: no pe
 invalid value) is dropped with one line, and later records go on. A trial Tune restores as
 ended whose run is still open (the driver died between Tune saving its state and sending the
 trial's last records) gets its last epoch and its end at the end of the resumed search.
+
+A grid trial (:mod:`difftune.trainables.grid`) reports its best head: its run also gets, per
+epoch, the metric ``grid_index`` and the tag ``grid_best`` (the best head's grid point, JSON),
+and at the end the params ``grid_best.SETTING`` and the table artifact ``grid_results.json``
+(every head's point and final val metrics: ``MlflowClient.load_table``).
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ from ray import tune
 from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
 from difftune.search.uris import public_uri, redact, redact_text, runtime_uri
 from difftune.trainables.cache_store import Store
+from difftune.trainables.grid import GRID_BEST, GRID_INDEX, GRID_RESULTS, GRID_SIZE
 from difftune.trainables.params import decode
 
 logger = logging.getLogger(__name__)
 
 #: metrics a trial reports each epoch that its run records (step = epoch)
-METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "lr", "unet_images", "epoch")
+METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "lr", "unet_images", "epoch",
+           "gflops", GRID_INDEX)
+#: the table artifact of a grid trial's run
+GRID_TABLE = "grid_results.json"
 #: the file of waiting records, in the Tune experiment's folder
 OUTBOX = "difftune-mlflow-outbox.json"
 
@@ -174,6 +183,9 @@ class MLflowTrials(tune.Callback):
                 client.log_batch(run_id, metrics=metrics if new else [], tags=tags)
             if new:
                 self._logged_steps[run_id] = rec["step"]
+        elif op == "grid":  # a grid trial's last heads: sent before its end, on its own
+            client.log_table(run_id, grid_table(rec["table"]), GRID_TABLE)
+            client.log_batch(run_id, params=[Param(k, v) for k, v in rec["params"]])
         elif op == "settle":  # a trial that ended under a driver that died before its records
             if client.get_run(run_id).info.status in ("FINISHED", "FAILED", "KILLED"):
                 return  # recorded in full: left as it is
@@ -247,6 +259,9 @@ class MLflowTrials(tune.Callback):
             tags = [RunTag("node_id", str(result.get("node_id", ""))),
                     RunTag("node_ip", str(result.get("node_ip", ""))),
                     RunTag("hostname", str(result.get("hostname", "")))]
+        if GRID_BEST in result and result[GRID_BEST] != previous.get(GRID_BEST):
+            tags += [RunTag(GRID_BEST, str(result[GRID_BEST])),
+                     RunTag(GRID_SIZE, str(result.get(GRID_SIZE, "")))]
         self._last[trial.trial_id] = dict(result)
         self._send(trial, "result", step=step, metrics=metrics, tags=tags)
 
@@ -259,9 +274,21 @@ class MLflowTrials(tune.Callback):
                   if k in last]
         return done, finals, [RunTag("early_stopped", str(bool(epochs and done < epochs)).lower())]
 
+    def _grid(self, trial, last: dict) -> None:
+        """A grid trial's table of heads and best point (a record of its own: a store that
+        refuses it, e.g. params a resumed run holds with other values, does not keep the
+        trial's end from being recorded)."""
+        if GRID_RESULTS not in last:
+            return
+        point = json.loads(last.get(GRID_BEST) or "{}")
+        params = [[f"{GRID_BEST}.{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+                  for k, v in point.items()]
+        self._send(trial, "grid", table=json.loads(last[GRID_RESULTS]), params=params)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended.add(trial.trial_id)
         _, finals, tags = self._finals(trial)
+        self._grid(trial, self._last.get(trial.trial_id) or trial.last_result or {})
         self._send(trial, "complete", metrics=finals, tags=tags)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -287,6 +314,8 @@ class MLflowTrials(tune.Callback):
         metrics = [Metric(k, float(last[k]), ts, done) for k in METRICS if k in last]
         if trial.status == "ERROR":
             tags = [RunTag("error", _error_line(trial))]
+        else:
+            self._grid(trial, last)
         self._send(trial, "settle", step=done, metrics=metrics + finals, tags=tags,
                    status="FAILED" if trial.status == "ERROR" else "FINISHED")
 
@@ -302,6 +331,14 @@ class MLflowTrials(tune.Callback):
                 if self._on_disk else ""
             logger.error("MLflow at %s did not come back: %d trial record(s) were not "
                          "written%s", redact(self.tracking_uri), len(self._outbox), where)
+
+
+def grid_table(rows: list[dict]) -> dict[str, list]:
+    """A grid trial's per-head rows as columns (``log_table``'s format), list values as JSON
+    text (``hidden: [256, 256]``)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return {c: [json.dumps(r[c]) if isinstance(r.get(c), (list, dict)) else r.get(c)
+                for r in rows] for c in cols}
 
 
 def _error_line(trial) -> str:

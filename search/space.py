@@ -5,7 +5,10 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
     description: free text
     model: demo | paper256 | PATH     checkpoint: PATH or null     data: digits | PATH
     search:  trials, seed, metric, mode, scheduler {grace_period, reduction_factor},
-             max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, cache_pool
+             max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, cache_pool,
+             objectives: [{metric: val_top1, mode: max}, {metric: gflops, mode: min}]
+               (a multi-objective search: Optuna's multi-objective TPE; the first objective
+               is the one ASHA stops trials by and the champion is chosen by)
     fixed:   trial settings that are not searched (epochs, batch_size, ...)
     params:  searched settings, each one of
                {choice: [a, b, ...]}                    categorical (lists allowed as values)
@@ -15,11 +18,15 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
                                                         DifFormer blocks)
              ``head: {choice: {linear: {}, mlp: {hidden: ...}}}`` gives each head type its own
              conditional sub-space (suggested only when that head is chosen).
+    grid:    settings every trial trains all values of at once, in one pass over its features
+             (``{lr: [0.001, 0.01, 0.1], weight_decay: [0.0, 1.0e-4]}``; not Optuna
+             parameters; see :mod:`difftune.trainables.grid` for what a grid may vary)
     paper_config: the paper's best trial, enqueued first when it lies inside the space
 
 The Optuna side (define-by-run, the paper's config as a point) is :mod:`.space_optuna`;
 parameter names are spelled by :mod:`difftune.trainables.params`; the checks of a space's
-values (numbers, ranges, search settings) are :mod:`.space_checks`.
+values (numbers, ranges, search settings, objectives) are :mod:`.space_checks`, of its grid
+:mod:`.space_grid`.
 """
 
 from __future__ import annotations
@@ -37,23 +44,27 @@ from difftune.search import space_optuna
 from difftune.search.space_checks import (
     SpaceError,
     check_label_fraction,
+    check_objectives,
     check_range,
     check_search,
     check_subset,
     safe_load,
 )
+from difftune.search.space_grid import check_grid, grid_axes
 from difftune.trainables.config import TrialConfig, check_setting
 from difftune.trainables.errors import UserError
+from difftune.trainables.grid import Grid
 from difftune.trainables.heads import HEAD_TYPES
 from difftune.trainables.unet import model_geometry
 
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = {"description", "model", "checkpoint", "data", "label_fraction", "search", "fixed",
-            "params", "paper_config"}
+            "params", "paper_config", "grid"}
 SEARCH_DEFAULTS: dict[str, Any] = dict(
     trials=20, seed=0, metric="val_top1", mode="max", grace_period=1, reduction_factor=2,
     max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=None, max_failures=2, cache_pool=None,
+    objectives=None,
 )
 TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
@@ -78,6 +89,7 @@ class Space:
     num_blocks: int = 0
     num_timesteps: int = 0
     raw: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] | None = None
 
     # ---- Optuna -------------------------------------------------------------------------
     def define_by_run(self, trial) -> dict[str, Any]:
@@ -114,6 +126,24 @@ class Space:
             blocks.update(range(lo, hi + 1))
         return tuple(sorted(blocks))
 
+    def head_types(self) -> list[str]:
+        """Every head type a trial of the space can have."""
+        head = self.params.get("head")
+        if head is not None:
+            return list(head["choice"])
+        return [self.fixed.get("head", TrialConfig.head)]
+
+    def objectives(self) -> list[dict[str, str]]:
+        """``[{metric, mode}, ...]``: the search's objectives (one unless ``objectives:``)."""
+        return list(self.search.get("objectives") or
+                    [{"metric": self.search["metric"], "mode": self.search["mode"]}])
+
+    def grid_spec(self) -> Grid | None:
+        """The grid every trial trains (None: one head per trial)."""
+        if not self.grid:
+            return None
+        return Grid(axes=dict(self.grid), metric=self.search["metric"], mode=self.search["mode"])
+
     def names(self) -> set[str]:
         """Every setting name the space mentions (params, head sub-spaces, fixed)."""
         out = set(self.params) | set(self.fixed)
@@ -128,7 +158,8 @@ class Space:
         return {"name": self.name, "description": self.description, "model": self.model,
                 "checkpoint": self.checkpoint, "data": self.data,
                 "label_fraction": self.label_fraction, "search": self.search,
-                "fixed": self.fixed, "params": self.params, "paper_config": self.paper_config}
+                "fixed": self.fixed, "params": self.params, "paper_config": self.paper_config,
+                "grid": self.grid}
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -199,6 +230,7 @@ def load_space(
     flags = {k: v for k, v in (search_overrides or {}).items() if v is not None}
     search.update(flags)
     check_search(name, search, flags)
+    check_objectives(name, search, given_search)
     space = Space(
         name=name,
         model=model or raw.get("model") or "demo",
@@ -211,6 +243,7 @@ def load_space(
         paper_config=raw.get("paper_config"),
         description=raw.get("description", ""),
         raw=raw,
+        grid=grid_axes(raw.get("grid"), f"space {name}"),
     )
     for k in space.fixed:
         if k not in TRIAL_KEYS:
@@ -222,6 +255,7 @@ def load_space(
     if overrides:
         _apply_pins(space, overrides)
     _validate_against_model(space)
+    check_grid(space, f"space {space.name}")
     return space
 
 
@@ -333,6 +367,9 @@ def _apply_pins(space: Space, pins: dict[str, Any]) -> None:
         if k not in allowed:
             raise SpaceError(f"--set {k}: the space {space.name} has no setting {k!r}; "
                              f"allowed: {sorted(allowed)}")
+        if space.grid and k in space.grid:  # a pinned setting leaves the grid
+            del space.grid[k]
+            space.grid = space.grid or None
         if k == "head" and isinstance(space.params.get("head", {}).get("choice"), dict):
             choices = space.params["head"]["choice"]
             if v not in HEAD_TYPES:

@@ -1,6 +1,7 @@
 """Checks of a search space's values, one line each (:class:`SpaceError`): numbers read as
 numbers (YAML 1.2 floats: ``1e-3`` is a number), ranges of ``int``/``float`` specs, subsets
-with their ``min``, the search settings and ``label_fraction`` in their allowed ranges.
+with their ``min``, the search settings (``search.objectives`` among them) and
+``label_fraction`` in their allowed ranges.
 The structure of a space and its fit to the model are checked in :mod:`.space`.
 """
 
@@ -15,6 +16,7 @@ import yaml
 
 from difftune.trainables.config import check_setting
 from difftune.trainables.errors import UserError
+from difftune.trainables.grid import HEAD_METRICS
 
 
 class SpaceError(UserError):
@@ -78,6 +80,38 @@ def check_search(name: str, search: dict[str, Any], flags: dict[str, Any]) -> No
         if _is_int(value) and key not in ("reduction_factor", "cpus_per_trial",
                                           "gpus_per_trial"):
             search[key] = int(value)
+
+
+def check_objectives(name: str, search: dict[str, Any], given: dict[str, Any]) -> None:
+    """``search.objectives``: a list of ``{metric, mode}`` over the metrics trials report; the
+    first becomes the search's ``metric`` and ``mode`` (what ASHA stops trials by, and the
+    champion and ``export`` rank by). ``given`` is the ``search:`` mapping as written."""
+    objectives = search.get("objectives")
+    if objectives is None:
+        return
+    at = f"space {name}: search.objectives"
+    example = "[{metric: val_top1, mode: max}, {metric: gflops, mode: min}]"
+    if not isinstance(objectives, list) or not objectives:
+        raise SpaceError(f"{at} must be a list of {{metric: NAME, mode: max|min}}, e.g. {example}")
+    for i, obj in enumerate(objectives):
+        if not isinstance(obj, dict) or set(obj) != {"metric", "mode"}:
+            raise SpaceError(f"{at}[{i}] must be {{metric: NAME, mode: max|min}}; got {obj!r}")
+        if obj["metric"] not in HEAD_METRICS:
+            raise SpaceError(f"{at}[{i}]: metric {obj['metric']!r} is not one trials report; "
+                             f"allowed: {list(HEAD_METRICS)}")
+        if obj["mode"] not in ("max", "min"):
+            raise SpaceError(f"{at}[{i}]: mode {obj['mode']!r} is invalid; allowed: max or min")
+    metrics = [o["metric"] for o in objectives]
+    if len(set(metrics)) != len(metrics):
+        raise SpaceError(f"{at} names a metric twice: {metrics}")
+    first = objectives[0]
+    for key in ("metric", "mode"):
+        if key in given and given[key] != first[key]:
+            raise SpaceError(f"space {name}: search.{key}={given[key]!r} differs from the first "
+                             f"objective's ({first[key]!r}); drop search.{key} or reorder the "
+                             "objectives")
+    search["metric"], search["mode"] = first["metric"], first["mode"]
+    search["objectives"] = [dict(o) for o in objectives]
 
 
 def check_label_fraction(name: str, value: Any) -> None:

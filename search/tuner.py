@@ -1,5 +1,12 @@
 """Building and running the Ray Tune search: OptunaSearch (seeded multivariate TPE) chooses
-trials, ASHA stops poor ones early, MLflow records them."""
+trials, ASHA stops poor ones early, MLflow records them.
+
+With ``search.objectives`` OptunaSearch runs Optuna's multi-objective TPE (a metric and a
+mode per objective) while ASHA, which takes one metric, stops trials by the first objective;
+the search ends by recording the Pareto front on the parent run (:mod:`.pareto`). With a
+``grid:`` every trial trains the grid's heads and reports its best one
+(:mod:`difftune.trainables.grid`).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from difftune.search.best import Candidate, rank_trials
 from difftune.search.champion import log_champion
 from difftune.search.cluster import cluster_gpus, trial_resources
 from difftune.search.mlflow_trials import MLflowTrials, first_line, store_is_away
+from difftune.search.pareto import log_front
 from difftune.search.space import Space
 from difftune.search.tracking import (
     TAG_RUNTIME,
@@ -33,7 +41,9 @@ from difftune.search.tracking import (
     trial_run_ids,
 )
 from difftune.search.uris import TrackingError, redact, storage_join
-from difftune.trainables.params import decode, trial_config
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.grid import GRID_BEST, with_point
+from difftune.trainables.params import decode
 from difftune.trainables.trainable import RuntimeOptions, train_trial
 
 logger = logging.getLogger(__name__)
@@ -52,6 +62,8 @@ class SearchResult:
     best_config: dict[str, Any] | None
     model_version: int | None
     rows: list[dict[str, Any]]
+    #: the Pareto front of a multi-objective search (rows best first), else None
+    pareto: list[dict[str, Any]] | None = None
 
 
 def sampler_for(space: Space) -> optuna.samplers.TPESampler:
@@ -81,10 +93,13 @@ def build_tuner(
 ) -> tune.Tuner:
     """The ``tune.Tuner`` of a search (the one place that wires Ray Tune and Optuna)."""
     s = space.search
+    objectives = space.objectives()
+    multi = len(objectives) > 1
     searcher = OptunaSearch(
         space.define_by_run,
-        metric=s["metric"],
-        mode=s["mode"],
+        # several objectives: Optuna's multi-objective TPE; ASHA below takes the first
+        metric=[o["metric"] for o in objectives] if multi else s["metric"],
+        mode=[o["mode"] for o in objectives] if multi else s["mode"],
         sampler=sampler_for(space),
         points_to_evaluate=space.points_to_evaluate() or None,
     )
@@ -146,7 +161,14 @@ def default_model_name(experiment: str) -> str:
 def make_trainable(space: Space, runtime: RuntimeOptions):
     """The function trainable with its runtime options and per-trial resources."""
     resources = trial_resources(space.search, gpus_available=cluster_gpus())
-    return tune.with_resources(tune.with_parameters(train_trial, runtime=runtime), resources)
+    trainable = tune.with_parameters(train_trial, runtime=runtime, grid=space.grid_spec())
+    return tune.with_resources(trainable, resources)
+
+
+def trial_settings(result) -> dict[str, Any]:
+    """The settings of a finished trial's head: its config, with the best grid point of a
+    grid trial put in (what its checkpoint holds)."""
+    return with_point(decode(result.config), (result.metrics or {}).get(GRID_BEST))
 
 
 def run_search(
@@ -262,17 +284,26 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
             epochs=int(metrics.get("epoch", 0) or 0), ok=r.error is None, data=r))
     ranked = rank_trials(candidates, mode=s["mode"])
     # the settings first: a trial's "epochs" is the epochs it ran, not the configured ones
-    rows = [{**decode(c.data.config), "trial_id": c.key,
+    rows = [{**trial_settings(c.data), "trial_id": c.key,
              "val_top1": c.data.metrics.get("val_top1"),
              "val_top5": c.data.metrics.get("val_top5"), s["metric"]: c.score,
              "epochs": c.epochs, "run_id": runs.get(c.key)}
             for c in ranked]
+    pareto = None
+    objectives = space.objectives()
+    if len(objectives) > 1:
+        points = [{"trial_id": c.key, "run_id": runs.get(c.key),
+                   **{o["metric"]: c.data.metrics.get(o["metric"]) for o in objectives},
+                   "config": TrialConfig.from_dict(trial_settings(c.data)).to_dict()}
+                  for c in ranked]
+        pareto = while_away("recording the Pareto front",
+                            lambda: log_front(client, parent, points, objectives))
     best_run = best_cfg = best_val = version = None
     best = next((c for c in ranked if c.data.checkpoint is not None), None)
     if best is not None:
         best_run = runs.get(best.key)
         best_val = best.score
-        best_cfg = trial_config(best.data.config).to_dict()
+        best_cfg = TrialConfig.from_dict(trial_settings(best.data)).to_dict()
         with best.data.checkpoint.as_directory() as ckpt_dir:
             version = while_away("registering the champion", lambda: log_champion(
                 client, tracking_uri=tracking_uri, parent_run_id=parent, best_run_id=best_run,
@@ -282,7 +313,7 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
     # resumable, and --resume of a FINISHED one has nothing to do
     while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
     return SearchResult(experiment, parent, tracking_uri, tune_path, best_run,
-                        best_val, best_cfg, version, rows)
+                        best_val, best_cfg, version, rows, pareto)
 
 
 def while_away(what: str, fn: Callable[[], Any]) -> Any:
