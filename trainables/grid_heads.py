@@ -78,9 +78,9 @@ class HeadGrid(nn.Module):
             fcs = [self.head(i).fc for i in group]
             logits = linear_heads(x, torch.stack([fc.weight for fc in fcs]),
                                   torch.stack([fc.bias for fc in fcs]))
-            for j, i in enumerate(group):
+            for i, x_i in zip(group, logits.unbind(0), strict=True):  # one backward op
                 if self.active[i]:
-                    out[i] = logits[j]
+                    out[i] = x_i
         for i in self.alone:
             if self.active[i]:
                 out[i] = self._run(i, feats)

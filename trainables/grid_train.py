@@ -25,7 +25,16 @@ from torch.utils.data import Dataset
 
 from .config import TrialConfig
 from .cost import trial_gflops
-from .grid import GRID_BEST, GRID_INDEX, GRID_RESULTS, GRID_SIZE, Grid, best_index, label
+from .grid import (
+    GRID_BEST,
+    GRID_INDEX,
+    GRID_RESULTS,
+    GRID_SIZE,
+    GROUP_SETTINGS,
+    Grid,
+    best_index,
+    label,
+)
 from .grid_heads import HeadGrid, build_grid
 from .pipeline import FeatureSource, trial_data
 from .train import (
@@ -209,7 +218,7 @@ def run_grid_trial(
     """
     cfgs = spec.configs(cfg)
     data, unet = trial_data(cfg, source, device)
-    gflops = [trial_gflops(c, data.shapes, data.num_classes) for c in cfgs]
+    gflops = heads_gflops(cfgs, data.shapes, data.num_classes)
     grid = build_grid(cfgs, data.shapes, data.num_classes, unet=unet)
     if resume is not None:
         grid.load_state_dict(resume["heads"])
@@ -220,6 +229,20 @@ def run_grid_trial(
                          gflops=gflops, device=device, wrap=data.wrap, on_epoch=on_epoch,
                          resume=resume)
     return grid, history
+
+
+def heads_gflops(cfgs: list[TrialConfig], shapes: dict, num_classes: int) -> list[float]:
+    """:func:`~.cost.trial_gflops` of each head, counted once per head architecture (the
+    optimizer settings of a point do not change it)."""
+    counted: dict[str, float] = {}
+    out = []
+    for cfg in cfgs:
+        arch = {k: v for k, v in cfg.to_dict().items() if k not in GROUP_SETTINGS}
+        key = json.dumps(arch, sort_keys=True, default=str)
+        if key not in counted:
+            counted[key] = trial_gflops(cfg, shapes, num_classes)
+        out.append(counted[key])
+    return out
 
 
 def read_resume_state(path: str | Path) -> dict[str, Any] | None:

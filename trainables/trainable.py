@@ -115,8 +115,8 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None,
             state, meta = read_checkpoint(d)
             grid_state = read_resume_state(d) if grid is not None else None
         head_state, start_epoch = state["head"], int(meta["epoch"])
-        optimizer_state = {"optimizer": state.get("optimizer"),
-                           "scheduler": state.get("scheduler")}
+        if grid is None:  # a grid resumes from grid.pt
+            optimizer_state = {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
         logger.info("resuming trial at epoch %d", start_epoch)
 
     data: dict[str, Any] = {}
