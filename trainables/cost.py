@@ -8,19 +8,34 @@ GFLOPs count a multiply-add as 2 FLOPs (the flop counter's convention), forward 
 
 :func:`trial_gflops` is what a trial reports as ``gflops``: the U-Net passes its features
 need per image plus its head, the head too built on the meta device.
+
+The same meta-device pass, watched by :class:`LiveBytes`, gives the peak bytes of the
+tensors alive during an extraction (:func:`activation_bytes`): what a batch of images costs
+in device memory on top of the weights, and so how large a batch fits
+(:func:`batch_for_memory`). What a stored feature costs on disk is :func:`entry_bytes`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .features import block_modules, run_blocks
+from .features import PRECISIONS, Extractor, block_modules, run_blocks
+
+#: bytes of a stored row besides its features: the int64 dataset index and int64 label
+ROW_OVERHEAD = 16
+#: the largest extraction batch chosen automatically
+MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -150,3 +165,112 @@ def trial_gflops(cfg, shapes: dict[tuple[int, int], tuple[int, int, int]],
         head_flops = module_gflops(head, {k: torch.zeros(1, *s) for k, s in shapes.items()})
     steps = len({t for t, _, _ in kind.requests(cfg)})
     return steps * gflops_to(unet_costs(flags), kind.blocks(cfg)) + head_flops
+
+
+# ------------------------------------------------------------------------- memory and disk
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that operations create while the mode is active
+    (inputs made before it are not counted). A storage counts from the operation that made
+    it until the last tensor using it is gone; the peak is read after every operation, when
+    its inputs and outputs are alive together. Works on the meta device, where nothing is
+    allocated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in self._live:
+                    self._live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _extraction_peak(flags_json: str, upto: int, batch: int, precision: str) -> int:
+    from .unet import build
+
+    flags = json.loads(flags_json)
+    with torch.device("meta"):
+        model, diffusion = build(flags)
+    model.eval().requires_grad_(False)
+    dtype = PRECISIONS[precision]
+    if dtype != torch.float32:  # what autocast does to the activations, near enough
+        model.to(dtype)
+        model.dtype = dtype
+    size = int(flags["image_size"])
+    x0 = torch.zeros(batch, 3, size, size, device="meta")
+    counter = LiveBytes()
+    with counter:
+        Extractor(model, diffusion, precision="fp32").extract(
+            x0, 0, {upto: 1}, indices=list(range(batch)))
+    return counter.peak
+
+
+def activation_bytes(flags: dict[str, Any], upto: int, *, precision: str = "fp32",
+                     batch: int = 1) -> int:
+    """Peak bytes of the activations of one extraction pass of ``batch`` images that stops
+    after block ``upto`` (noise, the noised images, the time embedding, the current map and
+    a block's intermediates, the encoder outputs kept for the decoder blocks that run, the
+    pooled features), counted on the meta device.
+
+    :param precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on a GPU).
+    """
+    from .unet import full_flags
+
+    full = full_flags(flags)
+    full["use_fp16"] = False
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; allowed: {list(PRECISIONS)}")
+    return _extraction_peak(json.dumps(full, sort_keys=True), int(upto), int(batch), precision)
+
+
+def activation_bytes_per_image(flags: dict[str, Any], upto: int, *, precision: str = "fp32"
+                               ) -> tuple[int, int]:
+    """``(per image, fixed)``: an extraction pass of ``n`` images to block ``upto`` peaks at
+    ``fixed + n * per_image`` activation bytes (measured at 1 and 2 images)."""
+    one = activation_bytes(flags, upto, precision=precision, batch=1)
+    two = activation_bytes(flags, upto, precision=precision, batch=2)
+    per_image = max(two - one, 1)
+    return per_image, max(one - per_image, 0)
+
+
+def batch_for_memory(free_bytes: int, per_image: int, fixed: int = 0, *, headroom: float = 0.7,
+                     cap: int = MAX_BATCH) -> int:
+    """The extraction batch that fits ``headroom`` of ``free_bytes`` (at least 1, at most
+    ``cap``): ``(headroom * free - fixed) // per_image``."""
+    fit = int((headroom * free_bytes - fixed) // max(per_image, 1))
+    return max(1, min(cap, fit))
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes a new allocation can take on ``device``: the GPU's free memory
+    (``torch.cuda.mem_get_info``) or the host's available memory (``MemAvailable``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def entry_bytes(rows: int, channels: int, pool: int, dtype: str = "float16") -> int:
+    """Bytes of a cache entry of ``rows`` images of a ``channels x pool x pool`` map stored
+    as ``dtype``: the features plus each row's index and label (:data:`ROW_OVERHEAD`); the
+    Arrow file adds a few hundred bytes per record batch."""
+    return int(rows) * (int(channels) * int(pool) ** 2 * np.dtype(dtype).itemsize + ROW_OVERHEAD)

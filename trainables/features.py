@@ -86,12 +86,27 @@ def seeded_noise(shape: Sequence[int], t: int, indices: Sequence[int], seed: int
     return out
 
 
-def autocast_for(device: torch.device):
-    """bf16/fp16 autocast on GPU, nothing on CPU."""
+#: the precisions a U-Net pass runs in, by name (the name is part of a cache entry's key)
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                      "fp16": torch.float16}
+
+
+def precision_for(device: torch.device | str) -> str:
+    """The precision extraction runs in on ``device``: ``bf16`` autocast on a GPU that has
+    it, else ``fp16`` autocast on a GPU (a T4), ``fp32`` on the CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_for(device: torch.device, precision: str | None = None):
+    """Autocast to ``precision`` (default :func:`precision_for` the device): bf16/fp16 on a
+    GPU, nothing in fp32."""
+    precision = precision or precision_for(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
 
 
 def run_blocks(
@@ -114,9 +129,14 @@ def run_blocks(
     """
     emb = model.time_embed(timestep_embedding(timesteps, model.model_channels))
     h = x.type(model.dtype)
-    hs: list[torch.Tensor] = []
+    del x
+    # an encoder output is kept for its skip connection only when the decoder block that
+    # reads it (its mirror, N + 1 - b) runs before the pass stops: nothing stays alive past
+    # its last use (stopping at block 24 of 37 keeps encoder blocks 14..18, not 1..13)
+    hs: list[torch.Tensor | None] = []
     b = 0
     n_in = len(model.input_blocks)
+    n = n_in + 1 + len(model.output_blocks)
 
     def after(h: torch.Tensor) -> torch.Tensor:
         if inject and b in inject:
@@ -128,9 +148,9 @@ def run_blocks(
     for module in model.input_blocks:
         b += 1
         h = after(module(h, emb))
-        hs.append(h)
         if b >= upto:
             return h
+        hs.append(h if n + 1 - b <= upto else None)
     b += 1
     h = after(model.middle_block(h, emb))
     if b >= upto:
@@ -141,23 +161,50 @@ def run_blocks(
         h = after(module(h, emb))
         if b >= upto:
             return h
-    assert b == n_in + 1 + len(model.output_blocks)
+    assert b == n
     return h
 
 
 def pool_map(x: torch.Tensor, pool: int | None) -> torch.Tensor:
-    """Adaptive average pooling of an [N x C x H x W] map to [N x C x pool x pool]."""
-    return x if pool is None else F.adaptive_avg_pool2d(x, pool)
+    """Adaptive average pooling of an [N x C x H x W] map to [N x C x pool x pool] (float32
+    sums for a half-precision map, without a float32 copy of the whole map)."""
+    if pool is None:
+        return x
+    n, c, h, w = x.shape
+    if x.dtype in (torch.bfloat16, torch.float16) and h % pool == 0 and w % pool == 0:
+        return x.reshape(n, c, pool, h // pool, pool, w // pool).mean(dim=(3, 5),
+                                                                       dtype=torch.float32)
+    return F.adaptive_avg_pool2d(x, pool)
 
 
 class Extractor:
-    """Read features of chosen blocks of a frozen U-Net at diffusion step ``t``."""
+    """Read features of chosen blocks of a frozen U-Net at diffusion step ``t``.
 
-    def __init__(self, model: torch.nn.Module, diffusion):
+    :param precision: ``fp32``, ``bf16`` or ``fp16`` (autocast); default: what
+        :func:`precision_for` the model's device says (bf16 on a GPU that has it, fp32 on
+        the CPU). The features always come back as float32.
+    :param channels_last: run the convolutions on NHWC tensors (only on a GPU; the model is
+        converted in place, once).
+    """
+
+    def __init__(self, model: torch.nn.Module, diffusion, *, precision: str | None = None,
+                 channels_last: bool = False):
         self.model = model
         self.diffusion = diffusion
+        if precision is not None and precision not in PRECISIONS:
+            raise ExtractionError(f"precision={precision!r} is unknown; allowed: "
+                                  f"{list(PRECISIONS)}")
+        self._precision = precision
+        self.channels_last = channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.forward_batches = 0  # instrumentation: U-Net forward passes run
         self.forward_images = 0  # instrumentation: images passed through the U-Net
+
+    @property
+    def precision(self) -> str:
+        """The precision the U-Net runs in (part of a cache entry's key)."""
+        return self._precision or precision_for(self.device)
 
     @property
     def num_blocks(self) -> int:
@@ -192,7 +239,8 @@ class Extractor:
         seed: int = 0,
     ) -> dict[int, torch.Tensor]:
         """Features of ``blocks`` for images ``x0`` noised to step ``t``: one forward pass
-        that stops after the deepest block asked, each map pooled as soon as it is made.
+        that stops after the deepest block asked, each map pooled as soon as it is made,
+        and no map kept past its last use.
 
         :param x0: an [N x 3 x H x W] Tensor of images in [-1, 1].
         :param t: diffusion step 0..T-1.
@@ -214,12 +262,14 @@ class Extractor:
         out: dict[int, torch.Tensor] = {}
 
         def keep(b: int, h: torch.Tensor) -> None:
-            if b in pools:
-                out[b] = pool_map(h.float(), pools[b])
+            if b in pools:  # pooled first: a bf16 map is never copied whole to float32
+                out[b] = pool_map(h, pools[b]).float().contiguous()
 
         # no_grad, not inference_mode: a head may train on these features directly
-        with torch.no_grad(), autocast_for(device):
+        with torch.no_grad(), autocast_for(device, self.precision):
             x_t = self.noised(x0, t, indices=indices, noise=noise, seed=seed)
+            if self.channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
             ts = model_timesteps(self.diffusion, torch.full((len(x0),), t, dtype=torch.long,
                                                             device=device))
             run_blocks(self.model, x_t, ts, upto=wanted[-1], on_block=keep)

@@ -1,11 +1,23 @@
-"""GFLOPs per image counted on the real architectures (meta device, no weights)."""
+"""GFLOPs per image, activation bytes per image and entry bytes, counted on the real
+architectures (meta device, no weights) and checked against measured runs."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from difftune.trainables.cost import gflops_to, model_costs, module_gflops
+from difftune.trainables.cost import (
+    batch_for_memory,
+    entry_bytes,
+    gflops_to,
+    model_costs,
+    module_gflops,
+)
 from difftune.trainables.features import Extractor
 
 
@@ -68,3 +80,78 @@ def test_trial_gflops_counts_the_passes_and_the_head():
     torch.manual_seed(5)
     trial_gflops(feed, {}, 10)
     assert torch.equal(torch.rand(3), expected)
+
+
+# ------------------------------------------------------------------- memory and disk
+
+MEASURE = r"""
+import json, sys, torch
+from difftune.trainables.features import Extractor
+from difftune.trainables.unet import load_unet
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+torch.manual_seed(0)
+model, diffusion = load_unet("paper256", random_init=True)
+ex = Extractor(model, diffusion)
+x = torch.rand(2, 3, 256, 256) * 2 - 1
+ex.extract(x[:1], 90, {3: 2})  # the CPU kernels' one-time set-up is not the pass's memory
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+before = status("VmRSS:")
+ex.extract(x, 90, {24: 2}, indices=[0, 1])
+print(json.dumps({"peak": status("VmHWM:") - before}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_activation_estimate_matches_the_measured_peak_of_an_extraction():
+    """Block 24 of paper256 (random weights, 256 px, 2 images on the CPU): the process's peak
+    resident memory during the pass, above what the weights hold, is the plan's estimate."""
+    from difftune.trainables.cost import activation_bytes_per_image
+    from difftune.trainables.unet import PAPER256_FLAGS
+
+    per_image, fixed = activation_bytes_per_image(PAPER256_FLAGS, 24)
+    estimate = fixed + 2 * per_image
+    out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    assert measured == pytest.approx(estimate, rel=0.25), (measured, estimate)
+    # the skip connections of blocks 1..13 are not kept to block 24: a full pass costs more
+    assert activation_bytes_per_image(PAPER256_FLAGS, 37)[0] > 1.3 * per_image
+
+
+def test_activation_bytes_scale_with_the_batch_and_shrink_in_bf16():
+    from difftune.trainables.cost import activation_bytes, activation_bytes_per_image
+    from difftune.trainables.unet import PAPER256_FLAGS
+
+    one = activation_bytes(PAPER256_FLAGS, 19, batch=1)
+    four = activation_bytes(PAPER256_FLAGS, 19, batch=4)
+    per_image, fixed = activation_bytes_per_image(PAPER256_FLAGS, 19)
+    assert four == pytest.approx(fixed + 4 * per_image, rel=0.01) and four > 3.5 * one
+    # block 1's output alone is 256 x 256 x 256 float32 values: a lower bound
+    assert per_image > 256 * 256 * 256 * 4
+    bf16 = activation_bytes_per_image(PAPER256_FLAGS, 19, precision="bf16")[0]
+    assert 0.4 * per_image < bf16 < 0.9 * per_image  # GroupNorm still runs in float32
+
+
+def test_batch_for_memory_follows_from_free_memory():
+    gib = 2**30
+    # 24 GiB free, 300 MiB per image, 1 GiB fixed: (0.7 * 24 GiB - 1 GiB) / 300 MiB = 53
+    assert batch_for_memory(24 * gib, 300 * 2**20, gib) == 53
+    assert batch_for_memory(24 * gib, 300 * 2**20, gib, headroom=0.5) == 37
+    assert batch_for_memory(gib, 10 * gib) == 1  # never below one image
+    assert batch_for_memory(80 * gib, 2**20) == 256  # never above the cap
+    assert batch_for_memory(80 * gib, 2**20, cap=1024) == 1024
+
+
+def test_entry_bytes_are_the_features_plus_index_and_label():
+    # block 24, pool 2, float16, ImageNet-1k train: 1024 x 2 x 2 x 2 bytes + 16 per image
+    assert entry_bytes(1_281_167, 1024, 2) == 1_281_167 * (1024 * 2 * 2 * 2 + 16)
+    assert entry_bytes(1_281_167, 1024, 2) / 1e9 == pytest.approx(10.5, abs=0.05)
+    assert entry_bytes(10, 256, 8, "float32") == 10 * (256 * 64 * 4 + 16)

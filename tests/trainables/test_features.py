@@ -354,3 +354,59 @@ def test_block_sizes_do_not_keep_models_alive(tiny_flags):
     assert ref() is None
     # remembered by the object, not by an id() that a later model could reuse
     assert len(features._SIZES) == before
+
+
+# --------------------------------------------------------------------------------------
+# memory: no map outlives its last use; half-precision maps pooled in float32
+# --------------------------------------------------------------------------------------
+
+
+def test_no_encoder_output_outlives_its_last_use(demo):
+    """Stopping at decoder block 12 of 19: encoder blocks 1..7 feed decoder blocks 13..19,
+    which never run, so their outputs are dropped at once; 8 and 9 go after blocks 12 and 11
+    read them."""
+    import weakref
+
+    model, diffusion, _ = demo
+    refs: dict[int, weakref.ref] = {}
+    alive_at: dict[int, list[int]] = {}
+
+    def on_block(b, h):
+        refs[b] = weakref.ref(h)
+        alive_at[b] = sorted(k for k, r in refs.items() if k < b and r() is not None)
+
+    x = images(2)
+    with torch.no_grad():
+        features.run_blocks(model, x, torch.zeros(2, dtype=torch.long), upto=12,
+                            on_block=on_block)
+    # a block's input lives while it runs; block 6 is not kept: its reader (14) never runs
+    assert alive_at[8] == [7]
+    assert alive_at[11] == [8]  # block 8 waits for block 12; 9 was read by block 11
+    assert alive_at[12] == []
+    # a full pass keeps every skip connection until its reader
+    with torch.no_grad():
+        features.run_blocks(model, x, torch.zeros(2, dtype=torch.long), upto=19,
+                            on_block=on_block)
+    assert alive_at[9] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_half_precision_maps_are_pooled_in_float32():
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    pooled = features.pool_map(x.bfloat16(), 4)
+    assert pooled.dtype == torch.float32
+    assert torch.allclose(pooled, F.adaptive_avg_pool2d(x.bfloat16().float(), 4), atol=1e-6)
+    assert features.pool_map(x.bfloat16(), 3).shape == (2, 8, 3, 3)  # uneven: adaptive
+
+
+def test_precision_is_fp32_on_cpu_and_bf16_can_be_asked(demo):
+    model, diffusion, ex = demo
+    assert features.precision_for("cpu") == "fp32" and ex.precision == "fp32"
+    bf16 = Extractor(model, diffusion, precision="bf16")
+    assert bf16.precision == "bf16"
+    x = images(4)
+    a = ex.extract(x, 90, [10], pool=2)[10]
+    b = bf16.extract(x, 90, [10], pool=2)[10]
+    assert b.dtype == torch.float32 and not torch.equal(a, b)  # it ran in bf16
+    assert torch.allclose(a, b, rtol=0.1, atol=0.1 * float(a.abs().max()))
+    with pytest.raises(ExtractionError, match="precision"):
+        Extractor(model, diffusion, precision="fp8")
