@@ -50,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
         entries = cache.list_entries(root)
         if entries:
             print(f"{'model':<14} {'model_fp':<16} {'data':<14} {'split':<5} {'t':>4} "
-                  f"{'seed':>4} {'block':>5} {'pool':>4} {'rows':>8} {'size':>10}  created")
+                  f"{'seed':>4} {'block':>5} {'pool':>4} {'rows':>8} {'size':>10} {'prec':>4}"
+                  "  created")
         for e in entries:
             print(f"{e['model'][-14:]:<14} {e['model_fp']:<16} {e['data'][-14:]:<14} "
                   f"{e['split']:<5} {e['t']:>4} {e['seed']:>4} {e['block']:>5} {e['pool']:>4} "
-                  f"{e['rows']:>8} {human(e['bytes'] or 0):>10}  {e['created']}")
+                  f"{e['rows']:>8} {human(e['bytes'] or 0):>10} {e['precision']:>4}"
+                  f"  {e['created']}")
         print(f"{len(entries)} entries, {human(sum(e['bytes'] or 0 for e in entries))} in {redact(root)}")
     elif args.action == "du":
         print(f"{human(cache.total_bytes(root))} in {redact(root)}")

@@ -28,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="extract U-Net features into the feature cache ahead of a search",
         description="Run the frozen U-Net once over a dataset at the given timesteps and store "
         "the given blocks (pooled) in the feature cache; trials then read them instead of "
-        "running the U-Net. Entries already stored are reused.",
+        "running the U-Net. Entries already stored are reused. On a GPU the U-Net runs under "
+        "bf16 autocast (fp16 where bf16 is missing; the precision is part of each entry's key) "
+        "and the batch is as large as the GPU's free memory allows; the rate measured is "
+        "recorded in the cache for `difftune plan`.",
     )
     p.add_argument("--model", required=True, help="paper256, demo or a checkpoint path")
     p.add_argument("--checkpoint", help="weights for a preset model (paper256)")
@@ -38,12 +41,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", required=True, type=integer(1), help="pool size stored (p x p)")
     p.add_argument("--cache", help="cache folder or URI (default: $DIFFTUNE_CACHE or "
                    "./difftune_cache)")
-    p.add_argument("--batch-size", type=integer(1), default=256, help="images per U-Net forward pass")
+    p.add_argument("--batch", "--batch-size", dest="batch_size", type=integer(1),
+                   help="images per U-Net forward pass (default: as many as fit the device's "
+                   "free memory, from the activation bytes per image; at most 256)")
     p.add_argument("--seed", type=integer(0), default=0, help="noise seed")
     p.add_argument("--splits", default="train,val", help="comma-separated splits")
     p.add_argument("--label-fraction", help="keep this fraction of the training labels "
                    "(subset seed 0), or a file listing the images to keep")
     p.add_argument("--device", default="cpu", help="torch device for the U-Net")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the U-Net's convolutions on NHWC tensors (GPU only)")
+    p.add_argument("--data-hash", choices=("size", "content"), default="size",
+                   help="fingerprint the data files by relative path and size, or by their "
+                   "bytes too (use what the search uses)")
     p.set_defaults(run=run)
 
 
@@ -62,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise UserError(f"--splits {args.splits!r} is invalid; allowed: {','.join(SPLITS)}")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise UserError(f"--batch must be positive, got {args.batch_size}")
     check_pool(args.pool)
     model, diffusion = shared_unet(args.model, args.checkpoint, args.device)
     blocks = check_blocks(model, blocks)
@@ -74,12 +84,17 @@ def run(args: argparse.Namespace) -> int:
                                  "noise_seed": args.seed})
     requests = clamp_requests(model, [(t, b, args.pool) for t in timesteps for b in blocks])
     cache = FeatureCache(args.cache or default_root(), device=args.device,
-                         batch_size=args.batch_size, extra_blocks=blocks, progress=True)
+                         batch_size=args.batch_size, extra_blocks=blocks, progress=True,
+                         channels_last=args.channels_last, data_hash=args.data_hash,
+                         record_throughput=True)
     for split in splits:
         cache.get(cfg, split, requests)
     from difftune.search.uris import redact
 
     s = cache.stats
-    print(f"extract: {s.forward_batches} U-Net forward batches ({s.forward_images} images); "
-          f"entries reused {s.entries_reused}, written {s.entries_written} in {redact(cache.root)}")
+    rate = f", {s.timed_images / s.forward_seconds:.3g} img/s ({cache.precision})" \
+        if s.forward_seconds > 0 else ""
+    print(f"extract: {s.forward_batches} U-Net forward batches ({s.forward_images} images"
+          f"{rate}); entries reused {s.entries_reused}, written {s.entries_written} in "
+          f"{redact(cache.root)}")
     return 0

@@ -1,21 +1,24 @@
 """The Arrow feature cache: every (image, timestep) U-Net forward pass is paid for once.
 
 An *entry* holds the features of one (model, data split, image size, label-fraction subset,
-timestep t, noise seed, block) pooled to P x P: an Arrow IPC file of rows ``(index, label,
-x)``, ``x`` the flattened ``[C x P x P]`` map (float16 by default), beside a JSON *marker*
-(key, shape, rows, bytes, sha256). Layout under the root (a folder or a pyarrow URI)::
+timestep t, noise seed, precision of the U-Net pass, block) pooled to P x P: an Arrow IPC
+file of rows ``(index, label, x)``, ``x`` the flattened ``[C x P x P]`` map (float16 by
+default), beside a JSON *marker* (key, shape, rows, bytes, sha256). Layout under the root (a
+folder or a pyarrow URI)::
 
-    <model fp>/<data fp>/t<t>-s<noise seed>/b<block>-p<P>-<dtype>.arrow   (data)
-                                           /b<block>-p<P>-<dtype>.json    (marker)
-                                           /.lock
+    <model fp>/<data fp>/t<t>-s<seed>-<precision>/b<block>-p<P>-<dtype>.arrow   (data)
+                                                 /b<block>-p<P>-<dtype>.json    (marker)
+                                                 /.lock
 
-Fingerprints are content hashes (checkpoint bytes + flags; data files + transform + subset),
-so a changed model or data never hits a stale entry. Pool p is served by an entry at p, or
+Fingerprints are content hashes (checkpoint bytes + flags; the data files' relative paths and
+sizes, or bytes, + transform + subset), so a changed model or data never hits a stale entry
+and a copy of the data elsewhere hits the same ones. Pool p is served by an entry at p, or
 derived exactly from one at P when p | P and P | the native map size (average pooling then
 composes). Publishing: data under a temporary name then renamed (object stores: one atomic
 PUT), marker last; readers trust only entries whose marker exists and whose checksum matches
-(a mismatch is logged and re-extracted). One process per ``t<t>-s<seed>`` directory extracts
-at a time, under :class:`~.cache_lock.CacheLock`. Listing and pruning: :mod:`.cache_admin`.
+(checked once per node; a mismatch is logged and re-extracted). One process per group
+directory extracts at a time, under :class:`~.cache_lock.CacheLock`. What a miss stores, and
+the storage budget: :mod:`.cache_policy`. Listing and pruning: :mod:`.cache_admin`.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ import json
 import logging
 import os
 import tempfile
-import uuid
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import unet
+from . import throughput, unet
 from .cache_lock import CacheLock
+from .cache_policy import make_room, stored_pool, touch
 from .cache_store import (
     ENTRY_NAME,
     CachedFeatures,
@@ -44,16 +48,26 @@ from .cache_store import (
     EntryWriter,
     Store,
     check_entry_file,
+    local_copy,
 )
 from .config import TrialConfig
+from .cost import (
+    activation_bytes_per_image,
+    batch_for_memory,
+    entry_bytes,
+    free_memory,
+    unet_costs,
+)
 from .data import data_fingerprint, dataset_indices, shared_dataset
 from .features import (
+    PRECISIONS,
     ExtractionError,
     Extractor,
     block_sizes,
     check_blocks,
     check_pool,
     check_timestep,
+    precision_for,
 )
 from .heads import Request
 from .pipeline import TrialData
@@ -88,28 +102,54 @@ def model_key(model: str, checkpoint: str | None) -> str:
 class FeatureCache:
     """A :class:`~.pipeline.FeatureSource` serving features from Arrow entries.
 
+    The policy (:mod:`.cache_policy`) follows from ``extra_blocks`` and ``store_pool``:
+    ``block-set`` gives both, ``per-request`` neither.
+
     :param root: a local folder or a pyarrow filesystem URI (``s3://bucket/prefix?...``);
         None means :func:`default_root`.
+    :param batch_size: images per U-Net pass on a miss; None: as many as fit the device's
+        free memory (:func:`~.cost.batch_for_memory`), at most 256.
     :param store_pool: store misses at this pool size (clamped to the block's map) when the
         requested p divides it, so that later trials with smaller pools hit.
     :param extra_blocks: the search space's blocks; a miss extracts all of them in the same
         forward pass (it runs up to the deepest of them).
+    :param budget: bytes everything under the root may take; before a miss writes, least
+        recently used entries are evicted to make room. None: no limit.
+    :param data_files: split -> :func:`~.data.files_fingerprint` of the data, computed once
+        by the search's driver (None: walked here at each lookup).
+    :param data_hash: how the data files are fingerprinted when ``data_files`` lacks a split.
+    :param precision: the U-Net's precision on a miss (default: the device's, see
+        :func:`~.features.precision_for`); part of every entry's key.
+    :param record_throughput: remember the measured extraction rate in the root (what
+        ``difftune plan`` reads).
     :param lock_stale_s: a lock untouched this long belongs to a dead process.
     :param mirror: local folder that entries of a remote root are copied into and mapped from.
     """
 
-    def __init__(self, root: str | None = None, *, device: str = "cpu", batch_size: int = 256,
-                 store_pool: int | None = None, extra_blocks: Sequence[int] = (),
-                 progress: bool = False, dtype: str = "float16", lock_stale_s: float = 120.0,
+    def __init__(self, root: str | None = None, *, device: str = "cpu",
+                 batch_size: int | None = None, store_pool: int | None = None,
+                 extra_blocks: Sequence[int] = (), budget: int | None = None,
+                 data_files: Mapping[str, str] | None = None, data_hash: str = "size",
+                 precision: str | None = None, channels_last: bool = False,
+                 record_throughput: bool = False, progress: bool = False,
+                 dtype: str = "float16", lock_stale_s: float = 120.0,
                  mirror: str | None = None, filesystem: pafs.FileSystem | None = None):
         self.root = root or default_root()
         self.store = Store(self.root, filesystem)
         self.device, self.batch_size, self.progress = device, batch_size, progress
         self.store_pool, self.extra_blocks = store_pool, sorted(set(extra_blocks))
+        self.budget, self.data_files = budget, dict(data_files or {})
+        self.data_hash, self.record_throughput = data_hash, record_throughput
+        if precision is not None and precision not in PRECISIONS:
+            raise ExtractionError(f"precision={precision!r} is unknown; allowed: "
+                                  f"{list(PRECISIONS)}")
+        self.precision = precision or precision_for(device)
+        self.channels_last = channels_last
         self.dtype, self.lock_stale_s = np.dtype(dtype).name, lock_stale_s
         self.mirror = mirror or os.path.join(tempfile.gettempdir(), "difftune-mirror")
         self.stats = CacheStats()
         self._extractor: Extractor | None = None
+        self._serving: set[str] = set()  # entries this process serves (never evicted by it)
 
     @property
     def unet_images(self) -> int:
@@ -124,6 +164,14 @@ class FeatureCache:
     def get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]) -> CachedFeatures:
         """The features of ``requests`` ((t, block, pool)) for one split of ``cfg``'s data,
         extracting and storing the missing ones."""
+        try:
+            return self._get(cfg, split, requests)
+        except FileNotFoundError:  # evicted by another process between lookup and open
+            logger.info("a cache entry went away while opening it; looking up again")
+            return self._get(cfg, split, requests)
+
+    def _get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]
+             ) -> CachedFeatures:
         model, diffusion = shared_unet(cfg.model, cfg.checkpoint, self.device)
         ds, classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
                                      cfg.seed)
@@ -135,8 +183,11 @@ class FeatureCache:
                         data_fp=data_fingerprint(cfg.data, split=split,
                                                  image_size=model.image_size,
                                                  label_fraction=frac,
-                                                 seed=cfg.seed if frac is not None else 0),
-                        t=0, seed=cfg.noise_seed, block=0, pool=0, dtype=self.dtype)
+                                                 seed=cfg.seed if frac is not None else 0,
+                                                 files=self.data_files.get(split),
+                                                 data_hash=self.data_hash),
+                        t=0, seed=cfg.noise_seed, block=0, pool=0, dtype=self.dtype,
+                        precision=self.precision)
         by_t: dict[int, dict[int, int]] = {}
         for t, b, p in requests:
             check_timestep(diffusion, t)
@@ -146,9 +197,10 @@ class FeatureCache:
                                       "not allowed (give a positive int)")
             by_t.setdefault(t, {})[b] = p
         served: dict[tuple[int, int], tuple[str, int]] = {}
+        flags = unet.resolve(cfg.model, checkpoint=cfg.checkpoint)[0]
         for t, wanted in by_t.items():
             group = dataclasses.replace(base, t=t)
-            for b, path in self._ensure(model, diffusion, ds, group, wanted).items():
+            for b, path in self._ensure(model, diffusion, ds, group, wanted, flags).items():
                 served[(t, b)] = (path, wanted[b])
         out = _dataset(served)
         expected = np.asarray(dataset_indices(ds), dtype=np.int64)
@@ -177,31 +229,26 @@ class FeatureCache:
 
     # -- internals
     def _stored_pool(self, p: int, native: int) -> int:
-        big = min(self.store_pool, native) if self.store_pool else p
-        return big if big % p == 0 and native % big == 0 else p
+        return stored_pool(p, native, self.store_pool)
 
     def _extractor_for(self, model, diffusion) -> Extractor:
         if self._extractor is None or self._extractor.model is not model:
-            self._extractor = Extractor(model, diffusion)
+            self._extractor = Extractor(model, diffusion, precision=self.precision,
+                                        channels_last=self.channels_last)
         return self._extractor
 
+    def _batch_for(self, flags: dict, upto: int) -> int:
+        """The configured batch, or as many images as fit the device's free memory."""
+        if self.batch_size:
+            return self.batch_size
+        per_image, fixed = activation_bytes_per_image(flags, upto, precision=self.precision)
+        batch = batch_for_memory(free_memory(self.device), per_image, fixed)
+        logger.info("extraction batch %d: %.3g MB of activations per image to block %d (%s)",
+                    batch, per_image / 1e6, upto, self.precision)
+        return batch
+
     def _local_copy(self, key: EntryKey, marker: dict) -> str | None:
-        rel = f"{key.group}/{key.name}.arrow"
-        if self.store.local:
-            return self.store.path(rel)
-        path = os.path.join(self.mirror, f"{marker.get('sha256')}.arrow")
-        if not (os.path.isfile(path) and os.path.getsize(path) == marker.get("bytes")):
-            os.makedirs(self.mirror, exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            try:
-                with self.store.fs.open_input_stream(self.store.path(rel)) as src, \
-                        open(tmp, "wb") as dst:
-                    while chunk := src.read(8 << 20):
-                        dst.write(chunk)
-            except (FileNotFoundError, OSError):
-                return None
-            os.replace(tmp, path)
-        return path
+        return local_copy(self.store, f"{key.group}/{key.name}.arrow", marker, self.mirror)
 
     def _lookup(self, key: EntryKey, p: int, native: int, *, purge: bool = False
                 ) -> str | None:
@@ -223,6 +270,8 @@ class FeatureCache:
             path = self._local_copy(k, marker)
             if path is not None and check_entry_file(path, marker):
                 self.stats.entries_derived += big != p
+                touch(self.store, f"{k.group}/{k.name}")
+                self._serving.add(f"{k.group}/{k.name}")
                 return path
             if purge:
                 self.stats.entries_corrupt += 1
@@ -234,8 +283,8 @@ class FeatureCache:
                     os.remove(path)
         return None
 
-    def _ensure(self, model, diffusion, ds: Dataset, group: EntryKey, wanted: dict[int, int]
-                ) -> dict[int, str]:
+    def _ensure(self, model, diffusion, ds: Dataset, group: EntryKey, wanted: dict[int, int],
+                flags: dict) -> dict[int, str]:
         native = block_sizes(model)
         found: dict[int, str] = {}
         for b, p in wanted.items():
@@ -258,12 +307,13 @@ class FeatureCache:
                         found[b] = path
                         del missing[b]
                 if missing:
-                    found.update(self._extract(model, diffusion, ds, group, missing, native))
+                    found.update(self._extract(model, diffusion, ds, group, missing, native,
+                                               flags))
         self.stats.entries_reused += len(wanted) - len(missing)
         return found
 
     def _extract(self, model, diffusion, ds: Dataset, group: EntryKey, missing: dict[int, int],
-                 native: dict[int, int]) -> dict[int, str]:
+                 native: dict[int, int], flags: dict) -> dict[int, str]:
         """One forward pass per image batch at ``group.t`` writing the missing entries and
         every ``extra_blocks`` entry (the search space's block set) not stored yet, so that a
         search pays one U-Net pass per image and timestep."""
@@ -279,23 +329,35 @@ class FeatureCache:
         indices = dataset_indices(ds)
         if not indices:
             raise ValueError(f"no images to extract for {group.data} {group.split}")
-        loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False)
+        if self.budget is not None:
+            costs = unet_costs(flags)
+            need = sum(entry_bytes(len(indices), costs[b].channels, p, self.dtype)
+                       for b, p in plan.items())
+            make_room(self.store, need, self.budget, keep=self._serving)
+        upto = max(plan)
+        loader = DataLoader(ds, batch_size=self._batch_for(flags, upto), shuffle=False)
         writers: dict[int, EntryWriter] = {}
         bar = tqdm(total=len(loader), desc=f"extract {group.split} t={group.t}", unit="batch",
                    disable=not self.progress, leave=False)
+        timed = [0, 0.0]  # images, seconds: every batch but the first (warm-up)
         try:
             start = 0
-            for x0, labels in loader:
+            for i, (x0, labels) in enumerate(loader):
                 idx = indices[start:start + len(x0)]
                 start += len(x0)
+                began = time.perf_counter()
                 feats = extractor.extract(x0, group.t, plan, indices=idx, seed=group.seed)
+                feats = {b: f.cpu() for b, f in feats.items()}  # waits for the device
+                if i > 0 or len(loader) == 1:
+                    timed[0] += len(x0)
+                    timed[1] += time.perf_counter() - began
                 self.stats.forward_batches += 1
                 self.stats.forward_images += len(x0)
                 for b, f in feats.items():
                     if b not in writers:
                         key = dataclasses.replace(group, block=b, pool=plan[b])
                         writers[b] = EntryWriter(self.store, key, tuple(f.shape[1:]), native[b])
-                    writers[b].write(idx, labels, f.cpu())
+                    writers[b].write(idx, labels, f)
                 bar.update(1)
             markers = {b: w.commit() for b, w in writers.items()}
         except BaseException:
@@ -305,14 +367,23 @@ class FeatureCache:
         finally:
             bar.close()
         self.stats.entries_written += len(markers)
+        self.stats.forward_seconds += timed[1]
+        self.stats.timed_images += timed[0]
         logger.info("cache: wrote %d entries for %s %s t=%d (blocks %s)", len(markers),
                     group.data, group.split, group.t, sorted(markers))
+        if self.record_throughput:  # what this process measured so far
+            throughput.record(self.store, model=group.model, flags=flags,
+                              device=throughput.device_kind(extractor.device),
+                              precision=self.precision, images=self.stats.timed_images,
+                              seconds=self.stats.forward_seconds,
+                              gflops_per_image=unet_costs(flags)[upto].gflops_to, upto=upto)
         out = {}
         for b in missing:
             key = dataclasses.replace(group, block=b, pool=plan[b])
             path = self._local_copy(key, markers[b])
             if path is None or not check_entry_file(path, markers[b]):
                 raise OSError(f"cache entry {key.group}/{key.name} vanished after writing it")
+            self._serving.add(f"{key.group}/{key.name}")
             out[b] = path
         return out
 

@@ -12,7 +12,9 @@ import logging
 import mmap
 import os
 import re
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +28,10 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the U-Net's precision is part of the key
 ENTRY_NAME = re.compile(r"^b(\d+)-p(\d+)-(\w+)\.json$")
+#: where a node remembers which entries it verified (a local folder; default in the temp dir)
+VERIFIED_DIR_ENV = "DIFFTUNE_VERIFIED_DIR"
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,11 @@ class EntryKey:
     block: int
     pool: int
     dtype: str = "float16"
+    precision: str = "fp32"  # the U-Net pass: fp32, or bf16/fp16 autocast on a GPU
 
     @property
     def group(self) -> str:
-        return f"{self.model_fp}/{self.data_fp}/t{self.t}-s{self.seed}"
+        return f"{self.model_fp}/{self.data_fp}/t{self.t}-s{self.seed}-{self.precision}"
 
     @property
     def name(self) -> str:
@@ -70,8 +75,10 @@ class CacheStats:
     entries_written: int = 0
     entries_corrupt: int = 0  # entries whose checksum failed (re-extracted)
     lock_waits: int = 0  # times another process held the lock we needed
+    forward_seconds: float = 0.0  # time of the U-Net passes (first batch of each miss excluded)
+    timed_images: int = 0  # ... and the images they passed
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
@@ -123,6 +130,25 @@ class Store:
             self.fs.delete_file(self.path(rel))
         except (FileNotFoundError, OSError):
             pass
+
+
+def local_copy(store: Store, rel: str, marker: dict, mirror: str) -> str | None:
+    """A local path of the file ``rel``: itself on a local root, else a copy in ``mirror``
+    named by the entry's sha256 (made once per node). None if it cannot be read."""
+    if store.local:
+        return store.path(rel)
+    path = os.path.join(mirror, f"{marker.get('sha256')}.arrow")
+    if not (os.path.isfile(path) and os.path.getsize(path) == marker.get("bytes")):
+        os.makedirs(mirror, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            with store.fs.open_input_stream(store.path(rel)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+        except (FileNotFoundError, OSError):
+            return None
+        os.replace(tmp, path)
+    return path
 
 
 class EntryWriter:
@@ -302,24 +328,69 @@ class CachedFeatures(Dataset):
 VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) checked in this process
 
 
+def verified_dir() -> str:
+    """This node's folder of verified-entry markers (``$DIFFTUNE_VERIFIED_DIR``, else
+    ``difftune-verified`` in the temp dir): every process of the node reads it."""
+    return os.environ.get(VERIFIED_DIR_ENV) or os.path.join(tempfile.gettempdir(),
+                                                            "difftune-verified")
+
+
+def _stamp(path: str, st: os.stat_result) -> dict:
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _node_verified(path: str, st: os.stat_result, sha: str) -> bool:
+    try:
+        with open(os.path.join(verified_dir(), f"{sha}.json")) as f:
+            return json.load(f) == _stamp(path, st)
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_node_verified(path: str, st: os.stat_result, sha: str) -> None:
+    folder = verified_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{sha}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(_stamp(path, st), f)
+        os.replace(tmp, os.path.join(folder, f"{sha}.json"))
+    except OSError as exc:  # verification still holds for this process
+        logger.debug("cannot remember a verified entry in %s: %s", folder, exc)
+
+
+def forget_verified() -> None:
+    """Forget every verification, of this process and of this node (the next open of each
+    entry reads it whole again)."""
+    VERIFIED.clear()
+    shutil.rmtree(verified_dir(), ignore_errors=True)
+
+
 def check_entry_file(path: str, marker: dict) -> bool:
     """Whether the Arrow file at ``path`` is the entry ``marker`` describes (checksum, key,
-    rows); the result is remembered per process for an unchanged file."""
+    rows). Reading a whole entry to check it is paid once per node: the result is remembered
+    by this process and, keyed by the entry's sha256, in this node's :func:`verified_dir`,
+    for the same file unchanged (path, size, modification time)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return False
-    memo = (path, st.st_size, st.st_mtime_ns, marker.get("sha256"))
+    sha = str(marker.get("sha256"))
+    memo = (path, st.st_size, st.st_mtime_ns, sha)
     if memo in VERIFIED:
         return True
     if st.st_size != marker.get("bytes"):
         return False
+    if _node_verified(path, st, sha):
+        VERIFIED.add(memo)
+        return True
     try:
         m = MappedEntry(path)
         ok = (m.meta.get("key") == marker.get("key") and int(m.offsets[-1]) == marker["rows"]
-              and m.checksum() == marker["sha256"])
+              and m.checksum() == sha)
     except (pa.ArrowException, OSError, ValueError, KeyError, IndexError):
         ok = False
     if ok:
         VERIFIED.add(memo)
+        _mark_node_verified(path, st, sha)
     return ok

@@ -273,23 +273,77 @@ def targets_of(ds: Dataset) -> list[int]:
     return list(ds.targets)
 
 
-def data_fingerprint(name_or_path: str, *, split: str, image_size: int,
-                     label_fraction: float | str | None = None, seed: int = 0) -> str:
-    """A fingerprint of a dataset split: its files (names, sizes, mtimes), transform, subset."""
-    h = hashlib.sha256(f"{split}|{image_size}|{label_fraction}|{seed}".encode())
-    if label_fraction is not None and not _is_number(label_fraction) \
-            and Path(label_fraction).is_file():
-        h.update(Path(label_fraction).read_bytes())  # a file list: what it lists, not its name
+def class_counts(name_or_path: str, split: str) -> list[int]:
+    """Images per class of a split, without reading an image (``difftune plan``)."""
+    if name_or_path == "digits":
+        targets = np.asarray(_digits(split, 8).targets)
+        return np.bincount(targets, minlength=10).tolist()
+    split_dir = _check_split(Path(name_or_path), split)
+    return [sum(1 for f in os.scandir(d) if f.name.lower().endswith(IMAGE_EXTENSIONS))
+            for d in sorted(os.scandir(split_dir), key=lambda d: d.name) if d.is_dir()]
+
+
+def subset_size(counts: list[int], label_fraction: float | str | None) -> int:
+    """Images :func:`load_dataset` keeps of a split with ``counts`` images per class: every
+    image without a fraction, a stratified ``round(fraction * n)`` (at least 1) per class
+    with one, the lines of a file list."""
+    if label_fraction is None:
+        return int(sum(counts))
+    if not _is_number(label_fraction):
+        path = Path(label_fraction)
+        if not path.is_file():
+            raise DataError(f"label_fraction file {path} does not exist")
+        return len({ln.strip() for ln in path.read_text().splitlines() if ln.strip()})
+    frac = float(label_fraction)
+    if not 0 < frac <= 1:
+        raise DataError(f"label_fraction must be in (0, 1], got {frac}")
+    return int(sum(max(1, int(round(frac * n))) for n in counts if n))
+
+
+#: how :func:`files_fingerprint` reads a folder: ``size`` (relative paths and sizes) or
+#: ``content`` (relative paths and the bytes of every file)
+DATA_HASHES = ("size", "content")
+
+
+def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size") -> str:
+    """A fingerprint of the files of one split: their paths relative to the split folder and
+    their sizes (``data_hash="content"``: their bytes), never their modification times, so a
+    copy of the data in another place or on another node fingerprints the same. The one walk
+    over the data a search makes: the driver computes it and hands it to the trials."""
+    if data_hash not in DATA_HASHES:
+        raise DataError(f"--data-hash {data_hash!r} is unknown; allowed: {list(DATA_HASHES)}")
+    h = hashlib.sha256(f"files|{split}|{data_hash}".encode())
     if name_or_path == "digits":
         import sklearn
 
         h.update(f"digits|sklearn-{sklearn.__version__}".encode())
-    else:
-        root = Path(name_or_path) / split
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                p = Path(dirpath) / name
-                st = p.stat()
-                h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+    root = Path(name_or_path) / split
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            h.update(f"{rel_dir}/{name}|{os.stat(p).st_size}\n".encode())
+            if data_hash == "content":
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(name_or_path: str, *, split: str, image_size: int,
+                     label_fraction: float | str | None = None, seed: int = 0,
+                     files: str | None = None, data_hash: str = "size") -> str:
+    """A fingerprint of a dataset split as a trial reads it: its files
+    (:func:`files_fingerprint`, or ``files`` when the driver computed it already), the
+    transform (image size) and the label subset.
+
+    :param files: ``files_fingerprint(name_or_path, split)`` if known (no walk is made).
+    """
+    h = hashlib.sha256(f"{split}|{image_size}|{label_fraction}|{seed}".encode())
+    if label_fraction is not None and not _is_number(label_fraction) \
+            and Path(label_fraction).is_file():
+        h.update(Path(label_fraction).read_bytes())  # a file list: what it lists, not its name
+    h.update((files or files_fingerprint(name_or_path, split, data_hash=data_hash)).encode())
     return h.hexdigest()[:16]

@@ -45,6 +45,14 @@ class RuntimeOptions:
     :param extra_blocks: blocks the search can ask for: a cache miss extracts them all.
     :param threads: torch CPU threads per trial (0: leave torch's default); a retrain with
         the same count gives the same numbers.
+    :param cache_policy: ``block-set`` or ``per-request`` (:mod:`.cache_policy`; what
+        ``store_pool`` and ``extra_blocks`` implement), recorded for the parent run.
+    :param cache_budget: bytes the cache root may hold (least recently used entries are
+        evicted beyond it); None: no limit.
+    :param data_files: split -> fingerprint of the data's files, computed once by the driver
+        so that no trial walks the data (:func:`~.data.files_fingerprint`).
+    :param data_hash: how those were computed (``size`` or ``content``).
+    :param extract_batch: images per U-Net pass on a cache miss; None: what fits the device.
     """
 
     cache: str | None = None
@@ -52,17 +60,24 @@ class RuntimeOptions:
     store_pool: int | None = None
     extra_blocks: tuple[int, ...] = field(default_factory=tuple)
     threads: int = 0
+    cache_policy: str = "block-set"
+    cache_budget: int | None = None
+    data_files: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    data_hash: str = "size"
+    extract_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["extra_blocks"] = list(self.extra_blocks)
+        d["data_files"] = dict(self.data_files)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RuntimeOptions:
         """The inverse of :meth:`to_dict`; keys it does not know are ignored."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**{**known, "extra_blocks": tuple(known.get("extra_blocks", ()))})
+        return cls(**{**known, "extra_blocks": tuple(known.get("extra_blocks", ())),
+                      "data_files": tuple(sorted(dict(known.get("data_files") or {}).items()))})
 
 
 def make_source(runtime: RuntimeOptions, device: str):
@@ -75,10 +90,12 @@ def make_source(runtime: RuntimeOptions, device: str):
         from .cache import FeatureCache
 
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,
-                            extra_blocks=runtime.extra_blocks)
+                            extra_blocks=runtime.extra_blocks, budget=runtime.cache_budget,
+                            data_files=dict(runtime.data_files), data_hash=runtime.data_hash,
+                            batch_size=runtime.extract_batch)
     from .pipeline import DirectFeatures
 
-    return DirectFeatures(device=device)
+    return DirectFeatures(device=device, batch_size=runtime.extract_batch or 256)
 
 
 def _device() -> str:

@@ -169,7 +169,7 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
     else:
         data = data[: len(data) - 100]
     path.write_bytes(bytes(data))
-    cache_store.VERIFIED.clear()  # a file checked earlier in this process is trusted by mtime
+    cache_store.forget_verified()  # checked earlier by this process and node: trusted by mtime
 
     c = FeatureCache(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="difftune.trainables.cache"):
@@ -348,3 +348,101 @@ def test_a_trial_trains_from_either_source(tmp_path, source):
         assert src.stats.entries_written == 2  # train and val
     else:  # every batch of every epoch ran the U-Net, train and val
         assert src.extractor.forward_batches == 3 + 2
+
+
+# ------------------------------------------------- keys, verification and the budget
+
+
+def test_precision_is_part_of_the_key(tmp_path):
+    cfg = cfg_()
+    fp32 = FeatureCache(str(tmp_path))
+    assert fp32.precision == "fp32"  # the CPU's
+    ref = stacked(fp32.get(cfg, "train", [(90, 2, 2)]), (90, 2))
+    bf16 = FeatureCache(str(tmp_path), precision="bf16")
+    got = stacked(bf16.get(cfg, "train", [(90, 2, 2)]), (90, 2))
+    assert bf16.stats.entries_written == 1 and bf16.stats.entries_reused == 0
+    assert not torch.equal(got, ref)  # it ran in bf16 ...
+    assert torch.allclose(got, ref, rtol=0.1, atol=0.1 * float(ref.abs().max()))  # ... nearby
+    entries = list_entries(str(tmp_path))
+    assert sorted(e["precision"] for e in entries) == ["bf16", "fp32"]
+    assert {e["path"].split("/")[2] for e in entries} == {"t90-s0-fp32", "t90-s0-bf16"}
+    again = FeatureCache(str(tmp_path), precision="bf16")
+    again.get(cfg, "train", [(90, 2, 2)])
+    assert again.stats.entries_reused == 1 and again.stats.forward_batches == 0
+
+
+def test_an_entry_is_read_whole_once_per_node(tmp_path, monkeypatch):
+    cfg = cfg_()
+    FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])  # writes and verifies it
+    reads = []
+    real = cache_store.MappedEntry.checksum
+    monkeypatch.setattr(cache_store.MappedEntry, "checksum",
+                        lambda self: reads.append(1) or real(self))
+    cache_store.VERIFIED.clear()  # another process of this node
+    FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])
+    assert reads == []  # trusted: this node verified it
+    markers = list(Path(cache_store.verified_dir()).glob("*.json"))
+    assert markers
+    cache_store.forget_verified()  # another node
+    c = FeatureCache(str(tmp_path))
+    c.get(cfg, "train", [(90, 2, 2)])
+    assert reads == [1] and c.stats.entries_reused == 1
+
+
+def test_a_fingerprint_handed_by_the_driver_spares_the_walk(tmp_path, monkeypatch):
+    from difftune.trainables import data
+
+    cfg = cfg_()
+    files = {s: data.files_fingerprint("digits", s) for s in ("train", "val")}
+    FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])
+    monkeypatch.setattr(data, "files_fingerprint",
+                        lambda *a, **k: pytest.fail("a trial fingerprinted the data"))
+    c = FeatureCache(str(tmp_path), data_files=files)
+    c.get(cfg, "train", [(90, 2, 2)])
+    assert c.stats.entries_reused == 1
+
+
+def test_budget_evicts_the_least_recently_used_entries(tmp_path):
+    from difftune.trainables.cache_policy import usage
+
+    cfg = cfg_()
+    root = str(tmp_path / "cache")
+    first = FeatureCache(root)
+    held = first.get(cfg, "train", [(90, 2, 2)])  # a trial still reading it
+    a = first.get(cfg, "train", [(10, 2, 2)])
+    one = usage(cache_store.Store(root))[0] / 2  # bytes of one entry (all are alike)
+    time.sleep(0.05)
+    first.get(cfg, "train", [(90, 2, 2)])  # used again: now the newest
+    later = FeatureCache(root, budget=int(2.5 * one))
+    later.get(cfg, "train", [(50, 2, 2)])
+    assert sorted(e["t"] for e in list_entries(root)) == [50, 90]  # t 10 was the oldest use
+    assert usage(cache_store.Store(root))[0] <= 2.5 * one
+    assert close(stacked(a, (10, 2)), fresh(cfg, 10, 2, 2))  # an open entry still reads
+    assert len(held) == 40
+    # what a process serves (t 50) is never evicted by it
+    later.get(cfg, "train", [(30, 2, 2)])
+    assert sorted(e["t"] for e in list_entries(root)) == [30, 50]
+
+
+def test_make_room_spares_groups_being_written(tmp_path):
+    from difftune.trainables.cache_policy import make_room, usage
+
+    cfg = cfg_()
+    root = str(tmp_path)
+    FeatureCache(root).get(cfg, "train", [(90, 2, 2)])
+    store = cache_store.Store(root)
+    total, (entry,) = usage(store)
+    (tmp_path / entry.group / ".lock").write_text("{}")
+    assert make_room(store, 10**6, total) == 0 and len(list_entries(root)) == 1
+    (tmp_path / entry.group / ".lock").unlink()
+    assert make_room(store, 10**6, total) == entry.bytes and list_entries(root) == []
+
+
+def test_stored_pool_rule():
+    from difftune.trainables.cache_policy import stored_pool
+
+    assert stored_pool(2, 16, 8) == 8  # 2 | 8 | 16: stored at 8, serves 1, 2, 4, 8
+    assert stored_pool(2, 8, 16) == 8  # clamped to the map
+    assert stored_pool(3, 16, 8) == 3  # 3 does not divide 8
+    assert stored_pool(4, 12, 8) == 4  # 8 does not divide 12
+    assert stored_pool(4, 16, None) == 4  # per-request: the pool asked

@@ -11,9 +11,12 @@ from PIL import Image
 
 from difftune.trainables.data import (
     DataError,
+    class_counts,
     data_fingerprint,
     dataset_indices,
+    files_fingerprint,
     load_dataset,
+    subset_size,
     targets_of,
 )
 from difftune.trainables.errors import UserError
@@ -264,3 +267,50 @@ def test_fingerprint_follows_the_label_fraction_file(tmp_path):
     assert d != data_fingerprint("digits", split="train", image_size=16, label_fraction=0.2)
     assert d != data_fingerprint("digits", split="train", image_size=16, label_fraction=0.1,
                                  seed=1)
+
+
+def test_fingerprint_keys_on_relative_paths_and_sizes_never_mtimes(tmp_path):
+    import os
+    import shutil
+
+    make_tree(tmp_path / "a")
+    fp = files_fingerprint(str(tmp_path / "a"), "train")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")  # another place, new mtimes
+    assert files_fingerprint(str(tmp_path / "elsewhere" / "b"), "train") == fp
+    some = tmp_path / "a" / "train" / "cat" / "cat0.png"
+    os.utime(some, (1, 1))
+    assert files_fingerprint(str(tmp_path / "a"), "train") == fp
+    assert files_fingerprint(str(tmp_path / "a"), "val") != fp
+    # same size, other bytes: only the content hash sees it
+    data = bytearray(some.read_bytes())
+    data[-1] ^= 0xFF
+    content = files_fingerprint(str(tmp_path / "a"), "train", data_hash="content")
+    some.write_bytes(bytes(data))
+    assert files_fingerprint(str(tmp_path / "a"), "train") == fp
+    assert files_fingerprint(str(tmp_path / "a"), "train", data_hash="content") != content
+    some.write_bytes(bytes(data) + b"x")  # another size
+    assert files_fingerprint(str(tmp_path / "a"), "train") != fp
+    with pytest.raises(DataError, match="data-hash"):
+        files_fingerprint(str(tmp_path / "a"), "train", data_hash="mtime")
+
+
+def test_a_fingerprint_handed_over_is_used_without_walking(tmp_path, monkeypatch):
+    from difftune.trainables import data
+
+    make_tree(tmp_path)
+    kw = dict(split="train", image_size=6, label_fraction=0.5, seed=1)
+    walked = data_fingerprint(str(tmp_path), **kw)
+    files = files_fingerprint(str(tmp_path), "train")
+    monkeypatch.setattr(data.os, "walk", lambda *a, **k: pytest.fail("walked the data"))
+    assert data_fingerprint(str(tmp_path), files=files, **kw) == walked
+
+
+def test_class_counts_and_subset_sizes_without_reading_images(tmp_path, digits):
+    make_tree(tmp_path, per_class=3)
+    assert class_counts(str(tmp_path), "train") == [3, 3]
+    counts = class_counts("digits", "train")
+    assert sum(counts) == len(digits["train"][0])
+    for fraction in (0.03, 0.2, 1.0):
+        ds, _ = load_dataset("digits", split="train", image_size=8, label_fraction=fraction)
+        assert subset_size(counts, fraction) == len(ds)
+    assert subset_size(counts, None) == sum(counts)
