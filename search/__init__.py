@@ -19,6 +19,7 @@ _EXPORTS = {
     "ChampionClassifier": "classifier", "log_classifier": "classifier",
     "predict_images": "classifier",
     "default_experiment": "tracking",
+    "Plan": "plan", "make_plan": "plan", "parse_size": "sizes",
     "main": "cli",
 }
 

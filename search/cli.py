@@ -22,6 +22,7 @@ logger = logging.getLogger("difftune")
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = (
     "difftune.search.cmd_search",
+    "difftune.search.cmd_plan",
     "difftune.search.cmd_export",
     "difftune.search.cmd_train",
     "difftune.search.cmd_predict",

@@ -9,6 +9,8 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
              objectives: [{metric: val_top1, mode: max}, {metric: gflops, mode: min}]
                (a multi-objective search: Optuna's multi-objective TPE; the first objective
                is the one ASHA stops trials by and the champion is chosen by)
+             cache_policy (auto | block-set | per-request), cache_budget (e.g. 2TB),
+             extract_batch, confirm_top, confirm_label_fraction
     fixed:   trial settings that are not searched (epochs, batch_size, ...)
     params:  searched settings, each one of
                {choice: [a, b, ...]}                    categorical (lists allowed as values)
@@ -65,6 +67,8 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     trials=20, seed=0, metric="val_top1", mode="max", grace_period=1, reduction_factor=2,
     max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=None, max_failures=2, cache_pool=None,
     objectives=None,
+    cache_policy="auto", cache_budget=None, extract_batch=None, confirm_top=0,
+    confirm_label_fraction=None,
 )
 TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
@@ -143,6 +147,30 @@ class Space:
         if not self.grid:
             return None
         return Grid(axes=dict(self.grid), metric=self.search["metric"], mode=self.search["mode"])
+
+    def values(self, head: str) -> dict[str, list[Any]]:
+        """Every value each setting can take in a trial of ``head`` (integer ranges expanded;
+        a subset's members, each of which a trial may hold; a float range's ends)."""
+        out: dict[str, list[Any]] = {k: [v] for k, v in self.fixed.items()}
+        specs = {k: v for k, v in self.params.items() if k != "head"}
+        sub = self.params.get("head", {}).get("choice")
+        if isinstance(sub, dict):
+            specs.update(sub.get(head) or {})
+        for k, spec in specs.items():
+            if "int" in spec:
+                lo, hi = spec["int"]
+                out[k] = list(range(lo, hi + 1, int(spec.get("step") or 1)))
+            else:
+                out[k] = _values(spec)
+        return out
+
+    def max_epochs(self) -> int:
+        """The most epochs a trial runs."""
+        if "epochs" in self.fixed:
+            return int(self.fixed["epochs"])
+        spec = self.params.get("epochs", {})
+        vals = spec.get("choice") or spec.get("int") or [TrialConfig().epochs]
+        return int(max(vals))
 
     def names(self) -> set[str]:
         """Every setting name the space mentions (params, head sub-spaces, fixed)."""

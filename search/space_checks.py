@@ -40,7 +40,27 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
     "cache_pool": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1, or unset"),
     "metric": (lambda v: isinstance(v, str) and v != "", "a metric name such as val_top1"),
     "mode": (lambda v: v in ("max", "min"), "max or min"),
+    "cache_policy": (lambda v: v in CACHE_POLICIES, "auto, block-set or per-request"),
+    "cache_budget": (lambda v: v is None or _is_size(v),
+                     "a size such as 500GB, 2TB or 1.5TiB, or unset (the free space)"),
+    "extract_batch": (lambda v: v is None or (_is_int(v) and v >= 1),
+                      "an integer >= 1, or unset (what fits the device)"),
+    "confirm_top": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no confirm stage)"),
+    "confirm_label_fraction": (lambda v: v is None or (_is_num(v) and 0 < v <= 1),
+                               "a fraction in (0, 1], or unset (all labels)"),
 }
+#: what a cache miss stores (:mod:`difftune.trainables.cache_policy`); auto: the plan decides
+CACHE_POLICIES = ("auto", "block-set", "per-request")
+
+
+def _is_size(v: Any) -> bool:
+    from difftune.search.sizes import parse_size
+
+    try:
+        parse_size(v)
+    except UserError:
+        return False
+    return True
 
 
 def _is_num(v: Any) -> bool:
