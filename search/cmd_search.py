@@ -53,6 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "or $DIFFTUNE_CACHE)")
     p.add_argument("--no-cache", action="store_true",
                    help="the paper's behaviour: rerun the U-Net on every batch of every epoch")
+    p.add_argument("--cache-budget", metavar="SIZE",
+                   help="bytes the feature cache may hold, e.g. 500GB, 2TB, 1.5TiB (default: "
+                   "the space's cache_budget, else the free space of a local cache; unlimited "
+                   "on an object store); a search whose cache cannot fit is refused before it "
+                   "starts, naming changes that fit (see difftune plan)")
+    p.add_argument("--data-hash", choices=("size", "content"), default="size",
+                   help="how the data files are fingerprinted for cache keys, once per search: "
+                   "relative paths and sizes, or their bytes too")
     p.add_argument("--set", dest="pins", action="append", default=[], metavar="NAME=VALUE",
                    help="pin a setting of the space, e.g. --set head=mlp --set epochs=3")
     p.add_argument("--resume", metavar="EXPERIMENT",
@@ -68,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.address:
         local_ray_on_loopback()  # before Ray is imported: it reads the setting at import
     from difftune.search.cluster import check_addressable, check_inputs_on_nodes
+    from difftune.search.plan import data_size, make_plan, refuse_if_over, resolve_budget
     from difftune.search.space import load_space, parse_set
     from difftune.search.tracking import default_experiment
     from difftune.search.tuner import (
@@ -129,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else (args.cache or default_root())
     if cache and "://" not in cache:
         cache = os.path.abspath(cache)  # trials run in other working directories
+    # the plan first: a search whose cache cannot fit stops here, before anything is written
+    budget, source, explicit = resolve_budget(args.cache_budget, space, cache)
+    plan = make_plan(space, data_size(space), budget=budget, budget_source=source,
+                     cache=cache, cached=cache is not None)
+    print(plan.summary(), flush=True)
+    refuse_if_over(plan)
     experiment = args.experiment or default_experiment(space)
     artifacts = experiment_artifacts(uri, experiment, args.artifact_location)
     ensure_ray(args.address)
@@ -136,15 +151,16 @@ def run(args: argparse.Namespace) -> int:
                       artifact_location=artifacts)
     check_inputs_on_nodes({"--checkpoint": space.checkpoint, "--data": space.data})
     runtime = RuntimeOptions(cache=cache, online=args.no_cache,
-                             store_pool=space.search.get("cache_pool"),
-                             extra_blocks=space.block_set(),
-                             threads=max(1, int(space.search["cpus_per_trial"])))
+                             threads=max(1, int(space.search["cpus_per_trial"])),
+                             extract_batch=space.search.get("extract_batch"),
+                             **cache_options(plan, cache, explicit, args.data_hash, space.data))
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
                 space.search["trials"], space.model, space.data, redact(uri))
     model_name = args.model_name or default_model_name(experiment)
     result = run_search(space, experiment=experiment, tracking_uri=uri, runtime=runtime,
                         storage_path=args.storage, address=args.address,
-                        model_name=model_name, artifact_location=artifacts)
+                        model_name=model_name, artifact_location=artifacts,
+                        plan=plan.to_dict())
     print_summary(result, top=args.top, model_name=model_name)
     return 0
 
@@ -165,6 +181,30 @@ def experiment_artifacts(uri: str, experiment: str, given: str | None) -> str | 
     if exp is not None:
         return exp.artifact_location
     return given or artifact_root(uri, experiment)
+
+
+def cache_options(plan, cache: str | None, explicit: bool, data_hash: str, data: str
+                  ) -> dict:
+    """The runtime options of the plan's cache policy: what a miss stores, the budget the
+    cache keeps (an explicit one; else, when entries must be evicted, the disk the cache is
+    on), and the data's fingerprint, computed here once for every trial."""
+    from difftune.trainables.cache_policy import usage
+    from difftune.trainables.cache_store import Store
+    from difftune.trainables.data import SPLITS, files_fingerprint
+
+    if cache is None:
+        return {"cache_policy": "none"}
+    budget = plan.budget_bytes if explicit else None
+    if not explicit and plan.evicts and plan.budget_bytes is not None:
+        budget = plan.budget_bytes + usage(Store(cache))[0]  # free space + what is there
+    block_set = plan.policy == "block-set"
+    logger.info("fingerprinting the data files of %s (%s)", data, data_hash)
+    return {"cache_policy": plan.policy, "cache_budget": budget,
+            "store_pool": plan.store_pool if block_set else None,
+            "extra_blocks": tuple(plan.blocks) if block_set else (),
+            "data_hash": data_hash,
+            "data_files": tuple((s, files_fingerprint(data, s, data_hash=data_hash))
+                                for s in SPLITS)}
 
 
 def summary_table(rows: list[dict], cols: list[str]) -> list[str]:
@@ -190,6 +230,13 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
           f"({len(result.rows)} finished; epochs: the epochs each trial ran):")
     for line in summary_table(result.rows[:top], cols):
         print(line)
+    if result.confirmed:
+        print(f"\nconfirmed (the top {len(result.confirmed)} retrained; the champion is the "
+              "best confirmed):")
+        for row in result.confirmed:
+            score = row["confirmed_score"]
+            print(f"  trial {row['search_trial_id']}: {row['search_score']:.4g} in the search, "
+                  f"{'-' if score is None else f'{score:.4g}'} confirmed (run {row['run_id']})")
     if result.best_run_id:
         print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
               f"registered as version {result.model_version} (alias 'champion')")

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 def trial_candidates(client: MlflowClient, parent, *, metric: str) -> list[Candidate]:
     """Every trial run of a search as a :class:`Candidate` (score: ``metric`` at the last
-    epoch the run recorded; order: when the run started)."""
+    epoch the run recorded; order: when the run started). A search with a confirm stage is
+    ranked by its confirmed runs only (its champion is the best confirmed config)."""
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
@@ -40,7 +41,8 @@ def trial_candidates(client: MlflowClient, parent, *, metric: str) -> list[Candi
         out.append(Candidate(key=r.info.run_id, order=r.info.start_time or 0,
                              score=m.get(metric), epochs=int(m.get("epoch", 0)),
                              ok=r.info.status == "FINISHED", data=r))
-    return out
+    confirmed = [c for c in out if c.data.data.tags.get("difftune.stage") == "confirm"]
+    return confirmed or out
 
 
 def _search_run(client: MlflowClient, experiment: str, search_run: str | None):

@@ -86,14 +86,16 @@ class MLflowTrials(tune.Callback):
         back at run time.
     :param outbox_dir: the Tune experiment's folder (local or a pyarrow URI), where records
         that wait for the store are kept; None keeps them in memory only.
+    :param tags: put on every trial run (the search stage: ``difftune.stage``).
     """
 
     def __init__(self, tracking_uri: str, parent_run_id: str, *, epochs_key: str = "epochs",
-                 outbox_dir: str | None = None):
+                 outbox_dir: str | None = None, tags: dict[str, str] | None = None):
         self.tracking_uri = public_uri(tracking_uri)
         self.parent_run_id = parent_run_id
         self.epochs_key = epochs_key
         self.outbox_dir = outbox_dir
+        self.tags = dict(tags or {})  # put on every trial run (e.g. the search stage)
         self._runs: dict[str, str] = {}
         self._last: dict[str, dict] = {}
         self._logged_steps: dict[str, int] = {}  # run id -> last epoch already in MLflow
@@ -160,7 +162,8 @@ class MLflowTrials(tune.Callback):
             run = client.create_run(parent.info.experiment_id, run_name=rec["name"],
                                     tags={"mlflow.parentRunId": self.parent_run_id,
                                           TAG_TRIAL: trial_id, TAG_ROLE: "trial",
-                                          TAG_CONFIG: json.dumps(config, default=str)})
+                                          TAG_CONFIG: json.dumps(config, default=str),
+                                          **getattr(self, "tags", {})})
             run_id = run.info.run_id
             self._runs[trial_id] = run_id  # the params below may be refused, the run stays
             client.log_batch(run_id, params=[Param(k, str(v)[:6000])

@@ -16,7 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class SearchResult:
     rows: list[dict[str, Any]]
     #: the Pareto front of a multi-objective search (rows best first), else None
     pareto: list[dict[str, Any]] | None = None
+    confirmed: list[dict[str, Any]] = field(default_factory=list)  # the confirm stage's rows
 
 
 def sampler_for(space: Space) -> optuna.samplers.TPESampler:
@@ -75,11 +76,7 @@ def sampler_for(space: Space) -> optuna.samplers.TPESampler:
 
 
 def max_epochs(space: Space) -> int:
-    if "epochs" in space.fixed:
-        return int(space.fixed["epochs"])
-    spec = space.params.get("epochs", {})
-    vals = spec.get("choice") or spec.get("int") or [28]
-    return int(max(vals))
+    return space.max_epochs()
 
 
 def build_tuner(
@@ -182,8 +179,10 @@ def run_search(
     model_name: str | None = None,
     artifact_location: str | None = None,
     verbose: int = 1,
+    plan: dict[str, Any] | None = None,
 ) -> SearchResult:
-    """Run a whole search: parent run, trials, champion. Returns what the CLI prints.
+    """Run a whole search: parent run (with ``plan.json`` and the cache policy when a plan
+    is given), trials, the confirm stage, champion. Returns what the CLI prints.
 
     :param artifact_location: where a new experiment keeps its artifacts (None:
         :func:`~.uris.artifact_root`)."""
@@ -197,13 +196,17 @@ def run_search(
     parent = start_parent_run(client, experiment, space_dict=space.resolved(),
                               runtime=runtime.to_dict(), tune_path=tune_path,
                               model_name=model_name, artifact_location=artifact_location)
+    client.set_tag(parent, "difftune.cache_policy", runtime.cache_policy)
+    if plan is not None:
+        client.log_dict(parent, plan, "plan.json")
     ensure_ray(address)
-    trials = MLflowTrials(tracking_uri, parent, outbox_dir=tune_path)
+    trials = MLflowTrials(tracking_uri, parent, outbox_dir=tune_path,
+                          tags={"difftune.stage": "search"})
     tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
                         callbacks=[trials], verbose=verbose)
     return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
                            tracking_uri=tracking_uri, tune_path=tune_path,
-                           model_name=model_name)
+                           model_name=model_name, runtime=runtime, verbose=verbose)
 
 
 @dataclass
@@ -261,12 +264,14 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
                                resume_unfinished=True, resume_errored=True)
     return _fit_and_finish(tuner, plan.space, client=client, parent=plan.parent,
                            experiment=plan.experiment, tracking_uri=tracking_uri,
-                           tune_path=plan.tune_path, model_name=plan.model_name)
+                           tune_path=plan.tune_path, model_name=plan.model_name,
+                           runtime=plan.runtime, verbose=verbose)
 
 
 def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
                     experiment: str, tracking_uri: str, tune_path: str,
-                    model_name: str) -> SearchResult:
+                    model_name: str, runtime: RuntimeOptions | None = None,
+                    verbose: int = 1) -> SearchResult:
     try:
         results = tuner.fit()
     except BaseException:
@@ -298,8 +303,18 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
                   for c in ranked]
         pareto = while_away("recording the Pareto front",
                             lambda: log_front(client, parent, points, objectives))
+    champions, confirmed = ranked, []
+    if int(s.get("confirm_top") or 0) > 0 and ranked:  # the champion is the best confirmed
+        from difftune.search.confirm import confirm_top
+
+        champions, confirmed = confirm_top(space, ranked, runtime=runtime or RuntimeOptions(),
+                                           tracking_uri=tracking_uri, parent=parent,
+                                           tune_path=tune_path, verbose=verbose)
+        runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
+        for row in confirmed:
+            row["run_id"] = runs.get(row["trial_id"])
     best_run = best_cfg = best_val = version = None
-    best = next((c for c in ranked if c.data.checkpoint is not None), None)
+    best = next((c for c in champions if c.data.checkpoint is not None), None)
     if best is not None:
         best_run = runs.get(best.key)
         best_val = best.score
@@ -313,7 +328,7 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
     # resumable, and --resume of a FINISHED one has nothing to do
     while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
     return SearchResult(experiment, parent, tracking_uri, tune_path, best_run,
-                        best_val, best_cfg, version, rows, pareto)
+                        best_val, best_cfg, version, rows, pareto, confirmed=confirmed)
 
 
 def while_away(what: str, fn: Callable[[], Any]) -> Any:
