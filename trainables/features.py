@@ -284,17 +284,34 @@ _SIZES: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, tuple[int, int]]] =
 )
 
 
+class _Blocks(torch.nn.Module):
+    """``run_blocks`` as a module's forward (what ``functional_call`` can run)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, timesteps, upto: int, on_block) -> torch.Tensor:
+        return run_blocks(self.unet, x, timesteps, upto=upto, on_block=on_block)
+
+
 def block_shapes(model: torch.nn.Module) -> dict[int, tuple[int, int]]:
     """Block number -> ``(channels, side)`` of its output map at the model's image size (one
-    1-image forward pass on a zero image, remembered per model)."""
+    1-image pass on the meta device, with the model's weights swapped for meta tensors for
+    the call: nothing is computed; remembered per model)."""
     if model not in _SIZES:
+        from torch.func import functional_call
+
         shapes: dict[int, tuple[int, int]] = {}
-        n = len(block_modules(model))
-        device = next(model.parameters()).device
-        x = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
-        with torch.inference_mode():
-            run_blocks(model, x, torch.zeros(1, dtype=torch.long, device=device), upto=n,
-                       on_block=lambda b, h: shapes.__setitem__(b, (h.shape[1], h.shape[-1])))
+        wrapper = _Blocks(model)
+        meta = {k: torch.empty_like(v, device="meta")
+                for k, v in wrapper.state_dict(keep_vars=True).items()}
+        x = torch.zeros(1, 3, model.image_size, model.image_size, device="meta")
+        with torch.no_grad():
+            functional_call(wrapper, meta, (x, torch.zeros(1, dtype=torch.long, device="meta"),
+                                            len(block_modules(model)),
+                                            lambda b, h: shapes.__setitem__(
+                                                b, (h.shape[1], h.shape[-1]))))
         _SIZES[model] = shapes
     return _SIZES[model]
 
