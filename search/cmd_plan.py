@@ -105,7 +105,8 @@ def render(plan) -> str:
         f"weights {format_size(plan.weights_bytes)}",
     ]
     if plan.policy == "none":
-        lines.append("  no cache (--no-cache): the U-Net reruns on every batch of every epoch")
+        lines.append("  nothing cached (--no-cache, or only heads that run the U-Net themselves): "
+                     "the U-Net reruns on every batch of every epoch")
     else:
         budget = "unlimited" if plan.budget_bytes is None else \
             f"{format_size(plan.budget_bytes)} ({plan.budget_source})"

@@ -192,7 +192,7 @@ def cache_options(plan, cache: str | None, explicit: bool, data_hash: str, data:
     from difftune.trainables.cache_store import Store
     from difftune.trainables.data import SPLITS, files_fingerprint
 
-    if cache is None:
+    if cache is None or plan.policy == "none":
         return {"cache_policy": "none"}
     budget = plan.budget_bytes if explicit else None
     if not explicit and plan.evicts and plan.budget_bytes is not None:

@@ -84,12 +84,11 @@ class Plan:
 
     def summary(self) -> str:
         """One line: policy, cache bound against the budget, passes, GPU-hours."""
-        budget = ("no budget" if self.budget_bytes is None
-                  else f"budget {format_size(self.budget_bytes)} ({self.budget_source})")
-        cache = ("no cache" if self.policy == "none" else
-                 f"{self.policy} cache policy, cache <= {format_size(self.cache_bytes_bound)} "
-                 f"of {budget}" + (" (least recently used entries evicted)"
-                                    if self.evicts else ""))
+        budget = (" (no budget)" if self.budget_bytes is None else
+                  f" of a {format_size(self.budget_bytes)} budget ({self.budget_source})")
+        cache = ("nothing cached" if self.policy == "none" else
+                 f"{self.policy} cache policy, cache <= {format_size(self.cache_bytes_bound)}"
+                 + budget + (", least recently used entries evicted" if self.evicts else ""))
         ratio = self.unet_image_passes_paper / max(self.unet_image_passes, 1)
         return (f"plan: {cache}; {self.unet_image_passes:,} U-Net image-passes "
                 f"({self.unet_image_passes_paper:,} the paper's way, {ratio:.3g}x); "

@@ -2,7 +2,7 @@
 
 Each *lever* is tried alone at its mildest setting that fits: the largest label fraction
 (``label_fraction``), the most timesteps (fewer ``t`` values), the largest ``cache_pool``
-(with the pools trials ask capped to it),
+(with the pools trials ask, ``pool`` or ``pre_pool``, capped to it),
 the ``per-request`` policy (when ``block-set`` was asked for), the most trials at once
 (``max_concurrent``, which sets the per-request working set). When no lever fits alone, a
 label fraction is tried together with each other lever at its strongest.
@@ -44,11 +44,11 @@ def _options(lv: Levers, top_pool: int | None) -> dict[str, list[tuple[str, Leve
     return {
         "label_fraction": [(f"label_fraction: {f}", dataclasses.replace(lv, label_fraction=f))
                            for f in _fractions(lv)],
-        "timesteps": [(f"{k} timesteps instead of {len(ts)} (e.g. t: {{choice: "
+        "timesteps": [(f"{k} timestep{'s' * (k > 1)} instead of {len(ts)} (e.g. t: {{choice: "
                        f"{list(_spread(ts, k))}}})",
                        dataclasses.replace(lv, timesteps=_spread(ts, k), policy="block-set"))
                       for k in range(len(ts) - 1, 0, -1)],
-        "cache_pool": [(f"cache_pool: {q} with pools of at most {q}",
+        "cache_pool": [(f"cache_pool: {q} and pools (pool, pre_pool) of at most {q}",
                         dataclasses.replace(lv, cache_pool=q, max_pool=q, policy="block-set"))
                        for q in pools],
         "policy": [("cache_policy: per-request", dataclasses.replace(lv, policy="per-request"))]
@@ -66,11 +66,10 @@ def changes_that_fit(lv: Levers, run: Callable[[Levers], Numbers], *,
     options = _options(lv, top_pool)
     found = []
     for choices in options.values():
-        for text, levers in choices:
-            n = run(levers)
-            if n.fits:
-                found.append(f"{text} ({n.policy}, cache <= {_size(n.bound)})")
-                break
+        hit = _mildest(choices, run)
+        if hit is not None:
+            text, n = hit
+            found.append(f"{text} ({n.policy}, cache <= {_size(n.bound)})")
     if found:
         return found
     for name, choices in options.items():
@@ -83,6 +82,21 @@ def changes_that_fit(lv: Levers, run: Callable[[Levers], Numbers], *,
                 found.append(f"{ftext} with {text} ({n.policy}, cache <= {_size(n.bound)})")
                 break
     return found
+
+
+def _mildest(choices: list[tuple[str, Levers]], run: Callable[[Levers], Numbers]
+             ) -> tuple[str, Numbers] | None:
+    """The first of ``choices`` (mildest first, each stronger than the one before) that fits,
+    found by bisection."""
+    lo, hi, best = 0, len(choices) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        n = run(choices[mid][1])
+        if n.fits:
+            best, hi = (choices[mid][0], n), mid - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 def fitter(asks, costs, data, **kwargs) -> Callable[[Levers], Numbers]:

@@ -72,7 +72,7 @@ class Levers:
     label_fraction: float | str | None
     policy: str
     max_concurrent: int
-    max_pool: int | None = None  # trials ask for no pool above this (None: as the space says)
+    max_pool: int | None = None  # pools asked above this are asked at it (None: as asked)
 
 
 @dataclass
@@ -145,9 +145,9 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
              confirm_fraction: float | None, cached: bool = True) -> Numbers:
     """The cost of a search under levers ``lv``: the policy it gets (``lv.policy`` or, for
     ``auto``, block-set when it fits, else per-request), its cache bounds and passes."""
-    allowed, top = set(lv.timesteps), lv.max_pool or float("inf")
-    combos = [c for c in ([r for r in combo if r[0] in allowed] for combo in asks.combos
-                          if all(p <= top for _, _, p in combo)) if c]
+    allowed, top = set(lv.timesteps), lv.max_pool or 1 << 30
+    combos = [c for c in (sorted({(t, b, min(p, top)) for t, b, p in combo if t in allowed})
+                          for combo in asks.combos) if c]
     requests = sorted({r for c in combos for r in c})
     timesteps = sorted({t for t, _, _ in requests})
     blocks = sorted({b for _, b, _ in requests})
@@ -197,8 +197,9 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                                   if combos else 0, live_trial if asks.live else 0)
 
     limit = float("inf") if budget is None else budget
-    if not cached:
-        policy, fits, bound, unevicted, working, passes = "none", True, 0, 0, 0, paper
+    if not cached or not combos:  # --no-cache, or only live heads: nothing is cached
+        policy, fits, bound, unevicted, working = "none", True, 0, 0, 0
+        passes = paper if not cached else worst(lambda n: 0) + confirm_k * live_trial
     else:
         policy = lv.policy
         if policy == "auto":
