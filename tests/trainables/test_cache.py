@@ -446,3 +446,19 @@ def test_stored_pool_rule():
     assert stored_pool(3, 16, 8) == 3  # 3 does not divide 8
     assert stored_pool(4, 12, 8) == 4  # 8 does not divide 12
     assert stored_pool(4, 16, None) == 4  # per-request: the pool asked
+
+
+def test_a_miss_extracts_as_many_images_per_pass_as_fit_free_memory(tmp_path, monkeypatch):
+    from difftune.trainables import cache as cache_module
+    from difftune.trainables.cost import activation_bytes_per_image
+    from difftune.trainables.unet import resolve
+
+    per_image, fixed = activation_bytes_per_image(resolve("demo")[0], 2)
+    free = int((fixed + 16 * per_image) / 0.7) + 1  # room for 16 images of activations
+    monkeypatch.setattr(cache_module, "free_memory", lambda device: free)
+    c = FeatureCache(str(tmp_path))  # no batch size: what fits
+    c.get(cfg_(), "train", [(90, 2, 2)])
+    assert c.stats.forward_images == 40 and c.stats.forward_batches == 3  # 16 + 16 + 8
+    fixed_batch = FeatureCache(str(tmp_path / "b"), batch_size=8)
+    fixed_batch.get(cfg_(), "train", [(90, 2, 2)])
+    assert fixed_batch.stats.forward_batches == 5
