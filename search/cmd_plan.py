@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from difftune.search.argtypes import integer, number
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,7 +23,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "GPU-hours. Needs neither the checkpoint nor the data: --images/--classes stand in "
         "for a dataset that is not on this machine. Exits 2 with the cheapest changes that "
         "fit when the cache would exceed the budget.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--space", default="demo",
                    help="a preset (demo, linear, attention, difformer, diffeed) or a YAML file")
@@ -29,21 +30,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "path (only its flags are read)")
     p.add_argument("--data", help="override the space's data: digits or an ImageFolder root "
                    "(images are counted, not read)")
-    p.add_argument("--images", type=int, help="train images of a dataset not on this machine "
+    p.add_argument("--images", type=integer(1), help="train images of a dataset not on this machine "
                    "(with --classes; e.g. 1281167 for ImageNet-1k)")
-    p.add_argument("--classes", type=int, help="classes of that dataset (e.g. 1000)")
-    p.add_argument("--val-images", type=int,
+    p.add_argument("--classes", type=integer(1), help="classes of that dataset (e.g. 1000)")
+    p.add_argument("--val-images", type=integer(0),
                    help="val images of that dataset (default: 50 per class, as ImageNet-1k)")
-    p.add_argument("--trials", type=int, help="number of trials (default: the space's)")
-    p.add_argument("--cache", help="feature cache folder or URI whose free space is the "
-                   "default budget and whose recorded throughput is the default rate "
+    p.add_argument("--trials", type=integer(1), help="number of trials (default: the space's)")
+    p.add_argument("--cache", help="feature cache folder or URI: its disk's free space is "
+                   "the budget unless one is given, its recorded throughput the rate "
                    "(default: ./difftune_cache, or $DIFFTUNE_CACHE)")
     p.add_argument("--cache-budget", metavar="SIZE",
                    help="bytes the cache may hold, e.g. 500GB, 2TB, 1.5TiB (default: the "
                    "space's cache_budget, else the free space of a local cache; unlimited on "
                    "an object store)")
-    p.add_argument("--img-per-s", type=float, help="U-Net image-passes per second to the "
-                   "deepest block (default: what difftune extract measured for this model, "
+    p.add_argument("--img-per-s", type=number(0), help="U-Net image-passes per second to "
+                   "the deepest block (default: what difftune extract measured for this model, "
                    "recorded in the cache, else 40 TFLOP/s effective)")
     p.add_argument("--device-kind", help="use the throughput recorded on a device whose name "
                    "contains this (e.g. A10G, T4, cpu)")

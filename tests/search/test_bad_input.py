@@ -125,7 +125,7 @@ def cases(tmp):
         (["probe", "--lr", "0"], "argument --lr: 0 is out of range; allowed: a number > 0"),
         (["probe", "--label-fraction", "2"], "argument --label-fraction: 2 is out of range"),
         (["extract", "--model", "demo", "--data", "digits", "--timesteps", "90", "--blocks", "2",
-          "--pool", "2", "--batch-size", "0"], "argument --batch-size: 0 is out of range"),
+          "--pool", "2", "--batch-size", "0"], "argument --batch/--batch-size: 0 is out of range"),
         (["pretrain", "--out", str(tmp / "x.pt"), "--minutes", "-1"],
          "argument --minutes: -1 is out of range"),
         (["cache", "rm", "--t", "-1"], "argument --t: -1 is out of range"),
@@ -182,7 +182,7 @@ def test_help_explains(argv, capsys):
     assert "usage: difftune" in out
 
 
-COMMANDS = ["search", "export", "train", "predict", "ui", "extract", "cache ls", "cache rm",
+COMMANDS = ["search", "plan", "export", "train", "predict", "ui", "extract", "cache ls", "cache rm",
             "pretrain", "probe"]
 
 
