@@ -140,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
         cache = os.path.abspath(cache)  # trials run in other working directories
     # the plan first: a search whose cache cannot fit stops here, before anything is written
     budget, source, explicit = resolve_budget(args.cache_budget, space, cache)
-    plan = make_plan(space, data_size(space), budget=budget, budget_source=source,
+    cost = make_plan(space, data_size(space), budget=budget, budget_source=source,
                      cache=cache, cached=cache is not None)
-    print(plan.summary(), flush=True)
-    refuse_if_over(plan)
+    print(cost.summary(), flush=True)
+    refuse_if_over(cost)
     experiment = args.experiment or default_experiment(space)
     artifacts = experiment_artifacts(uri, experiment, args.artifact_location)
     ensure_ray(args.address)
@@ -153,14 +153,14 @@ def run(args: argparse.Namespace) -> int:
     runtime = RuntimeOptions(cache=cache, online=args.no_cache,
                              threads=max(1, int(space.search["cpus_per_trial"])),
                              extract_batch=space.search.get("extract_batch"),
-                             **cache_options(plan, cache, explicit, args.data_hash, space.data))
+                             **cache_options(cost, cache, explicit, args.data_hash, space.data))
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
                 space.search["trials"], space.model, space.data, redact(uri))
     model_name = args.model_name or default_model_name(experiment)
     result = run_search(space, experiment=experiment, tracking_uri=uri, runtime=runtime,
                         storage_path=args.storage, address=args.address,
                         model_name=model_name, artifact_location=artifacts,
-                        plan=plan.to_dict())
+                        plan=cost.to_dict())
     print_summary(result, top=args.top, model_name=model_name)
     return 0
 
