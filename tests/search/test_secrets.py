@@ -114,7 +114,12 @@ def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path
         first = proc.stdout.readline()
         assert "postgresql://***@127.0.0.1:9/mlflow" in first and "S3CRET" not in first
         deadline = time.monotonic() + 120
-        while "difftune.search.cli" in " ".join(psutil.Process(proc.pid).cmdline()):
+        def after_exec() -> str:  # /proc/PID/cmdline reads empty while execve swaps images
+            line = " ".join(psutil.Process(proc.pid).cmdline())
+            return line if line and "difftune.search.cli" not in line else ""
+
+        while not after_exec():
+            assert proc.poll() is None, f"difftune ui exited: {proc.stdout.read()}"
             assert time.monotonic() < deadline, "difftune ui never became mlflow ui"
             time.sleep(0.1)  # until the exec
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]
