@@ -29,6 +29,7 @@ _EXPORTS = {
     "train_head": "train", "evaluate": "train",
     "run_trial": "pipeline", "DirectFeatures": "pipeline",
     "FeatureCache": "cache", "OnlineFeatures": "online",
+    "extract_sharded": "cache_shard", "ShardJob": "cache_shard",
     "save_head": "checkpoint", "load_head": "checkpoint",
     "probe_grid": "probe",
     "Grid": "grid", "GridError": "grid", "HeadGrid": "grid_heads", "build_grid": "grid_heads",

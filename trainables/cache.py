@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from . import throughput, unet
 from .cache_lock import CacheLock
+from .cache_parts import check_entry, delete_entry, entry_paths
 from .cache_policy import make_room, stored_pool, touch
 from .cache_store import (
     ENTRY_NAME,
@@ -47,8 +48,6 @@ from .cache_store import (
     EntryKey,
     EntryWriter,
     Store,
-    check_entry_file,
-    local_copy,
 )
 from .config import TrialConfig
 from .cost import (
@@ -170,8 +169,9 @@ class FeatureCache:
             logger.info("a cache entry went away while opening it; looking up again")
             return self._get(cfg, split, requests)
 
-    def _get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]
-             ) -> CachedFeatures:
+    def resolve(self, cfg: TrialConfig, split: str, requests: Sequence[Request]) -> tuple:
+        """``(model, diffusion, dataset, base key, {t: {block: pool}}, model flags)`` of
+        ``requests`` on one split of ``cfg``'s data (checked against the model)."""
         model, diffusion = shared_unet(cfg.model, cfg.checkpoint, self.device)
         ds, classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
                                      cfg.seed)
@@ -196,8 +196,15 @@ class FeatureCache:
                 raise ExtractionError("the feature cache stores pooled maps; pool=None is "
                                       "not allowed (give a positive int)")
             by_t.setdefault(t, {})[b] = p
-        served: dict[tuple[int, int], tuple[str, int]] = {}
         flags = unet.resolve(cfg.model, checkpoint=cfg.checkpoint)[0]
+        return model, diffusion, ds, base, by_t, flags
+
+    def _get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]
+             ) -> CachedFeatures:
+        model, diffusion, ds, base, by_t, flags = self.resolve(cfg, split, requests)
+        classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
+                                 cfg.seed)[1]
+        served: dict[tuple[int, int], tuple[str, int]] = {}
         for t, wanted in by_t.items():
             group = dataclasses.replace(base, t=t)
             for b, path in self._ensure(model, diffusion, ds, group, wanted, flags).items():
@@ -222,7 +229,7 @@ class FeatureCache:
         for name, (key, p) in entries.items():
             marker = self.store.read_json(f"{key.group}/{key.name}.json")
             path = self._local_copy(key, marker) if marker else None
-            if path is None or not check_entry_file(path, marker):
+            if path is None or not check_entry(path, marker):
                 raise FileNotFoundError(f"no valid cache entry {key.group}/{key.name}")
             served[name] = (path, p)
         return _dataset(served)
@@ -247,8 +254,8 @@ class FeatureCache:
                     batch, per_image / 1e6, upto, self.precision)
         return batch
 
-    def _local_copy(self, key: EntryKey, marker: dict) -> str | None:
-        return local_copy(self.store, f"{key.group}/{key.name}.arrow", marker, self.mirror)
+    def _local_copy(self, key: EntryKey, marker: dict) -> str | tuple[str, ...] | None:
+        return entry_paths(self.store, f"{key.group}/{key.name}", marker, self.mirror)
 
     def _lookup(self, key: EntryKey, p: int, native: int, *, purge: bool = False
                 ) -> str | None:
@@ -268,7 +275,7 @@ class FeatureCache:
             if stored != k.content():
                 continue
             path = self._local_copy(k, marker)
-            if path is not None and check_entry_file(path, marker):
+            if path is not None and check_entry(path, marker):
                 self.stats.entries_derived += big != p
                 touch(self.store, f"{k.group}/{k.name}")
                 self._serving.add(f"{k.group}/{k.name}")
@@ -277,11 +284,33 @@ class FeatureCache:
                 self.stats.entries_corrupt += 1
                 logger.warning("cache entry %s/%s is corrupt (checksum or size mismatch); "
                                "re-extracting it", self.store.path(k.group), k.name)
-                self.store.delete(f"{k.group}/{k.name}.json")
-                self.store.delete(f"{k.group}/{k.name}.arrow")
-                if path is not None and not self.store.local and os.path.isfile(path):
-                    os.remove(path)
+                delete_entry(self.store, f"{k.group}/{k.name}")
+                for local in ((path,) if isinstance(path, str) else path or ()):
+                    if not self.store.local and os.path.isfile(local):
+                        os.remove(local)
         return None
+
+    def miss_plan(self, group: EntryKey, missing: dict[int, int], native: dict[int, int]
+                  ) -> dict[int, int]:
+        """block -> stored pool of what a miss of ``missing`` at ``group`` writes: the
+        missing entries and every ``extra_blocks`` entry not stored yet (the policy)."""
+        plan = {b: self._stored_pool(p, native[b]) for b, p in missing.items()}
+        default = max(missing.values())
+        for b in self.extra_blocks:
+            if b not in plan and b in native:
+                k = dataclasses.replace(group, block=b,
+                                        pool=self._stored_pool(min(default, native[b]), native[b]))
+                if self.store.info(f"{k.group}/{k.name}.json").type == pafs.FileType.NotFound:
+                    plan[b] = k.pool
+        return plan
+
+    def room_for(self, flags: dict, rows: int, plan: dict[int, int]) -> None:
+        """Under a budget, evict least recently used entries for ``plan``'s entries."""
+        if self.budget is not None:
+            costs = unet_costs(flags)
+            need = sum(entry_bytes(rows, costs[b].channels, p, self.dtype)
+                       for b, p in plan.items())
+            make_room(self.store, need, self.budget, keep=self._serving)
 
     def _ensure(self, model, diffusion, ds: Dataset, group: EntryKey, wanted: dict[int, int],
                 flags: dict) -> dict[int, str]:
@@ -317,23 +346,12 @@ class FeatureCache:
         """One forward pass per image batch at ``group.t`` writing the missing entries and
         every ``extra_blocks`` entry (the search space's block set) not stored yet, so that a
         search pays one U-Net pass per image and timestep."""
-        plan = {b: self._stored_pool(p, native[b]) for b, p in missing.items()}
-        default = max(missing.values())
-        for b in self.extra_blocks:
-            if b not in plan and b in native:
-                k = dataclasses.replace(group, block=b,
-                                        pool=self._stored_pool(min(default, native[b]), native[b]))
-                if self.store.info(f"{k.group}/{k.name}.json").type == pafs.FileType.NotFound:
-                    plan[b] = k.pool
+        plan = self.miss_plan(group, missing, native)
         extractor = self._extractor_for(model, diffusion)
         indices = dataset_indices(ds)
         if not indices:
             raise ValueError(f"no images to extract for {group.data} {group.split}")
-        if self.budget is not None:
-            costs = unet_costs(flags)
-            need = sum(entry_bytes(len(indices), costs[b].channels, p, self.dtype)
-                       for b, p in plan.items())
-            make_room(self.store, need, self.budget, keep=self._serving)
+        self.room_for(flags, len(indices), plan)
         upto = max(plan)
         loader = DataLoader(ds, batch_size=self._batch_for(flags, upto), shuffle=False)
         writers: dict[int, EntryWriter] = {}
@@ -381,7 +399,7 @@ class FeatureCache:
         for b in missing:
             key = dataclasses.replace(group, block=b, pool=plan[b])
             path = self._local_copy(key, markers[b])
-            if path is None or not check_entry_file(path, markers[b]):
+            if path is None or not check_entry(path, markers[b]):
                 raise OSError(f"cache entry {key.group}/{key.name} vanished after writing it")
             self._serving.add(f"{key.group}/{key.name}")
             out[b] = path

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 
 from .cache import default_root
+from .cache_parts import delete_entry
 from .cache_store import ENTRY_NAME, Store
 
 
@@ -58,7 +59,6 @@ def remove(root: str | None = None, *, all: bool = False, model: str | None = No
         if ((model is None or model in (k["model"], k["model_fp"])
              or (len(model) >= 4 and k["model_fp"].startswith(model)))
                 and (t is None or k["t"] == t) and (block is None or k["block"] == block)):
-            store.delete(rel + ".json")
-            store.delete(rel + ".arrow")
+            delete_entry(store, rel)  # marker first, then its data file or parts
             n += 1
     return n

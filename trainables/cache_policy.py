@@ -24,6 +24,7 @@ import posixpath
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from .cache_parts import delete_entry, entry_of
 from .cache_store import ENTRY_NAME, Store
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,17 @@ def usage(store: Store) -> tuple[int, list[StoredEntry]]:
     files = store.files(recursive=True)
     sizes = {i.path[len(store.base) + 1:]: i for i in files}
     total = sum(i.size for i in files)
+    data: dict[str, int] = {}  # entry -> bytes of its data file or parts
+    for rel, info in sizes.items():
+        name = entry_of(posixpath.basename(rel))
+        if name:
+            stem = posixpath.join(posixpath.dirname(rel), name)
+            data[stem] = data.get(stem, 0) + info.size
     entries = []
     for rel, info in sizes.items():
         if ENTRY_NAME.match(posixpath.basename(rel)):
             stem = rel[: -len(".json")]
-            data = sizes.get(stem + ".arrow")
-            entries.append(StoredEntry(stem, info.size + (data.size if data else 0),
+            entries.append(StoredEntry(stem, info.size + data.get(stem, 0),
                                        info.mtime_ns or 0))
     return total, entries
 
@@ -94,8 +100,7 @@ def make_room(store: Store, need: int, budget: int, *, keep: Collection[str] = (
             break
         if e.rel in keep or e.group in locked:
             continue
-        store.delete(e.rel + ".json")  # marker first: never half-visible
-        store.delete(e.rel + ".arrow")
+        delete_entry(store, e.rel)  # marker first: never half-visible
         total -= e.bytes
         evicted += e.bytes
         logger.info("cache budget: evicted %s (%d bytes, least recently used)", e.rel, e.bytes)

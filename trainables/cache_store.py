@@ -158,9 +158,10 @@ class EntryWriter:
     :param native: side of the block's full map (an entry at P serves p only if P | native).
     """
 
-    def __init__(self, store: Store, key: EntryKey, shape: tuple[int, int, int], native: int):
+    def __init__(self, store: Store, key: EntryKey, shape: tuple[int, int, int], native: int,
+                 *, rel: str | None = None):
         self.store, self.key, self.shape, self.native = store, key, tuple(shape), native
-        self.rel = f"{key.group}/{key.name}"
+        self.rel = rel or f"{key.group}/{key.name}"  # a part file of a sharded entry: its own
         final = store.path(self.rel + ".arrow")
         store.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         self._target = f"{final}.{uuid.uuid4().hex}.tmp" if store.local else final
@@ -192,18 +193,24 @@ class EntryWriter:
             self._sha.update(memoryview(part).cast("B"))
         self.rows += len(idx)
 
-    def commit(self) -> dict:
-        """Close and publish; returns the marker."""
+    def close(self) -> dict:
+        """Close the data file and give it its final name (a rename: never seen half
+        written); returns the marker, not written."""
         self._writer.close()
         self._sink.close()
         final = self.store.path(self.rel + ".arrow")
         if self.store.local:
             self.store.fs.move(self._target, final)
-        marker = {"format": FORMAT, "key": dataclasses.asdict(self.key), "shape": list(self.shape),
-                  "native": self.native, "rows": self.rows, "sha256": self._sha.hexdigest(),
-                  "bytes": self.store.info(self.rel + ".arrow").size,
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "host": socket.gethostname()}
+        return {"format": FORMAT, "key": dataclasses.asdict(self.key),
+                "shape": list(self.shape), "native": self.native, "rows": self.rows,
+                "sha256": self._sha.hexdigest(),
+                "bytes": self.store.info(self.rel + ".arrow").size,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "host": socket.gethostname()}
+
+    def commit(self) -> dict:
+        """Close and publish (data first, marker last); returns the marker."""
+        marker = self.close()
         self.store.put(self.rel + ".json", json.dumps(marker, indent=1).encode())
         return marker
 
@@ -227,25 +234,36 @@ class MappedEntry:
     on Linux 6.x about 1.6 MB of RSS per random 8 KB row.)
     """
 
-    def __init__(self, path: str):
-        with open(path, "rb") as f:
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = pa.py_buffer(self.mm)
-        reader = pa.ipc.open_file(pa.BufferReader(buf))
-        self.meta = json.loads(reader.schema.metadata[b"difftune"])
-        self.shape = tuple(self.meta["shape"])
-        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    def __init__(self, path: str | Sequence[str]):
+        # a sharded entry is its part files in order: their batches read as one file's
+        paths = [path] if isinstance(path, str) else list(path)
+        self.mms, self.fds, self.batches, self.views, self.starts = [], [], [], [], []
+        self.batch_fd: list[int] = []
+        self.meta: dict = {}
+        for p in paths:
+            with open(p, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.mms.append(mm)
+            buf = pa.py_buffer(mm)
+            reader = pa.ipc.open_file(pa.BufferReader(buf))
+            self.meta = self.meta or json.loads(reader.schema.metadata[b"difftune"])
+            self.shape = tuple(self.meta["shape"])
+            fd = os.open(p, os.O_RDONLY)
+            self.fds.append(fd)
+            for i in range(reader.num_record_batches):
+                b = reader.get_batch(i)
+                v = b.column(2).flatten().to_numpy(zero_copy_only=True).reshape(b.num_rows,
+                                                                                 *self.shape)
+                self.batches.append(b)
+                self.views.append(v)
+                self.starts.append(v.ctypes.data - buf.address)  # file offsets
+                self.batch_fd.append(fd)
         self.offsets = np.cumsum([0] + [b.num_rows for b in self.batches])
-        self.views = [b.column(2).flatten().to_numpy(zero_copy_only=True)
-                      .reshape(b.num_rows, *self.shape) for b in self.batches]
         self.dtype = self.views[0].dtype if self.views else np.dtype(np.float16)
         self.row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.starts = [v.ctypes.data - buf.address for v in self.views]  # file offsets
-        self.fd = os.open(path, os.O_RDONLY)
 
     def __del__(self) -> None:
-        fd = getattr(self, "fd", None)
-        if fd is not None:
+        for fd in getattr(self, "fds", ()):
             os.close(fd)
 
     def column(self, i: int) -> np.ndarray:
@@ -259,7 +277,7 @@ class MappedEntry:
         batch = np.searchsorted(self.offsets, rows, side="right") - 1
         for i, (r, j) in enumerate(zip(rows.tolist(), batch.tolist(), strict=True)):
             at = self.starts[j] + (r - int(self.offsets[j])) * self.row_bytes
-            if os.preadv(self.fd, [out[i]], at) != self.row_bytes:
+            if os.preadv(self.batch_fd[j], [out[i]], at) != self.row_bytes:
                 raise OSError(f"short read of row {r} from a cache entry")
         return out
 
@@ -272,7 +290,8 @@ class MappedEntry:
         return sha.hexdigest()
 
     def release(self) -> None:
-        self.mm.madvise(mmap.MADV_DONTNEED)
+        for mm in self.mms:
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 class CachedFeatures(Dataset):

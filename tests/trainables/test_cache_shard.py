@@ -1,0 +1,107 @@
+"""Sharded cache entries (trainables.cache_shard, cache_parts) without Ray: shards in this
+process read back row for row as the unsharded entry; a half-written part is never read and
+an entry without all its parts is not visible; what a failed extraction left is swept."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from difftune.trainables.cache import FeatureCache
+from difftune.trainables.cache_admin import remove
+from difftune.trainables.cache_parts import PART_NAME
+from difftune.trainables.cache_policy import usage
+from difftune.trainables.cache_shard import (
+    extract_sharded,
+    local_runner,
+    run_shard,
+    shard_ranges,
+)
+from difftune.trainables.cache_store import MappedEntry
+from difftune.trainables.config import TrialConfig
+
+CFG = TrialConfig(label_fraction=0.05)  # 70 digits training images: shards of 48 and 22
+REQUESTS = [(30, 4, 2), (30, 10, 2)]
+BATCH = 16
+
+
+def rows(features, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = features.maps()[key]
+    return m.column(0), m.column(1), m.take(np.arange(len(features)))
+
+
+def test_shard_ranges_are_contiguous_batch_aligned_and_cover_everything():
+    assert shard_ranges(71, 2, 16) == [(0, 48), (48, 71)]
+    assert shard_ranges(71, 8, 16) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 71)]
+    assert shard_ranges(10, 3, 16) == [(0, 10)]
+
+
+def test_two_shards_read_back_identical_to_the_unsharded_entry(tmp_path):
+    plain = FeatureCache(str(tmp_path / "plain"), batch_size=BATCH)
+    ref = plain.get(CFG, "train", REQUESTS)
+    sharded = FeatureCache(str(tmp_path / "sharded"), batch_size=BATCH)
+    counts = extract_sharded(sharded, CFG, "train", REQUESTS, shards=2,
+                             runner=local_runner("cpu"))
+    assert counts["written"] == 2 and counts["images"] == len(ref)
+    got = sharded.get(CFG, "train", REQUESTS)  # a hit: the same API as an unsharded entry
+    assert sharded.stats.forward_images == 0 and sharded.stats.entries_reused == 2
+    for key in [(30, 4), (30, 10)]:
+        assert isinstance(got.entries[key][0], tuple) and len(got.entries[key][0]) == 2
+        for a, b in zip(rows(ref, key), rows(got, key), strict=True):
+            np.testing.assert_array_equal(a, b)
+    manifest = json.loads(next((tmp_path / "sharded").rglob("b10-p2-float16.json")).read_text())
+    assert [p["rows"] for p in manifest["parts"]] == [48, len(ref) - 48]
+    assert [p["start"] for p in manifest["parts"]] == [0, 48]
+    # the budget and `cache rm` count and delete the parts
+    assert sum(e.bytes for e in usage(sharded.store)[1]) > manifest["bytes"]
+    assert remove(str(tmp_path / "sharded"), t=30) == 2
+    assert not list((tmp_path / "sharded").rglob("*.arrow"))
+
+
+def test_half_written_parts_and_incomplete_entries_are_never_read(tmp_path):
+    root = str(tmp_path / "c")
+    cache = FeatureCache(root, batch_size=BATCH)
+    runner = local_runner("cpu")
+
+    def dies_mid_shard(jobs):  # shard 0 completes; shard 1's node dies after a batch
+        first = runner(jobs[:1])
+
+        def die(done):
+            raise RuntimeError("node lost")
+
+        run_shard(jobs[1], on_batch=die)
+        return first
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        extract_sharded(cache, CFG, "train", REQUESTS[:1], shards=2, runner=dies_mid_shard)
+    files = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(PART_NAME.match(f) for f in files)  # shard 0's complete part
+    assert not any(f.endswith(".json") for f in files)  # but no manifest: not visible
+
+    # a half-written part (a temporary file, as a writer killed mid-write leaves it) is there
+    # too: a reader finds no entry, so a trial would extract it itself
+    _, _, ds, base, _, _ = cache.resolve(CFG, "train", REQUESTS[:1])
+    key = dataclasses.replace(base, t=30, block=4)
+    assert cache._lookup(key, 2, 8) is None
+    group = next(p.parent for p in tmp_path.rglob("*.arrow"))
+    (group / "b4-p2-float16.part0001-deadbeef.arrow.0123.tmp").write_bytes(b"ARROW1\0\0half")
+
+    counts = extract_sharded(cache, CFG, "train", REQUESTS[:1], shards=2, runner=runner)
+    assert counts["written"] == 1
+    left = sorted(p.name for p in group.iterdir())
+    manifest = json.loads((group / "b4-p2-float16.json").read_text())
+    assert sorted(p["file"] for p in manifest["parts"]) == [f for f in left
+                                                            if f.endswith(".arrow")]
+    assert not [f for f in left if f.endswith(".tmp")]  # debris swept under the lock
+    m = MappedEntry(tuple(str(group / p["file"]) for p in manifest["parts"]))
+    assert int(m.offsets[-1]) == manifest["rows"] == len(ds)
+
+    # a manifest naming a part that is not the one it describes is not served
+    bad = dict(manifest, parts=[dict(manifest["parts"][0], sha256="0" * 64),
+                                *manifest["parts"][1:]])
+    (group / "b4-p2-float16.json").write_text(json.dumps(bad))
+    fresh = FeatureCache(root, batch_size=BATCH)
+    assert fresh._lookup(key, 2, 8) is None
