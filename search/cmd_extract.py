@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from difftune.search.argtypes import integer
 
@@ -33,12 +34,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "and the batch is as large as the GPU's free memory allows; the rate measured is "
         "recorded in the cache for `difftune plan`.",
     )
-    p.add_argument("--model", required=True, help="paper256, demo or a checkpoint path")
+    p.add_argument("--space", help="extract everything this search space's plan foresees (its "
+                   "timesteps x its block set at its cache_pool, train and val), sharded over "
+                   "the Ray cluster's workers (--address) with a progress bar; without a "
+                   "cluster, in this process. Replaces --timesteps/--blocks/--pool")
+    p.add_argument("--address", help="Ray cluster to shard over with --space (HOST:6379, or "
+                   "'auto'); each shard is a Ray task on one GPU, or on one node's CPUs")
+    p.add_argument("--cache-budget", metavar="SIZE", help="with --space: the cache budget the "
+                   "search will have (decides its cache policy, as `difftune plan`)")
+    p.add_argument("--model", help="paper256, demo or a checkpoint path (with --space: "
+                   "overrides the space's)")
     p.add_argument("--checkpoint", help="weights for a preset model (paper256)")
-    p.add_argument("--data", required=True, help="digits or an ImageFolder root")
-    p.add_argument("--timesteps", required=True, help="comma-separated diffusion steps, e.g. 90,150")
-    p.add_argument("--blocks", required=True, help="comma-separated block numbers, e.g. 19,24")
-    p.add_argument("--pool", required=True, type=integer(1), help="pool size stored (p x p)")
+    p.add_argument("--data", help="digits or an ImageFolder root (with --space: overrides the "
+                   "space's)")
+    p.add_argument("--timesteps", help="comma-separated diffusion steps, e.g. 90,150")
+    p.add_argument("--blocks", help="comma-separated block numbers, e.g. 19,24")
+    p.add_argument("--pool", type=integer(1), help="pool size stored (p x p)")
     p.add_argument("--cache", help="cache folder or URI (default: $DIFFTUNE_CACHE or "
                    "./difftune_cache)")
     p.add_argument("--batch", "--batch-size", dest="batch_size", type=integer(1),
@@ -58,6 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+
+    if args.space:
+        return run_space(args)
+    return run_entries(args)
+
+
+def run_entries(args: argparse.Namespace) -> int:
     from difftune.trainables.cache import FeatureCache, default_root
     from difftune.trainables.config import TrialConfig
     from difftune.trainables.data import SPLITS
@@ -66,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     from difftune.trainables.pipeline import clamp_requests
     from difftune.trainables.unet import shared_unet
 
+    for name in ("model", "data", "timesteps", "blocks", "pool"):
+        if getattr(args, name) is None:
+            raise UserError(f"--{name} is required (or give --space to extract what a search "
+                            "space's plan foresees)")
     timesteps = _ints(args.timesteps, "timesteps")
     blocks = _ints(args.blocks, "blocks")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -97,4 +119,51 @@ def run(args: argparse.Namespace) -> int:
     print(f"extract: {s.forward_batches} U-Net forward batches ({s.forward_images} images"
           f"{rate}); entries reused {s.entries_reused}, written {s.entries_written} in "
           f"{redact(cache.root)}")
+    return 0
+
+
+def run_space(args: argparse.Namespace) -> int:
+    """``--space``: the plan's entries, sharded over the cluster's workers."""
+    from difftune.search.cmd_search import cache_options
+    from difftune.search.extract_cluster import cluster_workers, extract_plan, why_not
+    from difftune.search.plan import data_size, make_plan, refuse_if_over, resolve_budget
+    from difftune.search.space import load_space
+    from difftune.search.uris import redact
+    from difftune.trainables.cache import default_root
+    from difftune.trainables.errors import UserError
+
+    for name in ("timesteps", "blocks", "pool", "label_fraction"):
+        if getattr(args, name) is not None:
+            raise UserError(f"--{name.replace('_', '-')} does not go with --space (the space "
+                            "decides what is extracted)")
+    space = load_space(args.space, model=args.model, checkpoint=args.checkpoint, data=args.data)
+    cache = args.cache or default_root()
+    if "://" not in cache:
+        cache = os.path.abspath(cache)
+    budget, source, explicit = resolve_budget(args.cache_budget, space, cache)
+    plan = make_plan(space, data_size(space), budget=budget, budget_source=source, cache=cache)
+    print(plan.summary(), flush=True)
+    refuse_if_over(plan)
+    reason = why_not(plan, space, None)
+    if reason:
+        raise UserError(f"--space {args.space}: nothing to extract ahead ({reason}); trials "
+                        "extract what they ask")
+    workers = None
+    if args.address:
+        from difftune.search.tuner import ensure_ray
+
+        ensure_ray(args.address)
+        workers = cluster_workers()
+        print(f"extract: {workers.describe()} on the Ray cluster", flush=True)
+    opts = cache_options(plan, cache, explicit, args.data_hash, space.data)
+    counts = extract_plan(space, plan, cache=cache, workers=workers,
+                          store_pool=opts["store_pool"], extra_blocks=opts["extra_blocks"],
+                          budget=opts["cache_budget"], data_files=dict(opts["data_files"]),
+                          data_hash=args.data_hash,
+                          batch_size=args.batch_size or space.search.get("extract_batch"))
+    rate = counts["images"] / counts["wall_s"] if counts["wall_s"] else 0.0
+    print(f"extract: {counts['images']} images through the U-Net at {len(plan.timesteps)} "
+          f"timesteps in {counts['wall_s']:.1f} s ({rate:.3g} img/s, {counts['shards']} "
+          f"shard(s), {counts['precision']}); entries written {counts['written']}, reused "
+          f"{counts['reused']} in {redact(counts['root'])}")
     return 0

@@ -53,12 +53,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "recorded throughput's, else bf16)")
     p.add_argument("--set", dest="pins", action="append", default=[], metavar="NAME=VALUE",
                    help="pin a setting of the space, e.g. --set label_fraction=0.1")
+    p.add_argument("--gpus", type=integer(1), default=1,
+                   help="GPUs the extraction before the first trial is sharded over "
+                   "(`difftune extract --space`): its wall hours are its GPU-hours / GPUS")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from difftune.search.plan import PlanError, data_size, make_plan, refusal, resolve_budget
+    from difftune.search.plan import (
+        PlanError,
+        data_size,
+        extraction,
+        make_plan,
+        refusal,
+        resolve_budget,
+    )
     from difftune.search.space import load_space, parse_set
     from difftune.trainables.cache import default_root
 
@@ -73,10 +83,16 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(space, data, trials=args.trials, budget=budget, budget_source=source,
                      img_per_s=args.img_per_s, cache=cache, precision=args.precision,
                      device=args.device_kind)
+    ahead = extraction(plan, args.gpus)
     if args.json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps({**plan.to_dict(), "extraction": ahead}))
     else:
         print(render(plan))
+        if ahead:
+            print(f"  extraction first (block-set: one pass per image and timestep): "
+                  f"{ahead['image_passes']:,} image-passes, {ahead['gpu_hours']:,.4g} "
+                  f"GPU-hours: {ahead['wall_hours']:,.4g} wall hours sharded over "
+                  f"{ahead['gpus']} GPU(s) (`difftune extract --space`)")
     if not plan.fits:
         raise PlanError(refusal(plan))
     return 0

@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                              threads=max(1, int(space.search["cpus_per_trial"])),
                              extract_batch=space.search.get("extract_batch"),
                              **cache_options(cost, cache, explicit, args.data_hash, space.data))
+    extract_first(space, cost, runtime)
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
                 space.search["trials"], space.model, space.data, redact(uri))
     model_name = args.model_name or default_model_name(experiment)
@@ -163,6 +164,28 @@ def run(args: argparse.Namespace) -> int:
                         plan=cost.to_dict())
     print_summary(result, top=args.top, model_name=model_name)
     return 0
+
+
+def extract_first(space, plan, runtime) -> None:
+    """Extract what the plan foresees, sharded over the cluster, before the first trial
+    (when there is more than one worker; else trials extract on a miss, as they always do)."""
+    from difftune.search.extract_cluster import cluster_workers, extract_plan, why_not
+
+    if runtime.cache is None or runtime.cache_policy == "none":
+        return
+    cpu_trials = not float(space.search.get("gpus_per_trial") or 0)
+    workers = cluster_workers(gpus=not cpu_trials)
+    reason = why_not(plan, space, workers)
+    if reason:
+        logger.info("extraction: per trial (%s)", reason)
+        return
+    print(f"extracting the plan's entries first on {workers.describe()}", flush=True)
+    counts = extract_plan(space, plan, cache=runtime.cache, workers=workers,
+                          store_pool=runtime.store_pool, extra_blocks=runtime.extra_blocks,
+                          budget=runtime.cache_budget, data_files=dict(runtime.data_files),
+                          data_hash=runtime.data_hash, batch_size=runtime.extract_batch)
+    print(f"extracted {counts['written']} entries ({counts['reused']} already stored, "
+          f"{counts['images']} images) in {counts['wall_s']:.1f} s", flush=True)
 
 
 def experiment_artifacts(uri: str, experiment: str, given: str | None) -> str | None:

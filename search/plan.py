@@ -37,7 +37,8 @@ from difftune.trainables.cost import activation_bytes_per_image, unet_costs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataSize", "Plan", "PlanError", "data_size", "make_plan", "resolve_budget"]
+__all__ = ["DataSize", "Plan", "PlanError", "data_size", "extraction", "make_plan",
+           "resolve_budget"]
 
 #: ImageNet-1k's val split has 50 images per class: the default for a stand-in dataset
 VAL_PER_CLASS = 50
@@ -220,6 +221,19 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
         confirm={"top": k, "label_fraction": s.get("confirm_label_fraction"),
                  "train_rows": rows["confirm"] or (rows["train"] if k else 0)},
         entries=entries(n, costs), changes=changes)
+
+
+def extraction(plan: Plan, gpus: int = 1) -> dict[str, Any] | None:
+    """What extracting the block-set policy's entries before the first trial costs (one
+    U-Net pass per image of each split at each timestep), sharded over ``gpus`` GPUs at the
+    plan's img/s each: image-passes, GPU-hours and wall hours. None for other policies (their
+    trials extract what they ask)."""
+    if plan.policy != "block-set":
+        return None
+    passes = len(plan.timesteps) * (plan.data["train_rows"] + plan.data["val_rows"])
+    hours = gpu_hours(passes, plan.img_per_s)
+    return {"gpus": gpus, "image_passes": passes, "gpu_hours": hours,
+            "wall_hours": hours / max(gpus, 1)}
 
 
 def refusal(plan: Plan) -> str:
