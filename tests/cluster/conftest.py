@@ -377,3 +377,65 @@ def stand_ins() -> Iterator[StandIns]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+
+
+@dataclass
+class TwoNodes:
+    """A bare 2-node Ray cluster (no dashboard; token authentication): its GCS address, the Ray node ids
+    of the head and the worker, and the processes (the worker can be killed)."""
+
+    address: str
+    env: dict[str, str]
+    procs: Processes
+    node_ids: dict[str, str]
+
+
+NODE_IDS = """
+import json, ray
+ray.init(address="{address}", logging_level="ERROR", log_to_driver=False)
+alive = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps({{r: n["NodeID"] for n in alive for r in ("head", "worker")
+                  if f"{{r}}_node" in n["Resources"]}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[TwoNodes]:
+    """``ray start --head`` and a worker ``ray start --address=...`` (1 CPU each, custom
+    resources ``head_node`` / ``worker_node``, their own ``--temp-dir``); stopped by pid."""
+    root = Path(tempfile.mkdtemp(prefix="dt2n", dir="/tmp"))
+    (root / "logs").mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "PYTEST_")) and k not in ("TMPDIR",)}
+    token_file = root / "auth_token"  # token authentication, as the stand-ins' cluster
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    procs = Processes(root / "logs")
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000",
+              "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    try:
+        procs.start("head", [ray_bin, "start", "--head", f"--port={address.split(':')[1]}",
+                             "--include-dashboard=false", '--resources={"head_node": 1}',
+                             f"--temp-dir={root / 'h'}", *common, *ray_ports(head=True)], env)
+        wait_for("the Ray head", lambda: "Ray runtime started" in procs.log("head"),
+                 alive=lambda: procs.dead("head"))
+        procs.start("worker", [ray_bin, "start", f"--address={address}",
+                               '--resources={"worker_node": 1}', f"--temp-dir={root / 'w'}",
+                               *common, *ray_ports(head=False)], env)
+
+        def both() -> dict[str, str] | None:
+            out = subprocess.run([sys.executable, "-c", NODE_IDS.format(address=address)],
+                                 env=env, capture_output=True, text=True, timeout=120)
+            ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+            return ids if len(ids) == 2 else None
+
+        ids = wait_for("2 alive Ray nodes", both, interval=2.0,
+                       alive=lambda: procs.dead("head", "worker"))
+        yield TwoNodes(address, env, procs, ids)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
