@@ -1,0 +1,71 @@
+"""Wall time of one timestep's extraction (train + val, the demo space's block set at its
+cache_pool) on the demo U-Net and digits, as Ray tasks on 1 worker and on 2 workers (one
+shard each, 1 CPU per worker), on a local Ray of 2 CPUs. Each run writes a fresh cache; a
+warm-up run first starts the Ray workers and loads the model in them.
+
+    python benchmarks/sharded_extract.py [--t 90] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._results import record  # noqa: E402
+from difftune.search.extract_cluster import Workers, ray_runner  # noqa: E402
+from difftune.trainables.cache import FeatureCache  # noqa: E402
+from difftune.trainables.cache_shard import extract_sharded  # noqa: E402
+from difftune.trainables.config import TrialConfig  # noqa: E402
+
+BLOCKS = range(1, 20)  # the demo space's block set
+POOL = 4  # its cache_pool
+
+
+def once(root: str, workers: int, t: int, batch: int, cfg: TrialConfig) -> tuple[float, int]:
+    cache = FeatureCache(root, batch_size=batch, store_pool=POOL, extra_blocks=BLOCKS,
+                         precision="fp32")
+    runner = ray_runner(Workers(workers, {"num_cpus": 1}), progress=False)
+    began, images = time.perf_counter(), 0
+    for split in ("train", "val"):
+        images += extract_sharded(cache, cfg, split, [(t, b, POOL) for b in BLOCKS],
+                                  shards=workers, runner=runner)["images"]
+    return time.perf_counter() - began, images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--t", type=int, default=90)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    tmp = tempfile.mkdtemp(prefix="sharded-extract-")
+    try:
+        once(f"{tmp}/warm", 2, args.t, args.batch, TrialConfig(label_fraction=0.05))
+        wall = {}
+        for n in (1, 2):
+            wall[n], images = once(f"{tmp}/w{n}", n, args.t, args.batch, TrialConfig())
+            print(f"{n} worker(s): {images} images in {wall[n]:.2f} s "
+                  f"({images / wall[n]:.3g} img/s)", flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    record("sharded_extract", workers=2, speedup=wall[1] / wall[2], wall_1=wall[1],
+           wall_2=wall[2], images=images, t=args.t, blocks="1-19", pool=POOL,
+           load=os.getloadavg()[0])
+
+
+if __name__ == "__main__":
+    main()
