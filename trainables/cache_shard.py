@@ -28,6 +28,7 @@ from .cache_lock import CacheLock
 from .cache_parts import part_record, part_writer, publish, sweep_parts
 from .cache_store import EntryKey, EntryWriter, Store
 from .config import TrialConfig
+from .cost import activation_bytes_per_image, batch_for_memory, free_memory
 from .data import dataset_indices, shared_dataset
 from .features import Extractor, block_sizes
 from .heads import Request
@@ -52,6 +53,9 @@ class ShardJob:
     stop: int
     batch: int
     channels_last: bool = False
+    #: the model's flags when the batch was not fixed: the shard then sizes its batch to the
+    #: free memory of its own device (a GPU worker's, not the driver's), at most ``batch``
+    flags: dict | None = None
 
     @property
     def images(self) -> int:
@@ -97,7 +101,12 @@ def run_shard(job: ShardJob, *, device: str = "cpu", node: str | None = None,
     model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
     ds, _ = shared_dataset(cfg.data, job.split, model.image_size, cfg.label_fraction, cfg.seed)
     indices = dataset_indices(ds)[job.start:job.stop]
-    loader = DataLoader(Subset(ds, range(job.start, job.stop)), batch_size=job.batch,
+    batch = job.batch
+    if job.flags is not None:
+        per_image, fixed = activation_bytes_per_image(job.flags, max(job.plan),
+                                                      precision=job.group.precision)
+        batch = min(batch, batch_for_memory(free_memory(device), per_image, fixed))
+    loader = DataLoader(Subset(ds, range(job.start, job.stop)), batch_size=batch,
                         shuffle=False)
     extractor = Extractor(model, diffusion, precision=job.group.precision,
                           channels_last=job.channels_last)
@@ -174,7 +183,7 @@ def extract_sharded(cache, cfg: TrialConfig, split: str, requests: Sequence[Requ
             cache.room_for(flags, n, plan)
             batch = cache._batch_for(flags, max(plan))
             jobs = [ShardJob(cfg, split, group, plan, cache.root, k, 0, lo, hi, batch,
-                             cache.channels_last)
+                             cache.channels_last, None if cache.batch_size else flags)
                     for k, (lo, hi) in enumerate(shard_ranges(n, shards, batch))]
             jobs = [dataclasses.replace(j, shards=len(jobs)) for j in jobs]
             results = runner(jobs)
