@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  extraction first (block-set: one pass per image and timestep): "
                   f"{ahead['image_passes']:,} image-passes, {ahead['gpu_hours']:,.4g} "
                   f"GPU-hours: {ahead['wall_hours']:,.4g} wall hours sharded over "
-                  f"{ahead['gpus']} GPU(s) (`difftune extract --space`)")
+                  f"{ahead['gpus']} GPU(s) (`difftune extract --space`)"
+                  + ("" if ahead["worth_it"] else "; more than the trials can ask, so "
+                     "`difftune search` leaves extraction to its trials"))
     if not plan.fits:
         raise PlanError(refusal(plan))
     return 0

@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from difftune.search.plan import extraction
 from difftune.trainables.cache_shard import ShardJob, ShardResult, extract_sharded, local_runner
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ def space_config(space):
 
 
 def why_not(plan, space, workers: Workers | None) -> str | None:
-    """Why a search leaves extraction to its trials, or None when it extracts first."""
+    """Why a search leaves extraction to its trials, or None when it extracts first
+    (``workers``: the cluster's, for a search; None when the user asked for the extraction,
+    which then is not weighed against what the trials can ask)."""
     if plan.policy != "block-set":
         return (f"the {plan.policy} cache policy stores what trials ask, which no plan "
                 "foresees")
@@ -175,6 +178,11 @@ def why_not(plan, space, workers: Workers | None) -> str | None:
         return "the space searches seed or noise_seed"
     if workers is not None and workers.shards <= 1:
         return "one worker: a trial's miss extracts as fast, without Ray tasks"
+    ahead = extraction(plan)
+    if workers is not None and ahead and not ahead["worth_it"]:  # a search, not the user's ask
+        return (f"{len(plan.timesteps)} timesteps for {plan.trials} trials: extracting them "
+                f"all would pass {ahead['image_passes']:,} images through the U-Net, the "
+                f"trials at most {plan.unet_image_passes:,}")
     return None
 
 

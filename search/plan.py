@@ -233,7 +233,11 @@ def extraction(plan: Plan, gpus: int = 1) -> dict[str, Any] | None:
     passes = len(plan.timesteps) * (plan.data["train_rows"] + plan.data["val_rows"])
     hours = gpu_hours(passes, plan.img_per_s)
     return {"gpus": gpus, "image_passes": passes, "gpu_hours": hours,
-            "wall_hours": hours / max(gpus, 1)}
+            "wall_hours": hours / max(gpus, 1),
+            # a search extracts first only when its trials may ask every timestep: with more
+            # timesteps than trials, extracting them all would pass more images than the
+            # trials can ask (unet_image_passes), so trials extract what they ask
+            "worth_it": passes <= plan.unet_image_passes}
 
 
 def refusal(plan: Plan) -> str:

@@ -177,3 +177,22 @@ def test_planned_entries_are_what_the_cache_writes(tmp_path):
     for key, e in written.items():
         assert e["rows"] == planned[key]["rows"] == plan.data["train_rows"]
         assert planned[key]["bytes"] <= e["bytes"] < 1.01 * planned[key]["bytes"], key
+
+
+def test_a_search_extracts_first_only_when_its_trials_may_ask_every_timestep():
+    from difftune.search.extract_cluster import Workers, why_not
+    from difftune.search.plan import extraction
+
+    data = DataSize(train_all=TRAIN, val=VAL, classes=1000, source="imagenet")
+    two = Workers(2, {"num_gpus": 1}, "gpu")
+    few = load_space("linear", search_overrides={"trials": 4})  # 51 timesteps, 4 trials
+    plan = make_plan(few, data, budget=10**16, budget_source="test")
+    ahead = extraction(plan)
+    assert plan.policy == "block-set" and not ahead["worth_it"]
+    assert ahead["image_passes"] == 51 * (TRAIN + VAL) > plan.unet_image_passes
+    assert "51 timesteps for 4 trials" in why_not(plan, few, two)
+    assert why_not(plan, few, None) is None  # `difftune extract --space` does what it is told
+    assert "one worker" in why_not(plan, few, Workers(1))
+    many = load_space("linear", overrides={"t": 90}, search_overrides={"trials": 4})
+    plan = make_plan(many, data, budget=10**16, budget_source="test")
+    assert extraction(plan)["worth_it"] and why_not(plan, many, two) is None
