@@ -213,7 +213,7 @@ def cache_options(plan, cache: str | None, explicit: bool, data_hash: str, data:
     on), and the data's fingerprint, computed here once for every trial."""
     from difftune.trainables.cache_policy import usage
     from difftune.trainables.cache_store import Store
-    from difftune.trainables.data import SPLITS, files_fingerprint
+    from difftune.trainables.data import split_files_fingerprints
 
     if cache is None or plan.policy == "none":
         return {"cache_policy": "none"}
@@ -226,8 +226,7 @@ def cache_options(plan, cache: str | None, explicit: bool, data_hash: str, data:
             "store_pool": plan.store_pool if block_set else None,
             "extra_blocks": tuple(plan.blocks) if block_set else (),
             "data_hash": data_hash,
-            "data_files": tuple((s, files_fingerprint(data, s, data_hash=data_hash))
-                                for s in SPLITS)}
+            "data_files": tuple(split_files_fingerprints(data, data_hash=data_hash).items())}
 
 
 def summary_table(rows: list[dict], cols: list[str]) -> list[str]:

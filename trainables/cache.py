@@ -6,9 +6,13 @@ file of rows ``(index, label, x)``, ``x`` the flattened ``[C x P x P]`` map (flo
 default), beside a JSON *marker* (key, shape, rows, bytes, sha256). Layout under the root (a
 folder or a pyarrow URI)::
 
-    <model fp>/<data fp>/t<t>-s<seed>-<precision>/b<block>-p<P>-<dtype>.arrow   (data)
-                                                 /b<block>-p<P>-<dtype>.json    (marker)
-                                                 /.lock
+    <model fp>/<data fp>/t<t>-s<noise seed>-<precision>[-v<view>]/b<block>-p<P>-<dtype>.arrow
+                                                             /b<block>-p<P>-<dtype>.json
+                                                             /.lock
+
+A trial with ``views: K`` reads K views of every train image (:mod:`.views`: view 0 is the
+image itself, views 1..K-1 seeded crops + flips with their own noise; epoch e reads view
+e mod K); val and test are read as view 0.
 
 Fingerprints are content hashes (checkpoint bytes + flags; the data files' relative paths and
 sizes, or bytes, + transform + subset), so a changed model or data never hits a stale entry
@@ -57,7 +61,7 @@ from .cost import (
     free_memory,
     unet_costs,
 )
-from .data import data_fingerprint, dataset_indices, shared_dataset
+from .data import data_fingerprint, dataset_indices
 from .features import (
     PRECISIONS,
     ExtractionError,
@@ -69,8 +73,9 @@ from .features import (
     precision_for,
 )
 from .heads import Request
-from .pipeline import TrialData
+from .pipeline import SPLITS, TrialData, split_views, trial_dataset
 from .unet import shared_unet
+from .views import ViewCycle, view_batch
 
 logger = logging.getLogger(__name__)
 
@@ -156,27 +161,36 @@ class FeatureCache:
         return self.stats.forward_images
 
     # -- FeatureSource
-    def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
-        train, val = self.get(cfg, "train", requests), self.get(cfg, "val", requests)
-        return TrialData(train, val, train.shapes(), len(train.classes))
+    def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
+                splits: Sequence[str] = SPLITS) -> TrialData:
+        out = {}
+        for split in splits:
+            views = [self.get(cfg, split, requests, view=v)
+                     for v in range(split_views(cfg, split))]
+            out[split] = views[0] if len(views) == 1 else ViewCycle(views)
+        first = next(iter(out.values()))
+        return TrialData(out, first.shapes(), len(first.classes))
 
-    def get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]) -> CachedFeatures:
-        """The features of ``requests`` ((t, block, pool)) for one split of ``cfg``'s data,
-        extracting and storing the missing ones."""
+    def get(self, cfg: TrialConfig, split: str, requests: Sequence[Request], *, view: int = 0
+            ) -> CachedFeatures:
+        """The features of ``requests`` ((t, block, pool)) for one split of ``cfg``'s data
+        (view ``view`` of its images, :mod:`.views`), extracting and storing the missing
+        ones."""
         try:
-            return self._get(cfg, split, requests)
+            return self._get(cfg, split, requests, view)
         except FileNotFoundError:  # evicted by another process between lookup and open
             logger.info("a cache entry went away while opening it; looking up again")
-            return self._get(cfg, split, requests)
+            return self._get(cfg, split, requests, view)
 
-    def resolve(self, cfg: TrialConfig, split: str, requests: Sequence[Request]) -> tuple:
+    def resolve(self, cfg: TrialConfig, split: str, requests: Sequence[Request], view: int = 0
+                ) -> tuple:
         """``(model, diffusion, dataset, base key, {t: {block: pool}}, model flags)`` of
-        ``requests`` on one split of ``cfg``'s data (checked against the model)."""
+        ``requests`` on one split of ``cfg``'s data, view ``view`` (checked against the
+        model)."""
         model, diffusion = shared_unet(cfg.model, cfg.checkpoint, self.device)
-        ds, classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
-                                     cfg.seed)
-        # the val split is never subsampled, and without a fraction the subset seed is moot
-        frac = None if split == "val" or cfg.label_fraction in (None, 1, 1.0) \
+        ds, _ = trial_dataset(cfg, split, model.image_size)
+        # val and test are never subsampled, and without a fraction the subset seed is moot
+        frac = None if split != "train" or cfg.label_fraction in (None, 1, 1.0) \
             else cfg.label_fraction
         base = EntryKey(model=cfg.model, model_fp=model_key(cfg.model, cfg.checkpoint),
                         data=cfg.data, split=split, image_size=model.image_size,
@@ -184,10 +198,12 @@ class FeatureCache:
                                                  image_size=model.image_size,
                                                  label_fraction=frac,
                                                  seed=cfg.seed if frac is not None else 0,
+                                                 holdout=cfg.holdout,
+                                                 bad_images=cfg.bad_images,
                                                  files=self.data_files.get(split),
                                                  data_hash=self.data_hash),
                         t=0, seed=cfg.noise_seed, block=0, pool=0, dtype=self.dtype,
-                        precision=self.precision)
+                        precision=self.precision, view=view)
         by_t: dict[int, dict[int, int]] = {}
         for t, b, p in requests:
             check_timestep(diffusion, t)
@@ -199,11 +215,10 @@ class FeatureCache:
         flags = unet.resolve(cfg.model, checkpoint=cfg.checkpoint)[0]
         return model, diffusion, ds, base, by_t, flags
 
-    def _get(self, cfg: TrialConfig, split: str, requests: Sequence[Request]
+    def _get(self, cfg: TrialConfig, split: str, requests: Sequence[Request], view: int
              ) -> CachedFeatures:
-        model, diffusion, ds, base, by_t, flags = self.resolve(cfg, split, requests)
-        classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
-                                 cfg.seed)[1]
+        model, diffusion, ds, base, by_t, flags = self.resolve(cfg, split, requests, view)
+        classes = trial_dataset(cfg, split, model.image_size)[1]
         served: dict[tuple[int, int], tuple[str, int]] = {}
         for t, wanted in by_t.items():
             group = dataclasses.replace(base, t=t)
@@ -355,7 +370,8 @@ class FeatureCache:
         upto = max(plan)
         loader = DataLoader(ds, batch_size=self._batch_for(flags, upto), shuffle=False)
         writers: dict[int, EntryWriter] = {}
-        bar = tqdm(total=len(loader), desc=f"extract {group.split} t={group.t}", unit="batch",
+        bar = tqdm(total=len(loader), desc=f"extract {group.split} t={group.t} view {group.view}",
+                   unit="batch",
                    disable=not self.progress, leave=False)
         timed = [0, 0.0]  # images, seconds: every batch but the first (warm-up)
         try:
@@ -364,7 +380,9 @@ class FeatureCache:
                 idx = indices[start:start + len(x0)]
                 start += len(x0)
                 began = time.perf_counter()
-                feats = extractor.extract(x0, group.t, plan, indices=idx, seed=group.seed)
+                x, noise = view_batch(x0, idx, t=group.t, seed=group.seed, view=group.view)
+                feats = extractor.extract(x, group.t, plan, indices=idx, seed=group.seed,
+                                          noise=noise)
                 feats = {b: f.cpu() for b, f in feats.items()}  # waits for the device
                 if i > 0 or len(loader) == 1:
                     timed[0] += len(x0)

@@ -29,10 +29,12 @@ from .cache_parts import part_record, part_writer, publish, sweep_parts
 from .cache_store import EntryKey, EntryWriter, Store
 from .config import TrialConfig
 from .cost import activation_bytes_per_image, batch_for_memory, free_memory
-from .data import dataset_indices, shared_dataset
+from .data import dataset_indices
 from .features import Extractor, block_sizes
 from .heads import Request
+from .pipeline import trial_dataset
 from .unet import shared_unet
+from .views import view_batch
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def run_shard(job: ShardJob, *, device: str = "cpu", node: str | None = None,
     complete). ``on_batch(images done)`` after every batch. Runs on any node."""
     cfg = job.cfg
     model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
-    ds, _ = shared_dataset(cfg.data, job.split, model.image_size, cfg.label_fraction, cfg.seed)
+    ds, _ = trial_dataset(cfg, job.split, model.image_size)
     indices = dataset_indices(ds)[job.start:job.stop]
     batch = job.batch
     if job.flags is not None:
@@ -117,8 +119,10 @@ def run_shard(job: ShardJob, *, device: str = "cpu", node: str | None = None,
         for i, (x0, labels) in enumerate(loader):
             idx = indices[done:done + len(x0)]
             began = time.perf_counter()
-            feats = extractor.extract(x0, job.group.t, job.plan, indices=idx,
-                                      seed=job.group.seed)
+            x, noise = view_batch(x0, idx, t=job.group.t, seed=job.group.seed,
+                                  view=job.group.view)
+            feats = extractor.extract(x, job.group.t, job.plan, indices=idx,
+                                      seed=job.group.seed, noise=noise)
             feats = {b: f.cpu() for b, f in feats.items()}
             if i > 0 or len(loader) == 1:
                 timed, seconds = timed + len(x0), seconds + time.perf_counter() - began

@@ -50,10 +50,12 @@ class EntryKey:
     pool: int
     dtype: str = "float16"
     precision: str = "fp32"  # the U-Net pass: fp32, or bf16/fp16 autocast on a GPU
+    view: int = 0  # 0: the images themselves; v >= 1: their seeded crop + flip (views.py)
 
     @property
     def group(self) -> str:
-        return f"{self.model_fp}/{self.data_fp}/t{self.t}-s{self.seed}-{self.precision}"
+        tail = f"-v{self.view}" if self.view else ""
+        return f"{self.model_fp}/{self.data_fp}/t{self.t}-s{self.seed}-{self.precision}{tail}"
 
     @property
     def name(self) -> str:

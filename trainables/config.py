@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data import BAD_IMAGES
 from .errors import ConfigError
 from .heads import HEAD_TYPES, head_kind
 
@@ -60,6 +61,7 @@ LIMITS: dict[str, Limit] = {
     "weight_decay": Limit(0, integer=False), "epochs": Limit(1), "batch_size": Limit(1),
     "step_size": Limit(1), "gamma": Limit(0, integer=False, low_open=True), "seed": Limit(0),
     "label_fraction": Limit(0, 1, integer=False, low_open=True),
+    "holdout": Limit(0, 1, integer=False, low_open=True, high_open=True), "views": Limit(1),
 }
 
 
@@ -72,10 +74,13 @@ class TrialConfig:
     checkpoint: str | None = None
     data: str = "digits"
     label_fraction: float | str | None = None
+    holdout: float = 0.1  # share of an ImageFolder's train/ held out as the selection split
+    bad_images: str = "stop"  # an unreadable image stops the search, or is skipped ("skip")
     block: int = 10
     t: int = 90
     pool: int = 2
     noise_seed: int = 0
+    views: int = 1  # cached views per (train image, t); epoch e reads view e mod views
     # head
     head: str = "linear"
     hidden: list[int] = field(default_factory=lambda: [256])
@@ -127,6 +132,9 @@ class TrialConfig:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; allowed: {list(OPTIMIZERS)}")
         for name in LIMITS:
             _check_limit(name, getattr(self, name))
+        if self.bad_images not in BAD_IMAGES:
+            raise ConfigError(f"bad_images={self.bad_images!r} is invalid; allowed: "
+                              f"{list(BAD_IMAGES)}")
         kind.validate(self)
 
 

@@ -1,16 +1,27 @@
-"""Datasets: scikit-learn's digits (built in, no download) and ImageFolder trees.
+"""Datasets: scikit-learn's digits (built in, no download) and ImageFolder trees, in three
+splits with three roles: ``train`` fits heads, ``val`` selects (ASHA, Optuna, the champion),
+``test`` is reported and never seen by a search.
 
-Every dataset yields ``(image [3 x H x W] in [-1, 1], label)``. A label-fraction subset is
-a ``torch.utils.data.Subset`` whose ``indices`` are positions in the full split, so that the
-seeded noise of an image (keyed by that index) does not depend on the subset.
+- digits: a fixed stratified 60/20/20 split of the 1797 images.
+- An ImageFolder with ``train/`` and ``val/`` (ImageNet's layout): ``test`` is ``val/``, and
+  ``val`` is a seeded stratified holdout of ``train/`` (``holdout``, default 0.1, at least one
+  image per class), which ``train`` then lacks. With a ``test/`` folder too, each split is its
+  own folder.
+
+Every dataset yields ``(image [3 x H x W] in [-1, 1], label)``. A split is a
+:class:`SplitPart` of a base set (all digits, or one folder); its items keep their positions
+in that base set (:func:`dataset_indices`) through holdouts and label-fraction subsets, so the
+seeded noise of an image (keyed by that index) never depends on which subset it is in.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +32,15 @@ from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+#: the seed of the holdout of ``train/`` that becomes the selection split: fixed, so that every
+#: trial (whatever its own seed) selects on the same images
+HOLDOUT_SEED = 0
+DEFAULT_HOLDOUT = 0.1
+#: what a search does with an image that cannot be decoded: stop (default) or skip it
+BAD_IMAGES = ("stop", "skip")
+#: the split definitions (part of every data fingerprint: entries of another scheme never hit)
+SPLIT_SCHEME = "splits-v2:digits-60/20/20:folder-holdout"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -43,37 +62,123 @@ class TensorImages(Dataset):
         return self.images[i], int(self.labels[i])
 
 
-def _digits(split: str, image_size: int) -> TensorImages:
+class SplitPart(Dataset):
+    """The items of ``base`` at ``positions``: one split of a larger set of images.
+
+    ``positions`` index ``base`` (the whole digits set, or one folder of an ImageFolder
+    tree), so an image keeps one index whichever split, holdout or label subset it lands in:
+    the key of its seeded noise (:func:`dataset_indices`).
+    """
+
+    def __init__(self, base: Dataset, positions: Sequence[int]):
+        self.base, self.positions = base, [int(p) for p in positions]
+        self.classes = list(base.classes)
+        base_targets = list(base.targets)
+        self.targets = [base_targets[p] for p in self.positions]
+        base_samples = getattr(base, "samples", None)
+        self.samples = [base_samples[p] for p in self.positions] if base_samples else None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base[self.positions[i]]
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_all(image_size: int) -> TensorImages:
+    """All 1797 digits, resized to ``image_size``."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(
-        idx, test_size=0.2, stratify=digits.target, random_state=0
-    )
-    keep = np.sort(train_idx if split == "train" else val_idx)
-    x = torch.from_numpy(digits.images[keep]).float() / 16.0 * 2.0 - 1.0  # [N x 8 x 8]
+    x = torch.from_numpy(digits.images).float() / 16.0 * 2.0 - 1.0  # [N x 8 x 8]
     x = x[:, None]
     if image_size != 8:
         x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
                                             align_corners=False).clamp(-1, 1)
     x = x.repeat(1, 3, 1, 1).contiguous()
-    labels = torch.from_numpy(digits.target[keep]).long()
+    labels = torch.from_numpy(digits.target).long()
     return TensorImages(x, labels, [str(c) for c in range(10)])
 
 
-def _image_folder(root: Path, split: str, image_size: int) -> Dataset:
+def digits_positions(split: str) -> list[int]:
+    """Positions in the 1797 digits of ``split``: a fixed stratified 60/20/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    target = load_digits().target
+    idx = np.arange(len(target))
+    train, rest = train_test_split(idx, test_size=0.4, stratify=target, random_state=0)
+    val, test = train_test_split(rest, test_size=0.5, stratify=target[rest], random_state=0)
+    return sorted({"train": train, "val": val, "test": test}[split].tolist())
+
+
+def _digits(split: str, image_size: int) -> SplitPart:
+    return SplitPart(_digits_all(image_size), digits_positions(split))
+
+
+def holdout_positions(targets: Sequence[int], fraction: float, *, seed: int = HOLDOUT_SEED
+                      ) -> tuple[list[int], list[int]]:
+    """``(fit, holdout)`` positions of a seeded stratified holdout of ``targets``: about
+    ``fraction`` of every class (at least one image) is held out, at least one is kept."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction < 1:
+        raise DataError(f"holdout={fraction!r} is invalid; allowed: a fraction in (0, 1), "
+                        "e.g. 0.1 (the share of train/ held out as the selection split)")
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(targets)
+    held: list[int] = []
+    for c in np.unique(arr):
+        members = np.flatnonzero(arr == c)
+        if len(members) < 2:
+            raise DataError(f"class {int(c)} has {len(members)} image in train/: the holdout "
+                            "(the selection split) needs at least 2 images per class")
+        k = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        held.extend(rng.choice(members, size=k, replace=False).tolist())
+    held_set = set(held)
+    return [i for i in range(len(arr)) if i not in held_set], sorted(held)
+
+
+def split_source(root: Path, split: str) -> tuple[str, str]:
+    """``(folder, part)`` an ImageFolder split is read from: ``part`` is ``all``, or ``fit``
+    / ``holdout`` of a seeded holdout of ``train/``.
+
+    With ``train/``, ``val/`` and ``test/``: one folder per split. With ``train/`` and
+    ``val/`` only (ImageNet's layout): ``test`` is ``val/`` and the selection split ``val``
+    is a holdout of ``train/``."""
+    if (root / "test").is_dir():
+        return split, "all"
+    return {"train": ("train", "fit"), "val": ("train", "holdout"),
+            "test": ("val", "all")}[split]
+
+
+def _image_folder(root: Path, split: str, image_size: int, holdout: float,
+                  bad_images: str) -> Dataset:
+    folder, part = split_source(root, split)
+    ds = _folder(root, folder, image_size, bad_images)
+    if part == "all":
+        return SplitPart(ds, range(len(ds)))
+    fit, held = holdout_positions(ds.targets, holdout)
+    return SplitPart(ds, fit if part == "fit" else held)
+
+
+@functools.lru_cache(maxsize=8)
+def _folder(root: Path, folder: str, image_size: int, bad_images: str) -> Dataset:
     from torchvision import datasets
 
-    split_dir = _check_split(root, split)
+    split_dir = _check_split(root, folder)
     try:
         ds = datasets.ImageFolder(str(split_dir), transform=image_transform(image_size),
                                   loader=_rgb_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"data folder {split_dir}: {exc}") from None
+    if bad_images == "skip":
+        bad = set(bad_files(str(root), folder))
+        if bad:
+            ds.samples = ds.imgs = [(p, y) for p, y in ds.samples if p not in bad]
+            ds.targets = [y for _, y in ds.samples]
     train_dir = root / "train"
-    if split != "train" and train_dir.is_dir():
+    if folder != "train" and train_dir.is_dir():
         # labels index the *train* classes in every split: a val/ lacking a class must not
         # shift every later label by one
         train_classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
@@ -143,18 +248,64 @@ def check_data(name_or_path: str) -> None:
             f"data {name_or_path!r} is neither 'digits' nor an existing folder with "
             "train/ and val/ ImageFolder trees"
         )
-    for split in SPLITS:
-        _check_split(root, split)
+    for folder in ("train", "val"):
+        _check_split(root, folder)
+
+
+class CorruptImage(DataError):
+    """An image file that cannot be decoded: deterministic, so a search stops at once
+    (unless ``bad_images: skip``)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"image {path} cannot be decoded ({reason}); remove or replace it, "
+                         "or set bad_images: skip in the space to skip such images")
+        self.path = path
 
 
 def _rgb_loader(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    # reading the bytes may hit a transient I/O error (an OSError that is retried); decoding
+    # them fails the same way every time
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image {path} cannot be read ({exc}); remove or replace it") from None
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImage(path, str(exc).splitlines()[0][:200] or type(exc).__name__) from None
+
+
+@functools.lru_cache(maxsize=8)
+def bad_files(root: str, folder: str) -> tuple[str, ...]:
+    """Image files under ``root/folder`` that cannot be opened as images (a header check and
+    PIL's ``verify``, no full decode): what ``bad_images: skip`` leaves out."""
+    from PIL import Image
+
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(Path(root) / folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (OSError, SyntaxError, ValueError):
+                bad.append(path)
+    if bad:
+        logger.warning("%d image(s) under %s/%s cannot be read and are skipped (first: %s)",
+                       len(bad), root, folder, bad[0])
+    return tuple(bad)
+
+
+def skipped_images(name_or_path: str) -> list[str]:
+    """Every image of a folder dataset that ``bad_images: skip`` leaves out (all splits)."""
+    if name_or_path == "digits":
+        return []
+    root = Path(name_or_path)
+    folders = sorted({split_source(root, s)[0] for s in SPLITS})
+    return [p for f in folders for p in bad_files(str(root), f)]
 
 
 def _subset_indices(targets: list[int], label_fraction: float | str | Path, seed: int,
@@ -199,6 +350,13 @@ def _is_number(x: object) -> bool:
         return False
 
 
+def check_bad_images(mode: str) -> str:
+    if mode not in BAD_IMAGES:
+        raise DataError(f"bad_images={mode!r} is invalid; allowed: {list(BAD_IMAGES)} (stop: a "
+                        "search stops at the first unreadable image; skip: leave them out)")
+    return mode
+
+
 def load_dataset(
     name_or_path: str,
     *,
@@ -206,41 +364,46 @@ def load_dataset(
     image_size: int,
     label_fraction: float | str | None = None,
     seed: int = 0,
-) -> tuple[Dataset, list[str]]:
+    holdout: float = DEFAULT_HOLDOUT,
+    bad_images: str = "stop",
+) -> tuple[SplitPart, list[str]]:
     """Load a split of a dataset.
 
-    :param name_or_path: ``digits`` or a folder with ``train/`` and ``val/`` ImageFolder trees.
-    :param split: ``train`` or ``val``.
+    :param name_or_path: ``digits`` or a folder with ``train/`` and ``val/`` (and optionally
+        ``test/``) ImageFolder trees.
+    :param split: ``train`` (fits heads), ``val`` (selects) or ``test`` (reported).
     :param image_size: side of the square images the U-Net sees.
     :param label_fraction: keep a seeded, stratified fraction of the training labels (or a
-        file listing the images to keep); the val split is never subsampled.
+        file listing the images to keep); val and test are never subsampled.
+    :param holdout: the share of ``train/`` held out as ``val`` (a folder without ``test/``).
+    :param bad_images: ``stop``: an unreadable image raises :class:`CorruptImage` when read;
+        ``skip``: such images are left out of every split.
     :return: ``(dataset, class_names)``; items are ``(image [3 x H x W] in [-1, 1], label)``.
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"image_size must be a positive int, got {image_size!r}")
+    check_bad_images(bad_images)
     if name_or_path == "digits":
-        ds: Dataset = _digits(split, image_size)
-        classes = ds.classes
-        samples = None
+        ds = _digits(split, image_size)
     else:
         check_data(name_or_path)
-        root = Path(name_or_path)
-        ds = _image_folder(root, split, image_size)
-        classes, samples = ds.classes, ds.samples
+        ds = _image_folder(Path(name_or_path), split, image_size, float(holdout), bad_images)
     if label_fraction is not None and split == "train":
-        keep = _subset_indices(list(ds.targets), label_fraction, seed, samples)
-        ds = Subset(ds, keep)
-    return ds, list(classes)
+        keep = _subset_indices(ds.targets, label_fraction, seed, ds.samples)
+        ds = SplitPart(ds.base, [ds.positions[k] for k in keep])
+    return ds, list(ds.classes)
 
 
-@functools.lru_cache(maxsize=4)
-def shared_dataset(data: str, split: str, image_size: int, label_fraction, seed: int
-                   ) -> tuple[Dataset, list[str]]:
+@functools.lru_cache(maxsize=8)
+def shared_dataset(data: str, split: str, image_size: int, label_fraction, seed: int,
+                   holdout: float = DEFAULT_HOLDOUT, bad_images: str = "stop"
+                   ) -> tuple[SplitPart, list[str]]:
     """``load_dataset`` memoised per process (a Ray worker runs many trials); read-only."""
     return load_dataset(data, split=split, image_size=image_size,
-                        label_fraction=label_fraction, seed=seed)
+                        label_fraction=label_fraction, seed=seed, holdout=holdout,
+                        bad_images=bad_images)
 
 
 class ImageItems(Dataset):
@@ -259,9 +422,12 @@ class ImageItems(Dataset):
 
 
 def dataset_indices(ds: Dataset) -> list[int]:
-    """Positions of ``ds``'s items in the full split (the keys of their seeded noise)."""
+    """Positions of ``ds``'s items in their base set (the keys of their seeded noise)."""
+    if isinstance(ds, SplitPart):
+        return list(ds.positions)
     if isinstance(ds, Subset):
-        return list(ds.indices)
+        base = dataset_indices(ds.dataset)
+        return [base[i] for i in ds.indices]
     return list(range(len(ds)))
 
 
@@ -273,14 +439,23 @@ def targets_of(ds: Dataset) -> list[int]:
     return list(ds.targets)
 
 
-def class_counts(name_or_path: str, split: str) -> list[int]:
-    """Images per class of a split, without reading an image (``difftune plan``)."""
+def class_counts(name_or_path: str, split: str, *, holdout: float = DEFAULT_HOLDOUT
+                 ) -> list[int]:
+    """Images per class of a split as :func:`load_dataset` defines it (the digits 60/20/20
+    split; an ImageFolder split's folder, less or only its holdout), without reading an
+    image (``difftune plan``)."""
     if name_or_path == "digits":
         targets = np.asarray(_digits(split, 8).targets)
         return np.bincount(targets, minlength=10).tolist()
-    split_dir = _check_split(Path(name_or_path), split)
-    return [sum(1 for f in os.scandir(d) if f.name.lower().endswith(IMAGE_EXTENSIONS))
-            for d in sorted(os.scandir(split_dir), key=lambda d: d.name) if d.is_dir()]
+    root = Path(name_or_path)
+    source, part = split_source(root, split)
+    folder = _check_split(root, source)
+    counts = [sum(1 for f in os.scandir(d) if f.name.lower().endswith(IMAGE_EXTENSIONS))
+              for d in sorted(os.scandir(folder), key=lambda d: d.name) if d.is_dir()]
+    if part == "all":
+        return counts
+    held = [min(n - 1, max(1, int(round(holdout * n)))) if n > 1 else 0 for n in counts]
+    return held if part == "holdout" else [n - k for n, k in zip(counts, held, strict=True)]
 
 
 def subset_size(counts: list[int], label_fraction: float | str | None) -> int:
@@ -305,20 +480,30 @@ def subset_size(counts: list[int], label_fraction: float | str | None) -> int:
 DATA_HASHES = ("size", "content")
 
 
+def _split_source(name_or_path: str, split: str) -> tuple[str, str]:
+    """``(folder, part)`` of a split (:func:`split_source`; digits: ``("digits", split)``)."""
+    if name_or_path == "digits":
+        return "digits", split
+    return split_source(Path(name_or_path), split)
+
+
 def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size") -> str:
-    """A fingerprint of the files of one split: their paths relative to the split folder and
-    their sizes (``data_hash="content"``: their bytes), never their modification times, so a
-    copy of the data in another place or on another node fingerprints the same. The one walk
-    over the data a search makes: the driver computes it and hands it to the trials."""
+    """A fingerprint of the files a split is read from (its folder: ``val`` of an ImageNet
+    layout is a holdout of ``train/``): their paths relative to that folder and their sizes
+    (``data_hash="content"``: their bytes), never their modification times, so a copy of the
+    data in another place or on another node fingerprints the same. The one walk over the
+    data a search makes: the driver computes it (:func:`split_files_fingerprints`) and hands
+    it to the trials."""
     if data_hash not in DATA_HASHES:
         raise DataError(f"--data-hash {data_hash!r} is unknown; allowed: {list(DATA_HASHES)}")
-    h = hashlib.sha256(f"files|{split}|{data_hash}".encode())
+    source, _ = _split_source(name_or_path, split)
+    h = hashlib.sha256(f"files|{source}|{data_hash}".encode())
     if name_or_path == "digits":
         import sklearn
 
         h.update(f"digits|sklearn-{sklearn.__version__}".encode())
         return h.hexdigest()[:16]
-    root = Path(name_or_path) / split
+    root = Path(name_or_path) / source
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
@@ -332,16 +517,36 @@ def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size")
     return h.hexdigest()[:16]
 
 
+def split_files_fingerprints(name_or_path: str, *, data_hash: str = "size",
+                             splits: Sequence[str] = SPLITS) -> dict[str, str]:
+    """split -> :func:`files_fingerprint`, each folder walked once (``train`` and ``val`` of
+    an ImageNet layout share ``train/``)."""
+    by_source: dict[str, str] = {}
+    out = {}
+    for split in splits:
+        source, _ = _split_source(name_or_path, split)
+        if source not in by_source:
+            by_source[source] = files_fingerprint(name_or_path, split, data_hash=data_hash)
+        out[split] = by_source[source]
+    return out
+
+
 def data_fingerprint(name_or_path: str, *, split: str, image_size: int,
                      label_fraction: float | str | None = None, seed: int = 0,
+                     holdout: float = DEFAULT_HOLDOUT, bad_images: str = "stop",
                      files: str | None = None, data_hash: str = "size") -> str:
-    """A fingerprint of a dataset split as a trial reads it: its files
-    (:func:`files_fingerprint`, or ``files`` when the driver computed it already), the
-    transform (image size) and the label subset.
+    """A fingerprint of a dataset split as a trial reads it: the split scheme and definition
+    (its folder and part, the holdout), its files (:func:`files_fingerprint`, or ``files``
+    when the driver computed it already), the transform (image size), the label subset and
+    what is done with undecodable images. Two splits never share a fingerprint, so their
+    cache entries never collide.
 
     :param files: ``files_fingerprint(name_or_path, split)`` if known (no walk is made).
     """
-    h = hashlib.sha256(f"{split}|{image_size}|{label_fraction}|{seed}".encode())
+    source, part = _split_source(name_or_path, split)
+    held = holdout if part in ("fit", "holdout") else None
+    h = hashlib.sha256(f"{SPLIT_SCHEME}|{split}|{source}|{part}|{held}|{image_size}|"
+                       f"{label_fraction}|{seed}|{bad_images}".encode())
     if label_fraction is not None and not _is_number(label_fraction) \
             and Path(label_fraction).is_file():
         h.update(Path(label_fraction).read_bytes())  # a file list: what it lists, not its name

@@ -11,3 +11,8 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A trial configuration a user wrote is invalid (exit code 2)."""
+
+
+class SearchFailed(RuntimeError):
+    """A search ran but produced nothing to report (no trial finished); the CLI prints one
+    line and exits with code 1."""

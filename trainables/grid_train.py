@@ -46,6 +46,7 @@ from .train import (
     to_device,
     train_loader,
 )
+from .unet import shared_unet
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def train_grid(
     history = []
     for epoch in range(start, base.epochs):
         g.manual_seed(epoch_seed(base, epoch))
+        if hasattr(train_ds, "set_epoch"):  # K cached views: epoch e reads view e mod K
+            train_ds.set_epoch(epoch)
         model.train()
         loss_sums, n = [0.0] * k, 0
         for inputs, labels in loader:
@@ -217,7 +220,8 @@ def run_grid_trial(
     :return: ``(grid, per-epoch metrics)``.
     """
     cfgs = spec.configs(cfg)
-    data, unet = trial_data(cfg, source, device)
+    unet = shared_unet(cfg.model, cfg.checkpoint, device)
+    data = trial_data(cfg, source=source, device=device)
     gflops = heads_gflops(cfgs, data.shapes, data.num_classes)
     grid = build_grid(cfgs, data.shapes, data.num_classes, unet=unet)
     if resume is not None:

@@ -1,5 +1,6 @@
 """The paper's way (``--no-cache``): run the frozen U-Net on every batch of every epoch, with
-a fresh noise draw at every forward pass, instead of reading stored features.
+a fresh noise draw at every forward pass and, while training, a fresh random crop + flip of
+every image (:func:`~.views.crop_flip`), instead of reading stored features.
 
 :class:`OnlineFeatures` is a :class:`~.pipeline.FeatureSource` whose datasets hold
 images and whose ``wrap(head)`` puts the live U-Net in front of the head. The wrapper's
@@ -16,10 +17,11 @@ import torch
 from torch import nn
 
 from .config import TrialConfig
-from .data import ImageItems, shared_dataset
+from .data import ImageItems
 from .features import Extractor, block_shapes
 from .heads import Request
-from .pipeline import SPLITS, TrialData, UNetSource
+from .pipeline import SPLITS, TrialData, UNetSource, trial_dataset
+from .views import crop_flip
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class OnlineHead(nn.Module):
         """:param inputs: ``{"image": [N x 3 x H x W], "index": [N]}``;
         :return: [N x classes] logits."""
         x = inputs["image"]
+        if self.training:  # the paper's augmentation, fresh at every pass
+            x = crop_flip(x)
         try:
             target = next(self.head.parameters()).device
         except StopIteration:
@@ -61,13 +65,13 @@ class OnlineHead(nn.Module):
 class OnlineFeatures(UNetSource):
     """Feature source that recomputes features on every batch (no cache)."""
 
-    def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
+    def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
+                splits: Sequence[str] = SPLITS) -> TrialData:
         model = self.unet_for(cfg)
-        splits = [shared_dataset(cfg.data, s, model.image_size, cfg.label_fraction, cfg.seed)
-                  for s in SPLITS]
+        loaded = {s: trial_dataset(cfg, s, model.image_size) for s in splits}
         native = block_shapes(model)
         shapes = {(t, b): (native[b][0], p, p) for t, b, p in requests}
         extractor = self.extractor
-        return TrialData(ImageItems(splits[0][0]), ImageItems(splits[1][0]), shapes,
-                         len(splits[0][1]),
-                         wrap=lambda head: OnlineHead(head, extractor, requests))
+        classes = next(iter(loaded.values()))[1]
+        return TrialData({s: ImageItems(ds) for s, (ds, _) in loaded.items()}, shapes,
+                         len(classes), wrap=lambda head: OnlineHead(head, extractor, requests))

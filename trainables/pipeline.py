@@ -20,15 +20,32 @@ from tqdm import tqdm
 
 from .config import TrialConfig
 from .cost import trial_gflops
-from .data import ImageItems, dataset_indices, shared_dataset, targets_of
+from .data import ImageItems, SplitPart, dataset_indices, shared_dataset, targets_of
 from .features import Extractor, block_sizes
 from .heads import Request, build_head, head_kind
-from .train import FeatureTensors, train_head
+from .train import FeatureTensors, evaluate, train_head
 from .unet import shared_unet
+from .views import ViewCycle, view_batch
 
 logger = logging.getLogger(__name__)
 
+#: the splits a trial reads: it fits on train and is selected on val; test is read only by
+#: :func:`evaluate_on` once the search has chosen (never by a trial)
 SPLITS = ("train", "val")
+
+
+def trial_dataset(cfg: TrialConfig, split: str, image_size: int) -> tuple[SplitPart, list[str]]:
+    """The images of ``split`` for ``cfg``'s data (memoised per process): the label fraction
+    subsamples train only."""
+    frac = cfg.label_fraction if split == "train" else None
+    return shared_dataset(cfg.data, split, image_size, frac, cfg.seed if frac is not None else 0,
+                          cfg.holdout, cfg.bad_images)
+
+
+def split_views(cfg: TrialConfig, split: str) -> int:
+    """How many views of each image a trial reads from ``split``: ``cfg.views`` for train,
+    one (the image itself) for val and test."""
+    return cfg.views if split == "train" else 1
 
 
 def extract_dataset(
@@ -40,9 +57,12 @@ def extract_dataset(
     batch_size: int = 256,
     progress: bool = True,
     desc: str = "extract",
+    view: int = 0,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Features of every image of ``ds`` for ``requests``: one forward pass per image batch
     and distinct timestep, serving every block requested at that timestep.
+
+    :param view: which view of the images (:mod:`.views`; 0: the images themselves).
 
     :return: (t, block) -> [N x C x pool x pool] float32 CPU Tensor.
     """
@@ -60,7 +80,9 @@ def extract_dataset(
             idx = indices[start:start + len(x0)]
             start += len(x0)
             for t, pools in by_t.items():
-                for b, f in extractor.extract(x0, t, pools, indices=idx, seed=seed).items():
+                x, noise = view_batch(x0, idx, t=t, seed=seed, view=view)
+                for b, f in extractor.extract(x, t, pools, indices=idx, seed=seed,
+                                              noise=noise).items():
                     out[(t, b)].append(f.cpu())
                 bar.update(1)
     return {k: torch.cat(v) for k, v in out.items()}
@@ -68,20 +90,34 @@ def extract_dataset(
 
 @dataclass
 class TrialData:
-    """What a head trains on: datasets of ``(inputs, label)``, the feature shapes the head is
-    built for, and ``wrap``: how the head is wrapped for training (identity for stored
-    features; the online source puts a live U-Net pass in front of it)."""
+    """What a head trains on: datasets of ``(inputs, label)`` per split (``train``, ``val``,
+    ``test``: those asked for), the feature shapes the head is built for, and ``wrap``: how
+    the head is wrapped for training and evaluation (identity for stored features; the
+    online source puts a live U-Net pass in front of it)."""
 
-    train: Dataset
-    val: Dataset
+    splits: dict[str, Dataset]
     shapes: dict[tuple[int, int], tuple[int, int, int]]
     num_classes: int
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = field(default=lambda head: head)
 
+    @property
+    def train(self) -> Dataset:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> Dataset:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> Dataset:
+        return self.splits["test"]
+
 
 class FeatureSource(Protocol):
-    def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
-        """Train/val data for the ``(t, block, pool)`` requests of the head of ``cfg``."""
+    def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
+                splits: Sequence[str] = SPLITS) -> TrialData:
+        """Data of ``splits`` for the ``(t, block, pool)`` requests of the head of ``cfg``
+        (train: :func:`split_views` views, a :class:`~.views.ViewCycle` when more than one)."""
 
 
 class UNetSource:
@@ -112,17 +148,20 @@ class DirectFeatures(UNetSource):
         super().__init__(device=device)
         self.batch_size, self.progress = batch_size, progress
 
-    def prepare(self, cfg: TrialConfig, requests: Sequence[Request]) -> TrialData:
+    def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
+                splits: Sequence[str] = SPLITS) -> TrialData:
         model = self.unet_for(cfg)
-        out = []
-        for split in SPLITS:
-            ds, classes = shared_dataset(cfg.data, split, model.image_size, cfg.label_fraction,
-                                         cfg.seed)
-            feats = extract_dataset(self.extractor, ds, requests, seed=cfg.noise_seed,
-                                    batch_size=self.batch_size, progress=self.progress,
-                                    desc=f"extract {split}")
-            out.append(FeatureTensors(feats, torch.tensor(targets_of(ds))))
-        return TrialData(out[0], out[1], out[0].shapes(), len(classes))
+        out: dict[str, Dataset] = {}
+        for split in splits:
+            ds, classes = trial_dataset(cfg, split, model.image_size)
+            labels = torch.tensor(targets_of(ds))
+            views = [FeatureTensors(extract_dataset(
+                self.extractor, ds, requests, seed=cfg.noise_seed, batch_size=self.batch_size,
+                progress=self.progress, desc=f"extract {split} view {v}", view=v), labels)
+                for v in range(split_views(cfg, split))]
+            out[split] = views[0] if len(views) == 1 else ViewCycle(views)
+        first = next(iter(out.values()))
+        return TrialData(out, first.shapes(), len(classes))
 
 
 def clamp_requests(model: torch.nn.Module, requests: Sequence[Request]) -> list[Request]:
@@ -132,23 +171,33 @@ def clamp_requests(model: torch.nn.Module, requests: Sequence[Request]) -> list[
     return [(t, b, min(p, sizes[b])) for t, b, p in requests]
 
 
-def image_data(cfg: TrialConfig, image_size: int) -> TrialData:
-    """Train/val images for a head that runs the U-Net itself (no feature shapes)."""
-    splits = [shared_dataset(cfg.data, s, image_size, cfg.label_fraction, cfg.seed)
-              for s in SPLITS]
-    return TrialData(ImageItems(splits[0][0]), ImageItems(splits[1][0]), {}, len(splits[0][1]))
+def image_data(cfg: TrialConfig, image_size: int, splits: Sequence[str] = SPLITS) -> TrialData:
+    """Images of ``splits`` for a head that runs the U-Net itself (no feature shapes)."""
+    loaded = {s: trial_dataset(cfg, s, image_size) for s in splits}
+    classes = next(iter(loaded.values()))[1]
+    return TrialData({s: ImageItems(ds) for s, (ds, _) in loaded.items()}, {}, len(classes))
 
 
-def trial_data(cfg: TrialConfig, source: FeatureSource | None = None, device: str = "cpu"
-               ) -> tuple[TrialData, tuple[torch.nn.Module, Any]]:
-    """What the head of ``cfg`` trains on (features from ``source``, default in memory, or
-    images for a live head) and the frozen ``(model, diffusion)``."""
+def trial_data(cfg: TrialConfig, *, source: FeatureSource | None = None, device: str = "cpu",
+               splits: Sequence[str] = SPLITS) -> TrialData:
+    """What the head of ``cfg`` reads from ``splits``: images for a live head, else features
+    from ``source`` (default: extracted in memory)."""
     kind = head_kind(cfg.head)
-    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
+    model, _ = shared_unet(cfg.model, cfg.checkpoint, device)
     if kind.live_unet:
-        return image_data(cfg, model.image_size), (model, diffusion)
+        return image_data(cfg, model.image_size, splits)
     source = source or DirectFeatures(device=device)
-    return source.prepare(cfg, clamp_requests(model, kind.requests(cfg))), (model, diffusion)
+    return source.prepare(cfg, clamp_requests(model, kind.requests(cfg)), splits)
+
+
+def evaluate_on(head: torch.nn.Module, cfg: TrialConfig, split: str = "test", *,
+                source: FeatureSource | None = None, device: str = "cpu") -> dict[str, float]:
+    """Top-1 / top-5 (percent) and mean loss of a trained ``head`` on ``split``, keyed
+    ``<split>_top1``, ``<split>_top5``, ``<split>_loss``: how the champion (and every
+    confirmed config) is reported on test once a search has chosen it."""
+    data = trial_data(cfg, source=source, device=device, splits=(split,))
+    metrics = evaluate(data.wrap(head), data.splits[split], device=device)
+    return {f"{split}_{k.split('_', 1)[1]}": v for k, v in metrics.items()}
 
 
 def run_trial(
@@ -172,10 +221,11 @@ def run_trial(
         image, :func:`~.cost.trial_gflops`).
     :return: ``(head, per-epoch metrics)``.
     """
-    data, unet = trial_data(cfg, source, device)
+    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
+    data = trial_data(cfg, source=source, device=device)
     # counted before the head is built: building seeds the random state training starts from
     gflops = trial_gflops(cfg, data.shapes, data.num_classes)
-    head = build_head(cfg, data.shapes, data.num_classes, unet=unet)
+    head = build_head(cfg, data.shapes, data.num_classes, unet=(model, diffusion))
     if head_state is not None:
         head.load_state_dict(head_state)
     if on_data is not None:

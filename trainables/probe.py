@@ -18,7 +18,7 @@ from .data import load_dataset, targets_of
 from .features import Extractor, check_blocks, check_pool, check_timestep
 from .heads import build_head
 from .pipeline import SPLITS, extract_dataset
-from .train import FeatureTensors, train_head
+from .train import FeatureTensors, evaluate, train_head
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,15 @@ def probe_grid(
     label_fraction: float | str | None = None,
     noise_seed: int = 0,
     progress: bool = False,
+    test: bool = False,
 ) -> dict[GridPoint, dict[str, float]]:
     """Final-epoch metrics (``val_top1``, ``val_top5``, ``val_loss``) of a linear probe at
     every ``(block, t, pool)`` of the grid.
 
     :param unet: ``(model, diffusion)`` of a loaded U-Net.
     :param data: ``digits`` or an ImageFolder root.
+    :param test: also evaluate every probe on the test split (``test_top1``, ``test_top5``,
+        ``test_loss``): what the search-quality benchmark scores picks by.
     """
     model, diffusion = unet
     blocks = check_blocks(model, list(blocks))
@@ -62,7 +65,7 @@ def probe_grid(
     extractor = Extractor(model, diffusion)
     requests = [(t, b, p) for t in timesteps for b in blocks for p in pools]
     splits: dict[str, tuple[dict, torch.Tensor, int]] = {}
-    for split in SPLITS:
+    for split in (*SPLITS, "test") if test else SPLITS:
         ds, classes = load_dataset(data, split=split, image_size=model.image_size,
                                    label_fraction=label_fraction)
         feats: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -81,4 +84,8 @@ def probe_grid(
         head = build_head(cfg, train.shapes(), splits["train"][2])
         last = train_head(head, train, val, cfg)[-1]
         out[(b, t, p)] = {k: v for k, v in last.items() if k.startswith("val_")}
+        if test:
+            tested = evaluate(head, FeatureTensors({(t, b): splits["test"][0][(t, b, p)]},
+                                                   splits["test"][1]))
+            out[(b, t, p)].update({f"test_{k[4:]}": v for k, v in tested.items()})
     return out

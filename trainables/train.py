@@ -148,7 +148,9 @@ def train_head(
     loader, g = train_loader(train_ds, cfg, num_workers=num_workers)
     history: list[dict[str, float]] = []
     for epoch in range(start_epoch, cfg.epochs):
-        g.manual_seed(epoch_seed(cfg, epoch))
+        g.manual_seed(epoch_seed(cfg, epoch))  # resumable: epoch e always sees one order
+        if hasattr(train_ds, "set_epoch"):  # K cached views: epoch e reads view e mod K
+            train_ds.set_epoch(epoch)
         head.train()
         loss_sum, n = 0.0, 0
         for inputs, labels in loader:

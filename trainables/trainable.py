@@ -9,6 +9,13 @@ With a grid (:mod:`.grid`), one trial trains every head of the grid in one pass
 (:func:`~.grid_train.run_grid_trial`) and reports its best head: the checkpoint's ``head.pt`` +
 ``meta.json`` hold that head alone, as a plain head of its grid point, and ``grid.pt`` beside
 them every head and the optimizer, to resume the grid.
+
+Failures that would repeat are not retried: a loss that becomes NaN/inf (``diverged``; for a
+grid, every head's), a configuration the trial cannot run (``config``) and an image that
+cannot be decoded (``data``) end the trial at once with a last report ``{"failure": KIND,
+"error": MESSAGE}`` (its metrics NaN, so no searcher or scheduler counts it as a score)
+instead of an exception that Ray Tune would retry. Anything else (a lost worker, out of
+memory, an I/O error) raises and is retried up to ``max_failures``.
 """
 
 from __future__ import annotations
@@ -22,16 +29,37 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import HEAD_FILE, META_FILE, read_checkpoint, save_head
+from .checkpoint import HEAD_FILE, META_FILE, load_head, read_checkpoint, save_head
+from .data import DataError
+from .errors import UserError
 from .grid import GRID_BEST, GRID_INDEX, Grid
 from .params import trial_config
+from .train import TrainingDiverged
 
 if TYPE_CHECKING:
     from .grid_train import GridEpoch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD_FILE", "META_FILE", "RuntimeOptions", "make_source", "train_trial"]
+__all__ = ["FAILURE_KEY", "HEAD_FILE", "META_FILE", "RuntimeOptions", "evaluate_checkpoint",
+           "failure_kind", "make_source", "train_trial"]
+
+#: the key of a trial's last report when it failed in a way a retry would repeat
+FAILURE_KEY = "failure"
+#: metrics a failure report carries as NaN (a scheduler or searcher needs its metric there)
+FAILED_METRICS = ("val_top1", "val_top5", "val_loss")
+
+
+def failure_kind(exc: BaseException) -> str | None:
+    """``diverged``, ``data`` or ``config`` for a failure that repeats on every retry; None for
+    one that may not (it is raised, and Ray Tune retries it)."""
+    if isinstance(exc, TrainingDiverged):
+        return "diverged"
+    if isinstance(exc, DataError):
+        return "data"
+    if isinstance(exc, UserError):
+        return "config"
+    return None
 
 
 @dataclass(frozen=True)
@@ -113,13 +141,26 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None,
     """Ray Tune function trainable: one trial = one head on one feature setting, or the
     heads of ``grid`` on it."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
+    from ray import tune
+
+    try:
+        _train(config, runtime or RuntimeOptions(), grid)
+    except Exception as exc:
+        kind = failure_kind(exc)
+        if kind is None:
+            raise  # transient (or a bug): Ray Tune retries it up to max_failures
+        logger.warning("trial failed (%s, not retried): %s", kind, exc)
+        tune.report({FAILURE_KEY: kind, "error": str(exc).splitlines()[0][:1000],
+                     **dict.fromkeys(FAILED_METRICS, float("nan"))})
+
+
+def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -> None:
     import ray
     from ray import tune
 
     from .grid_train import GRID_FILE, read_resume_state, run_grid_trial
     from .pipeline import run_trial
 
-    runtime = runtime or RuntimeOptions()
     cfg = trial_config(config)
     if runtime.threads > 0:
         torch.set_num_threads(runtime.threads)
@@ -170,3 +211,27 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None,
         return
     run_trial(cfg, source=source, device=device, on_epoch=on_epoch, head_state=head_state,
               optimizer_state=optimizer_state, start_epoch=start_epoch, on_data=data.update)
+
+
+def evaluate_checkpoint(checkpoint: Any, runtime: RuntimeOptions | dict[str, Any],
+                        split: str = "test") -> dict[str, float]:
+    """Evaluate a trial's head checkpoint once on ``split`` (the test split, after a search
+    has chosen it): ``{<split>_top1, <split>_top5, <split>_loss}``. Runs where it is called
+    (a Ray task with the trial's resources, on a GPU when it has one).
+
+    :param checkpoint: a ``tune.Checkpoint`` or a checkpoint folder.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
+    from .pipeline import evaluate_on
+
+    if isinstance(runtime, dict):
+        runtime = RuntimeOptions.from_dict(runtime)
+    if runtime.threads > 0:
+        torch.set_num_threads(runtime.threads)
+    device = _device()
+    if isinstance(checkpoint, str):
+        head, cfg, _ = load_head(checkpoint, device=device)
+    else:
+        with checkpoint.as_directory() as d:
+            head, cfg, _ = load_head(d, device=device)
+    return evaluate_on(head, cfg, split, source=make_source(runtime, device), device=device)

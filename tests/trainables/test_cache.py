@@ -23,7 +23,7 @@ from difftune.trainables import cache_store
 from difftune.trainables.cache import FeatureCache
 from difftune.trainables.cache_admin import list_entries, remove, total_bytes
 from difftune.trainables.config import TrialConfig
-from difftune.trainables.data import shared_dataset
+from difftune.trainables.data import dataset_indices, shared_dataset
 from difftune.trainables.features import Extractor
 from difftune.trainables.heads import build_head
 from difftune.trainables.online import OnlineFeatures
@@ -31,7 +31,7 @@ from difftune.trainables.pipeline import run_trial
 from difftune.trainables.unet import DEMO_CHECKPOINT, shared_unet
 
 REPO = Path(__file__).resolve().parents[2]
-FRACTION = 0.03  # 40 digits training images: one forward batch per extraction
+FRACTION = 0.04  # 40 digits training images: one forward batch per extraction
 
 
 def cfg_(**kw) -> TrialConfig:
@@ -43,7 +43,7 @@ def fresh(cfg: TrialConfig, t: int, block: int, pool: int) -> torch.Tensor:
     model, diffusion = shared_unet(cfg.model, cfg.checkpoint, "cpu")
     ds, _ = shared_dataset(cfg.data, "train", model.image_size, cfg.label_fraction, cfg.seed)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    out = Extractor(model, diffusion).extract(x, t, [block], indices=ds.indices, pool=pool,
+    out = Extractor(model, diffusion).extract(x, t, [block], indices=dataset_indices(ds), pool=pool,
                                               seed=cfg.noise_seed)
     return out[block]
 
@@ -145,7 +145,7 @@ def test_changed_checkpoint_subset_or_seed_misses(tmp_path):
     shutil.copy(DEMO_CHECKPOINT.with_suffix(".yaml"), tmp_path / "other.yaml")
 
     variants = [cfg_(model=str(tmp_path / "other.pt")), cfg_(noise_seed=1),
-                cfg_(label_fraction=0.04), cfg_(seed=1)]
+                cfg_(label_fraction=0.05), cfg_(seed=1)]
     for i, cfg in enumerate(variants, start=2):
         got = c.get(cfg, "train", [(90, 2, 2)])
         assert c.stats.entries_written == i, cfg
@@ -462,3 +462,47 @@ def test_a_miss_extracts_as_many_images_per_pass_as_fit_free_memory(tmp_path, mo
     fixed_batch = FeatureCache(str(tmp_path / "b"), batch_size=8)
     fixed_batch.get(cfg_(), "train", [(90, 2, 2)])
     assert fixed_batch.stats.forward_batches == 5
+
+
+# ------------------------------------------------------------------------ splits and views
+
+
+def test_the_three_splits_are_three_entries(tmp_path):
+    """train, val and test of the same data never share an entry, nor its rows."""
+    cfg = cfg_()
+    c = FeatureCache(str(tmp_path))
+    rows = {s: c.get(cfg, s, [(90, 2, 2)]).maps()[(90, 2)].column(0) for s in
+            ("train", "val", "test")}
+    entries = list_entries(str(tmp_path))
+    assert sorted(e["split"] for e in entries) == ["test", "train", "val"]
+    assert len({e["data_fp"] for e in entries}) == 3
+    assert [len(rows[s]) for s in ("train", "val", "test")] == [40, 359, 360]
+    assert not set(rows["val"]) & set(rows["test"]) and not set(rows["train"]) & set(rows["val"])
+
+
+def test_views_are_seeded_crops_with_their_own_noise_and_cycle_by_epoch(tmp_path):
+    from difftune.trainables.views import ViewCycle
+
+    cfg = cfg_(views=3)
+    c = FeatureCache(str(tmp_path))
+    data = c.prepare(cfg, [(90, 2, 2)], splits=("train", "val"))
+    assert isinstance(data.train, ViewCycle) and not isinstance(data.val, ViewCycle)
+    entries = list_entries(str(tmp_path))
+    assert sorted((e["split"], e["view"]) for e in entries) == [
+        ("train", 0), ("train", 1), ("train", 2), ("val", 0)]
+    # view 0 is the K = 1 entry (the image itself, the contract's noise)
+    assert close(stacked(data.train.views[0], (90, 2)), fresh(cfg, 90, 2, 2))
+    seen = []
+    for epoch in range(4):
+        data.train.set_epoch(epoch)
+        seen.append(stacked(data.train, (90, 2)))
+    assert torch.equal(seen[0], seen[3]) and not close(seen[0], seen[1])
+    assert not close(seen[1], seen[2])
+    assert [data.train[i][1] for i in range(5)] == [data.train.views[0][i][1] for i in range(5)]
+    # seeded: another cache extracts the same views; K = 1 reuses view 0
+    again = FeatureCache(str(tmp_path / "again")).prepare(cfg, [(90, 2, 2)])
+    again.train.set_epoch(1)
+    assert close(stacked(again.train, (90, 2)), seen[1])
+    one = FeatureCache(str(tmp_path))
+    one.prepare(cfg_(views=1), [(90, 2, 2)])
+    assert one.stats.forward_batches == 0 and one.stats.entries_reused == 2

@@ -29,13 +29,13 @@ class Fixed:
     def __init__(self, data: TrialData):
         self.data = data
 
-    def prepare(self, cfg, requests):
+    def prepare(self, cfg, requests, splits=("train", "val")):
         def pick(ds):
             return FeatureTensors({(t, b): torch.nn.functional.adaptive_avg_pool2d(
                 ds.feats[(t, b)], p) for t, b, p in requests}, ds.labels)
 
         train, val = pick(self.data.train), pick(self.data.val)
-        return TrialData(train, val, train.shapes(), self.data.num_classes)
+        return TrialData({"train": train, "val": val}, train.shapes(), self.data.num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def source() -> Fixed:
     for name, ds in (("train", data.train), ("val", data.val)):
         idx = torch.tensor(list(sub[name]))
         out.append(FeatureTensors({k: v[idx] for k, v in ds.feats.items()}, ds.labels[idx]))
-    return Fixed(TrialData(out[0], out[1], out[0].shapes(), data.num_classes))
+    return Fixed(TrialData({"train": out[0], "val": out[1]}, out[0].shapes(), data.num_classes))
 
 
 def _base(**kw) -> TrialConfig:

@@ -33,8 +33,8 @@ def test_names_are_spelled_in_one_place():
 
 @pytest.mark.parametrize("config", [
     {"head": "mlp", "hidden": [256, 256], "block": 13, "lr": 0.01},
-    {"head": "difformer", "blocks": [7, 13], "timesteps": [90], "block": 4, "lr": 0.05},
-    {"head": "difformer", "blocks": [13], "timesteps": [10, 90], "block": 19, "lr": 0.002},
+    {"head": "difformer", "blocks": [7, 13], "timesteps": [90], "lr": 0.05},
+    {"head": "difformer", "blocks": [13], "timesteps": [10, 90], "lr": 0.002},
 ])
 def test_a_config_enqueued_in_optuna_comes_back_as_itself(config):
     """The path of the paper's config: encoded as a point, enqueued, suggested again by the
@@ -50,6 +50,29 @@ def test_a_config_enqueued_in_optuna_comes_back_as_itself(config):
     const = space_optuna.suggest(trial, PARAMS, {})
     decoded = decode({**trial.params, **const})
     assert {k: decoded[k] for k in config} == config
+
+
+def test_a_head_is_searched_only_over_the_settings_it_reads():
+    """DifFormer reads neither block, t nor pool; a linear head no pre_pool: TPE never gets
+    those dimensions for such trials (and a config without them is inside the space)."""
+    import optuna
+
+    params = {"head": {"choice": {"linear": {}, "difformer": {"blocks": {"subset": [7, 10]}}}},
+              "block": {"int": [1, 19]}, "t": {"int": [0, 500], "step": 10},
+              "pool": {"choice": [1, 2]}, "pre_pool": {"choice": [2, 4]},
+              "lr": {"float": [0.001, 0.1], "log": True}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(30):
+        trial = study.ask()
+        space_optuna.suggest(trial, params, {})
+        seen.setdefault(trial.params["head"], set()).update(trial.params)
+        study.tell(trial, 0.0)
+    assert seen["difformer"] == {"head", "difformer:blocks@7", "difformer:blocks@10",
+                                 "pre_pool", "lr"}
+    assert seen["linear"] == {"head", "block", "t", "pool", "lr"}
+    assert space_optuna.point(params, {}, {"head": "difformer", "blocks": [7, 10],
+                                           "pre_pool": 2, "lr": 0.01}) is not None
 
 
 def test_a_heads_own_setting_wins_over_the_top_level_one():

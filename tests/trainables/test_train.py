@@ -211,3 +211,23 @@ def test_mlp_hidden_sizes():
     assert widths == [16, 8, 4]
     linear = build_head(small_cfg(), {KEY: (8, 2, 2)}, 4)
     assert [m.in_features for m in linear.modules() if isinstance(m, nn.Linear)] == [32]
+
+
+def test_epoch_e_reads_view_e_mod_k():
+    """A training set of K views (the cache's ``views: K``) is told each epoch before it is
+    read: epoch e trains on view e mod K."""
+    from difftune.trainables.views import ViewCycle
+
+    views = [random_features(seed=s) for s in range(3)]
+    cycle = ViewCycle(views)
+    read = []
+    original = cycle.__getitems__
+
+    def spy(indices):
+        read.append(cycle.current)
+        return original(indices)
+
+    cycle.__getitems__ = spy
+    head = build_head(small_cfg(), views[0].shapes(), 4)
+    train_head(head, cycle, random_features(seed=9), small_cfg(epochs=5, batch_size=64))
+    assert read == [0, 1, 2, 0, 1]  # one batch of 64 per epoch
