@@ -4,8 +4,10 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
 
     description: free text
     model: demo | paper256 | PATH     checkpoint: PATH or null     data: digits | PATH
-    search:  trials, seed, metric, mode, scheduler {grace_period, reduction_factor},
-             max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, cache_pool,
+    label_fraction, holdout, bad_images: which images train and select (see trainables.data)
+    search:  trials, seed, metric (val_top1 | val_top5 | val_loss), mode (max | min; default:
+             min for val_loss, else max), scheduler {grace_period, reduction_factor},
+             max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, cache_pool, prior,
              objectives: [{metric: val_top1, mode: max}, {metric: gflops, mode: min}]
                (a multi-objective search: Optuna's multi-objective TPE; the first objective
                is the one ASHA stops trials by and the champion is chosen by)
@@ -61,14 +63,18 @@ from difftune.trainables.unet import model_geometry
 
 logger = logging.getLogger(__name__)
 
-TOP_KEYS = {"description", "model", "checkpoint", "data", "label_fraction", "search", "fixed",
-            "params", "paper_config", "grid"}
+TOP_KEYS = {"description", "model", "checkpoint", "data", "label_fraction", "holdout",
+            "bad_images", "search", "fixed", "params", "paper_config", "grid"}
+#: the data settings a space may give at its top level (each is also a trial setting)
+DATA_KEYS = ("label_fraction", "holdout", "bad_images")
+#: what a search may select on: a metric every trial reports on the val split, each epoch
+METRICS = ("val_top1", "val_top5", "val_loss")
 SEARCH_DEFAULTS: dict[str, Any] = dict(
-    trials=20, seed=0, metric="val_top1", mode="max", grace_period=1, reduction_factor=2,
+    trials=20, seed=0, metric="val_top1", mode=None, grace_period=1, reduction_factor=2,
     max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=None, max_failures=2, cache_pool=None,
     objectives=None,
     cache_policy="auto", cache_budget=None, extract_batch=None, confirm_top=0,
-    confirm_label_fraction=None,
+    confirm_label_fraction=None, prior="none",
 )
 TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
@@ -90,8 +96,11 @@ class Space:
     params: dict[str, dict]
     paper_config: dict[str, Any] | None = None
     description: str = ""
+    holdout: float | None = None
+    bad_images: str | None = None
     num_blocks: int = 0
     num_timesteps: int = 0
+    middle_block: int = 0
     raw: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] | None = None
 
@@ -99,23 +108,48 @@ class Space:
     def define_by_run(self, trial) -> dict[str, Any]:
         """Suggest one trial's parameters; returns the constant settings."""
         const: dict[str, Any] = {"model": self.model, "data": self.data,
-                                 "checkpoint": self.checkpoint,
-                                 "label_fraction": self.label_fraction, **self.fixed}
+                                 "checkpoint": self.checkpoint, **self.data_settings(),
+                                 **self.fixed}
         return space_optuna.suggest(trial, self.params, const)
+
+    def data_settings(self) -> dict[str, Any]:
+        """The top-level data settings every trial gets (label_fraction, and holdout /
+        bad_images when the space gives them)."""
+        out: dict[str, Any] = {"label_fraction": self.label_fraction}
+        for k in ("holdout", "bad_images"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
 
     def point(self, config: dict[str, Any]) -> dict[str, Any] | None:
         """Optuna parameter values for a trial config, or None if it is not in the space."""
         return space_optuna.point(self.params, self.fixed, config)
 
+    def setting(self, name: str) -> Any:
+        """The value every trial of the space has for a data setting (fixed or top level),
+        else TrialConfig's default."""
+        if name in self.fixed:
+            return self.fixed[name]
+        value = self.data_settings().get(name)
+        return value if value is not None else TrialConfig.__dataclass_fields__[name].default
+
     def points_to_evaluate(self) -> list[dict[str, Any]]:
-        if not self.paper_config:
-            return []
-        p = self.point(self.paper_config)
-        if p is None:
-            logger.info("the paper's config %s is not inside this space; not enqueued",
-                        self.paper_config)
-            return []
-        return [p]
+        """What Optuna runs first: the paper's config (when inside the space), then, with
+        ``search: {prior: paper}``, startup points drawn from the paper's prior."""
+        points = []
+        if self.paper_config:
+            p = self.point(self.paper_config)
+            if p is None:
+                logger.info("the paper's config %s is not inside this space; not enqueued",
+                            self.paper_config)
+            else:
+                points.append(p)
+        if self.search.get("prior") == "paper":
+            points += space_optuna.prior_points(
+                self.params, num_blocks=self.num_blocks, middle=self.middle_block,
+                n=space_optuna.startup_trials(self.search["trials"]),
+                seed=int(self.search["seed"]))
+        return points
 
     def block_set(self) -> tuple[int, ...]:
         """Every block number the space can ask for (a cache miss extracts them all)."""
@@ -185,7 +219,8 @@ class Space:
         """The space as a plain dict (what the parent MLflow run records)."""
         return {"name": self.name, "description": self.description, "model": self.model,
                 "checkpoint": self.checkpoint, "data": self.data,
-                "label_fraction": self.label_fraction, "search": self.search,
+                "label_fraction": self.label_fraction, "holdout": self.holdout,
+                "bad_images": self.bad_images, "search": self.search,
                 "fixed": self.fixed, "params": self.params, "paper_config": self.paper_config,
                 "grid": self.grid}
 
@@ -270,9 +305,12 @@ def load_space(
         params=dict(raw.get("params") or {}),
         paper_config=raw.get("paper_config"),
         description=raw.get("description", ""),
+        holdout=raw.get("holdout"),
+        bad_images=raw.get("bad_images"),
         raw=raw,
         grid=grid_axes(raw.get("grid"), f"space {name}"),
     )
+    _check_search(space)
     for k in space.fixed:
         if k not in TRIAL_KEYS:
             raise SpaceError(f"space {name}: fixed.{k} is not a trial setting; "
@@ -285,6 +323,22 @@ def load_space(
     _validate_against_model(space)
     check_grid(space, f"space {space.name}")
     return space
+
+
+def _check_search(space: Space) -> None:
+    """The metric a search selects on and its direction."""
+    s = space.search
+    if s["metric"] not in METRICS:
+        raise SpaceError(f"space {space.name}: search.metric={s['metric']!r} is invalid; "
+                         f"allowed: {list(METRICS)} (what every trial reports on val)")
+    if s["mode"] is None:
+        s["mode"] = "min" if s["metric"] == "val_loss" else "max"
+    if s["mode"] not in ("max", "min"):
+        raise SpaceError(f"space {space.name}: search.mode={s['mode']!r} is invalid; "
+                         "allowed: ['max', 'min']")
+    if s["prior"] not in space_optuna.PRIORS:
+        raise SpaceError(f"space {space.name}: search.prior={s['prior']!r} is invalid; "
+                         f"allowed: {list(space_optuna.PRIORS)}")
 
 
 def _check_params(params: dict, where: str, *, in_head: bool = False) -> None:
@@ -355,7 +409,7 @@ def _all_settings(space: Space) -> list[tuple[str, list[Any], str]]:
 def _validate_against_model(space: Space) -> None:
     geo = model_geometry(space.model, space.checkpoint)
     n, steps, middle = geo.num_blocks, geo.steps, geo.middle
-    space.num_blocks, space.num_timesteps = n, steps
+    space.num_blocks, space.num_timesteps, space.middle_block = n, steps, middle
     for key, values, where in _all_settings(space):
         flat = []
         for v in values:
@@ -383,7 +437,8 @@ def _validate_against_model(space: Space) -> None:
                     raise SpaceError(f"space {space.name}: {where}: {exc}") from None
     # the fixed settings with each head's defaults must make a valid trial config
     try:
-        TrialConfig.from_dict({k: v for k, v in space.fixed.items()})
+        TrialConfig.from_dict({**{k: v for k, v in space.data_settings().items()
+                                  if v is not None}, **space.fixed})
     except UserError as exc:
         raise SpaceError(f"space {space.name}: fixed: {exc}") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 
@@ -59,6 +61,39 @@ def test_paper_config_is_the_first_point_when_inside_the_space():
     assert points == [{"block": 10, "t": 90, "pool": 2, "lr": 0.01, "head": "linear"}]
     # pinning pool to 4 puts the paper's pool 2 outside the space: nothing is enqueued
     assert load_space("demo", overrides={"pool": 4}).points_to_evaluate() == []
+
+
+def test_prior_paper_enqueues_startup_points_near_the_middle_at_t_50_to_300():
+    space = load_space("linear", search_overrides={"seed": 3})  # paper256: 37 blocks, prior
+    assert space.search["prior"] == "paper"
+    paper, *startup = space.points_to_evaluate()
+    assert paper["block"] == 24 and len(startup) == 6  # a tenth of its 60 trials
+    for p in startup:
+        assert set(p) == {"block", "t"} and 13 <= p["block"] <= 25 and 50 <= p["t"] <= 300
+        assert p["t"] % 10 == 0
+    assert len({p["block"] for p in startup}) == 6  # spread, not repeated
+    assert load_space("linear", search_overrides={"seed": 3}).points_to_evaluate()[1:] == startup
+    assert load_space("linear", search_overrides={"seed": 4}).points_to_evaluate()[1:] != startup
+    assert len(load_space("demo").points_to_evaluate()) == 1  # prior: none, the paper's config
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"metric": "val_acc"}, "search.metric='val_acc'"),
+    ({"mode": "maximize"}, "search.mode='maximize'"),
+    ({"prior": "imagenet"}, "search.prior='imagenet'"),
+])
+def test_bad_search_settings(setting, message):
+    with pytest.raises(SpaceError, match=re.escape(message)):
+        load_space("demo", search_overrides=setting)
+
+
+def test_mode_follows_the_metric_unless_given(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("model: demo\nparams:\n  block: {int: [1, 19]}\n")
+    assert load_space(str(path), search_overrides={"metric": "val_loss"}).search["mode"] == "min"
+    assert load_space(str(path), search_overrides={"metric": "val_top5"}).search["mode"] == "max"
+    assert load_space(str(path), search_overrides={"metric": "val_loss", "mode": "max"}
+                      ).search["mode"] == "max"
 
 
 def test_set_pins_a_parameter_and_keeps_the_head_subspace():
@@ -131,7 +166,7 @@ def test_model_override_revalidates_blocks():
 def test_each_preset_enqueues_the_papers_config_exactly(preset):
     """The enqueued point, replayed through the define-by-run, gives the paper's config."""
     space = load_space(preset)
-    (point,) = space.points_to_evaluate()
+    point = space.points_to_evaluate()[0]  # then, with prior: paper, the startup points
     study = optuna.create_study()
     study.enqueue_trial(point)
     trial = study.ask()
