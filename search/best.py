@@ -61,3 +61,19 @@ def best_trial(candidates: Sequence[Candidate], *, mode: str) -> Candidate | Non
     """The best candidate, or None when none is eligible."""
     ranked = rank_trials(candidates, mode=mode)
     return ranked[0] if ranked else None
+
+
+def result_candidates(results, metric: str) -> list[Candidate]:
+    """Every trial of a Ray Tune ``ResultGrid`` as a :class:`Candidate` (in trial order): ok
+    when it ended without an error or a failure report (``failure``:
+    :data:`difftune.trainables.trainable.FAILURE_KEY`)."""
+    out = []
+    for i, r in enumerate(results):
+        metrics = r.metrics or {}
+        score = metrics.get(metric)
+        out.append(Candidate(
+            key=str(metrics.get("trial_id", i)), order=i,
+            score=float(score) if isinstance(score, (int, float)) else None,
+            epochs=int(metrics.get("epoch", 0) or 0),
+            ok=r.error is None and not metrics.get("failure"), data=r))
+    return out

@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from difftune.search.argtypes import Parser
-from difftune.trainables.errors import UserError
+from difftune.trainables.errors import SearchFailed, UserError
 
 logger = logging.getLogger("difftune")
 
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"difftune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except SearchFailed as exc:
+        print(f"difftune {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"difftune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from difftune.search.argtypes import integer
+from difftune.search.argtypes import fraction, integer
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="images per U-Net forward pass (default: as many as fit the device's "
                    "free memory, from the activation bytes per image; at most 256)")
     p.add_argument("--seed", type=integer(0), default=0, help="noise seed")
-    p.add_argument("--splits", default="train,val", help="comma-separated splits")
+    p.add_argument("--splits", default="train,val,test",
+                   help="comma-separated splits: train (fits heads), val (selects), test "
+                   "(evaluated once, after a search)")
+    p.add_argument("--views", type=integer(1), default=1,
+                   help="views of every train image (a space's views setting: view 0 is the "
+                   "image itself, the others seeded crops + flips with their own noise)")
+    p.add_argument("--holdout", type=fraction, default=0.1,
+                   help="share of an ImageFolder's train/ held out as the val split (when "
+                   "there is no test/ folder)")
     p.add_argument("--label-fraction", help="keep this fraction of the training labels "
                    "(subset seed 0), or a file listing the images to keep")
     p.add_argument("--device", default="cpu", help="torch device for the U-Net")
@@ -103,14 +111,14 @@ def run_entries(args: argparse.Namespace) -> int:
         check_timestep(diffusion, t)
     cfg = TrialConfig.from_dict({"model": args.model, "checkpoint": args.checkpoint,
                                  "data": args.data, "label_fraction": args.label_fraction,
-                                 "noise_seed": args.seed})
+                                 "noise_seed": args.seed, "views": args.views,
+                                 "holdout": args.holdout})
     requests = clamp_requests(model, [(t, b, args.pool) for t in timesteps for b in blocks])
     cache = FeatureCache(args.cache or default_root(), device=args.device,
                          batch_size=args.batch_size, extra_blocks=blocks, progress=True,
                          channels_last=args.channels_last, data_hash=args.data_hash,
                          record_throughput=True)
-    for split in splits:
-        cache.get(cfg, split, requests)
+    cache.prepare(cfg, requests, splits)
     from difftune.search.uris import redact
 
     s = cache.stats

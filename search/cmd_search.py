@@ -247,9 +247,15 @@ def _cell(v) -> str:
 
 
 def print_summary(result, *, top: int = 10, model_name: str | None = None) -> None:
+    metric = result.metric
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
-    print(f"\nbest trials of experiment {result.experiment!r} "
-          f"({len(result.rows)} finished; epochs: the epochs each trial ran):")
+    if metric not in cols:
+        cols.insert(0, metric)
+    failed = result.failed
+    failures = ("; failed: " + ", ".join(f"{n} {k}" for k, n in sorted(failed.items()))
+                if failed else "")
+    print(f"\nbest trials of experiment {result.experiment!r} by {metric} on val "
+          f"({len(result.rows)} finished{failures}; epochs: the epochs each trial ran):")
     for line in summary_table(result.rows[:top], cols):
         print(line)
     if result.confirmed:
@@ -257,11 +263,21 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
               "best confirmed):")
         for row in result.confirmed:
             score = row["confirmed_score"]
+            test = (f", test_top1 {row['test_top1']:.2f} (test split)"
+                    if row.get("test_top1") is not None else "")
             print(f"  trial {row['search_trial_id']}: {row['search_score']:.4g} in the search, "
-                  f"{'-' if score is None else f'{score:.4g}'} confirmed (run {row['run_id']})")
+                  f"{'-' if score is None else f'{score:.4g}'} confirmed (val){test} "
+                  f"(run {row['run_id']})")
     if result.best_run_id:
-        print(f"\nchampion: run {result.best_run_id}, val_top1 {result.best_metric:.2f}, "
-              f"registered as version {result.model_version} (alias 'champion')")
+        test = result.test_metrics
+        tested = (f"; test_top1 {test['test_top1']:.2f}, test_top5 {test['test_top5']:.2f} "
+                  "(test split, evaluated once)" if "test_top1" in test else "")
+        print(f"\nchampion: run {result.best_run_id}, {metric} {result.best_metric:.4g} (val)"
+              f"{tested}")
+        if result.alias_moved:
+            print(f"registered as version {result.model_version} (alias 'champion')")
+        else:
+            print(f"registered as version {result.model_version}; {result.alias_reason}")
     if result.pareto:
         print_pareto(result.pareto)
     print(follow_up(result.tracking_uri, result.experiment,

@@ -60,7 +60,10 @@ def run_config(run) -> dict[str, Any]:
 def _entry(rank: int, run, values: dict[str, Any]) -> dict[str, Any]:
     return {"rank": rank, "run_id": run.info.run_id,
             "val_top1": run.data.metrics.get("val_top1"),
-            "val_top5": run.data.metrics.get("val_top5"), **values, "config": run_config(run)}
+            "val_top5": run.data.metrics.get("val_top5"), **values,
+            **{k: run.data.metrics[k] for k in ("test_top1", "test_top5")
+               if k in run.data.metrics},
+            "config": run_config(run)}
 
 
 def _document(experiment: str, tracking_uri: str, parent, metric: str, mode: str,
@@ -74,7 +77,8 @@ def export_best(tracking_uri: str, experiment: str, *, top: int = 1,
                 search_run: str | None = None) -> dict[str, Any]:
     """The top ``top`` trials of a search (its latest unless ``search_run``), best first:
     ``{experiment, tracking_uri, search_run_id, metric, mode, runtime, configs: [{rank,
-    run_id, val_top1, val_top5, <metric>, config}]}``."""
+    run_id, val_top1, val_top5, <metric>, epochs, [test_top1, test_top5,] config}]}``
+    (test figures only for a run that was evaluated on test: the champion)."""
     check_reachable(tracking_uri, must_exist=True)
     client = MlflowClient(tracking_uri)
     parent = _search_run(client, experiment, search_run)
@@ -84,7 +88,8 @@ def export_best(tracking_uri: str, experiment: str, *, top: int = 1,
     if not ranked:
         raise TrackingError(f"experiment {experiment!r} has no finished trial to export "
                             f"(search run {parent.info.run_id})")
-    configs = [_entry(i, c.data, {metric: c.score}) for i, c in enumerate(ranked, 1)]
+    configs = [_entry(i, c.data, {metric: c.score, "epochs": c.epochs})
+               for i, c in enumerate(ranked, 1)]
     return _document(experiment, tracking_uri, parent, metric, mode, configs)
 
 

@@ -37,6 +37,7 @@ from difftune.search.uris import public_uri, redact, redact_text, runtime_uri
 from difftune.trainables.cache_store import Store
 from difftune.trainables.grid import GRID_BEST, GRID_INDEX, GRID_RESULTS, GRID_SIZE
 from difftune.trainables.params import decode
+from difftune.trainables.trainable import FAILURE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,10 @@ class MLflowTrials(tune.Callback):
         self._send(trial, "start")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(FAILURE_KEY):  # its last report: recorded when the trial completes
+            self._last.setdefault(trial.trial_id, {}).update(
+                {k: result[k] for k in (FAILURE_KEY, "error")})
+            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
@@ -288,8 +293,22 @@ class MLflowTrials(tune.Callback):
                   for k, v in point.items()]
         self._send(trial, "grid", table=json.loads(last[GRID_RESULTS]), params=params)
 
+    def _failure_tags(self, trial) -> list[RunTag]:
+        """The tags of a trial that ended with a failure report (a failure a retry would
+        repeat: diverged, config, data), else none."""
+        last = self._last.get(trial.trial_id) or trial.last_result or {}
+        if not last.get(FAILURE_KEY):
+            return []
+        return [RunTag("failure", str(last[FAILURE_KEY])),
+                RunTag("error", f"{last[FAILURE_KEY]}: {last.get('error', '')}"[:5000]),
+                RunTag("failures", "1")]
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended.add(trial.trial_id)
+        failure = self._failure_tags(trial)
+        if failure:  # ended at once, not retried: its run is FAILED
+            self._send(trial, "error", tags=failure)
+            return
         _, finals, tags = self._finals(trial)
         self._grid(trial, self._last.get(trial.trial_id) or trial.last_result or {})
         self._send(trial, "complete", metrics=finals, tags=tags)
@@ -304,7 +323,8 @@ class MLflowTrials(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended.add(trial.trial_id)
-        tags = [RunTag("error", _error_line(trial)), RunTag("failures", str(trial.num_failures))]
+        tags = [RunTag("failure", "error"), RunTag("error", _error_line(trial)),
+                RunTag("failures", str(trial.num_failures))]
         self._send(trial, "error", tags=tags)
 
     def _settle(self, trial) -> None:
@@ -315,12 +335,15 @@ class MLflowTrials(tune.Callback):
         done, finals, tags = self._finals(trial)
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(last[k]), ts, done) for k in METRICS if k in last]
+        failure = self._failure_tags(trial)
         if trial.status == "ERROR":
-            tags = [RunTag("error", _error_line(trial))]
+            tags = [RunTag("failure", "error"), RunTag("error", _error_line(trial))]
+        elif failure:
+            metrics, finals, tags = [], [], failure
         else:
             self._grid(trial, last)
         self._send(trial, "settle", step=done, metrics=metrics + finals, tags=tags,
-                   status="FAILED" if trial.status == "ERROR" else "FINISHED")
+                   status="FAILED" if trial.status == "ERROR" or failure else "FINISHED")
 
     def on_experiment_end(self, trials, **info):
         for trial in trials:

@@ -117,3 +117,17 @@ def space_from_run(client: MlflowClient, parent_run_id: str):
         path = client.download_artifacts(parent_run_id, "space.yaml", d)
         data = yaml.safe_load(Path(path).read_text())
     return Space(**data)
+
+
+def record_skipped_images(client: MlflowClient, parent: str, data: str, mode: str) -> None:
+    """With ``bad_images: skip``: the images left out, counted and listed on the parent run."""
+    if mode != "skip":
+        return
+    from difftune.trainables.data import skipped_images
+
+    bad = skipped_images(data)
+    client.log_metric(parent, "bad_images_skipped", len(bad))
+    if bad:
+        client.log_text(parent, "\n".join(bad) + "\n", "bad_images.txt")
+        logger.warning("bad_images: skip: %d unreadable image(s) left out (first: %s)",
+                       len(bad), bad[0])

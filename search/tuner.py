@@ -1,11 +1,19 @@
 """Building and running the Ray Tune search: OptunaSearch (seeded multivariate TPE) chooses
-trials, ASHA stops poor ones early, MLflow records them.
+trials, ASHA stops poor ones early, MLflow records them; at the end the best trial (by
+:mod:`.best`'s rule, on val) is evaluated once on the test split and registered.
 
 With ``search.objectives`` OptunaSearch runs Optuna's multi-objective TPE (a metric and a
 mode per objective) while ASHA, which takes one metric, stops trials by the first objective;
 the search ends by recording the Pareto front on the parent run (:mod:`.pareto`). With a
 ``grid:`` every trial trains the grid's heads and reports its best one
-(:mod:`difftune.trainables.grid`).
+(:mod:`difftune.trainables.grid`). With ``confirm_top`` the top configs are retrained
+(:mod:`.confirm`), each confirmed config is evaluated once on test, and the champion is the
+best confirmed (by val).
+
+A trial that fails in a way a retry would repeat (``diverged``, ``config``, ``data``: see
+:mod:`difftune.trainables.trainable`) ends at once; a data error (an image that cannot be
+decoded) stops the whole search, which then ends with that one line and exit code 2. A
+search in which no trial finished raises :class:`~difftune.trainables.errors.SearchFailed`.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,24 +36,29 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from difftune.search.best import Candidate, rank_trials
+from difftune.search.best import Candidate, rank_trials, result_candidates
 from difftune.search.champion import log_champion
 from difftune.search.cluster import cluster_gpus, trial_resources
+from difftune.search.evaluation import evaluate_on_test, log_test_metrics
 from difftune.search.mlflow_trials import MLflowTrials, first_line, store_is_away
 from difftune.search.pareto import log_front
 from difftune.search.space import Space
+from difftune.search.space_optuna import startup_trials
 from difftune.search.tracking import (
     TAG_RUNTIME,
     latest_search_run,
+    record_skipped_images,
     space_from_run,
     start_parent_run,
     trial_run_ids,
 )
 from difftune.search.uris import TrackingError, redact, storage_join
 from difftune.trainables.config import TrialConfig
+from difftune.trainables.data import DataError
+from difftune.trainables.errors import SearchFailed
 from difftune.trainables.grid import GRID_BEST, with_point
 from difftune.trainables.params import decode
-from difftune.trainables.trainable import RuntimeOptions, train_trial
+from difftune.trainables.trainable import FAILURE_KEY, RuntimeOptions, train_trial
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +79,38 @@ class SearchResult:
     #: the Pareto front of a multi-objective search (rows best first), else None
     pareto: list[dict[str, Any]] | None = None
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # the confirm stage's rows
+    metric: str = "val_top1"
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    alias_moved: bool = True
+    alias_reason: str = ""
+    failed: dict[str, int] = field(default_factory=dict)
+
+
+class StopOnDataError(tune.Stopper):
+    """Stops the whole search at the first trial that reports a data error (an image that
+    cannot be decoded fails every trial that reads it)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get(FAILURE_KEY) == "data":
+            self.seen = True
+        return bool(result.get(FAILURE_KEY))
+
+    def stop_all(self) -> bool:
+        return self.seen
 
 
 def sampler_for(space: Space) -> optuna.samplers.TPESampler:
+    """Seeded multivariate TPE with group decomposition (the dimensions of each head kind
+    are modelled together; a head's trials never carry dimensions it does not read), after
+    :func:`~.space_optuna.startup_trials` startup trials (the enqueued points count)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=int(space.search["seed"]), multivariate=True,
-                                          group=True, n_startup_trials=min(
-                                              10, max(2, int(space.search["trials"]) // 3)))
+        return optuna.samplers.TPESampler(
+            seed=int(space.search["seed"]), multivariate=True, group=True,
+            n_startup_trials=startup_trials(int(space.search["trials"])))
 
 
 def max_epochs(space: Space) -> int:
@@ -123,6 +161,7 @@ def build_tuner(
             name=name,
             storage_path=storage_path,
             callbacks=callbacks or [],
+            stop=StopOnDataError(),
             failure_config=tune.FailureConfig(max_failures=int(s["max_failures"])),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=verbose,
@@ -199,6 +238,7 @@ def run_search(
     client.set_tag(parent, "difftune.cache_policy", runtime.cache_policy)
     if plan is not None:
         client.log_dict(parent, plan, "plan.json")
+    record_skipped_images(client, parent, space.data, space.setting("bad_images"))
     ensure_ray(address)
     trials = MLflowTrials(tracking_uri, parent, outbox_dir=tune_path,
                           tags={"difftune.stage": "search"})
@@ -268,6 +308,19 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
                            runtime=plan.runtime, verbose=verbose)
 
 
+def _failure(r) -> str | None:
+    return "error" if r.error is not None else (r.metrics or {}).get(FAILURE_KEY)
+
+
+def _fail(client: MlflowClient, parent: str, message: str) -> None:
+    """The search ends without a champion: the reason on its parent run, marked FAILED."""
+    try:
+        client.set_tag(parent, "difftune.failure", message[:5000])
+    except Exception as exc:  # noqa: BLE001 - the error in flight is the one to report
+        logger.error("could not record why search run %s failed: %s", parent, first_line(exc))
+    _mark(client, parent, "FAILED")
+
+
 def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
                     experiment: str, tracking_uri: str, tune_path: str,
                     model_name: str, runtime: RuntimeOptions | None = None,
@@ -278,16 +331,21 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
         _mark(client, parent, "FAILED")
         raise
     s = space.search
-    runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
-    candidates = []
-    for i, r in enumerate(results):
-        metrics = r.metrics or {}
-        score = metrics.get(s["metric"])
-        candidates.append(Candidate(
-            key=str(metrics.get("trial_id", i)), order=i,
-            score=float(score) if isinstance(score, (int, float)) else None,
-            epochs=int(metrics.get("epoch", 0) or 0), ok=r.error is None, data=r))
+    candidates = result_candidates(results, s["metric"])
+    failed = Counter(f for f in (_failure(c.data) for c in candidates) if f)
+    data_error = next((c.data.metrics.get("error") for c in candidates
+                       if _failure(c.data) == "data"), None)
+    if data_error:
+        _fail(client, parent, data_error)
+        raise DataError(data_error)
     ranked = rank_trials(candidates, mode=s["mode"])
+    if not ranked:
+        why = ", ".join(f"{n} {kind}" for kind, n in sorted(failed.items())) or "none reported"
+        message = (f"no trial finished: {len(candidates)} trial(s), failed: {why}; the runs of "
+                   f"experiment {experiment!r} hold each trial's error")
+        _fail(client, parent, message)
+        raise SearchFailed(message)
+    runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
     # the settings first: a trial's "epochs" is the epochs it ran, not the configured ones
     rows = [{**trial_settings(c.data), "trial_id": c.key,
              "val_top1": c.data.metrics.get("val_top1"),
@@ -303,32 +361,82 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
                   for c in ranked]
         pareto = while_away("recording the Pareto front",
                             lambda: log_front(client, parent, points, objectives))
-    champions, confirmed = ranked, []
-    if int(s.get("confirm_top") or 0) > 0 and ranked:  # the champion is the best confirmed
-        from difftune.search.confirm import confirm_top
+    runtime = runtime or RuntimeOptions()
+    result = SearchResult(experiment, parent, tracking_uri, tune_path, None, None, None, None,
+                          rows, pareto, metric=s["metric"], failed=dict(failed))
+    try:
+        champions, tested = ranked, {}
+        if int(s.get("confirm_top") or 0) > 0:  # the champion is the best confirmed
+            from difftune.search.confirm import confirm_top
 
-        champions, confirmed = confirm_top(space, ranked, runtime=runtime or RuntimeOptions(),
-                                           tracking_uri=tracking_uri, parent=parent,
-                                           tune_path=tune_path, verbose=verbose)
-        runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
-        for row in confirmed:
-            row["run_id"] = runs.get(row["trial_id"])
-    best_run = best_cfg = best_val = version = None
-    best = next((c for c in champions if c.data.checkpoint is not None), None)
-    if best is not None:
-        best_run = runs.get(best.key)
-        best_val = best.score
-        best_cfg = TrialConfig.from_dict(trial_settings(best.data)).to_dict()
-        with best.data.checkpoint.as_directory() as ckpt_dir:
-            version = while_away("registering the champion", lambda: log_champion(
-                client, tracking_uri=tracking_uri, parent_run_id=parent, best_run_id=best_run,
-                checkpoint_dir=ckpt_dir, model_name=model_name, best_config=best_cfg,
-                metric_value=best_val))
+            champions, result.confirmed = confirm_top(
+                space, ranked, runtime=runtime, tracking_uri=tracking_uri, parent=parent,
+                tune_path=tune_path, verbose=verbose)
+            runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
+            tested = _test_confirmed(champions, result.confirmed, space, client=client,
+                                     runtime=runtime, runs=runs)
+        best = next((c for c in champions if c.data.checkpoint is not None), None)
+        if best is not None:
+            _champion(best, result, space, client=client, runtime=runtime,
+                      model_name=model_name, runs=runs, tested=tested)
+    except BaseException:
+        _mark(client, parent, "FAILED")
+        raise
     # FINISHED last: a search whose driver died before its champion was registered is
     # resumable, and --resume of a FINISHED one has nothing to do
     while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
-    return SearchResult(experiment, parent, tracking_uri, tune_path, best_run,
-                        best_val, best_cfg, version, rows, pareto, confirmed=confirmed)
+    return result
+
+
+def _test_confirmed(confirmed: list[Candidate], rows: list[dict[str, Any]], space: Space, *,
+                    client: MlflowClient, runtime: RuntimeOptions, runs: dict[str, str]
+                    ) -> dict[str, dict[str, float]]:
+    """Evaluate every config the confirm stage kept once on test (concurrently), log the
+    figures on its confirm run and put them in its row: trial id -> test metrics."""
+    kept = [c for c in confirmed if c.data.checkpoint is not None]
+    if not kept:
+        return {}
+    logger.info("evaluating the %d confirmed configs once on the test split", len(kept))
+    figures = evaluate_on_test([(c.data.checkpoint, c.data.config) for c in kept],
+                               runtime=runtime, search=space.search)
+    tested = {c.key: m for c, m in zip(kept, figures, strict=True)}
+    for key, metrics in tested.items():
+        if runs.get(key):
+            while_away("logging a confirmed config's test figures",
+                       lambda key=key, metrics=metrics: log_test_metrics(client, runs[key],
+                                                                          metrics))
+    for row in rows:
+        row["run_id"] = runs.get(row["trial_id"])
+        row.update(tested.get(row["trial_id"], {}))
+    return tested
+
+
+def _champion(best: Candidate, result: SearchResult, space: Space, *, client: MlflowClient,
+              runtime: RuntimeOptions, model_name: str, runs: dict[str, str],
+              tested: dict[str, dict[str, float]]) -> None:
+    """Evaluate the best trial once on test (unless the confirm stage has: ``tested``),
+    register it (the alias rule), fill ``result``."""
+    s = space.search
+    result.best_run_id = runs.get(best.key)
+    result.best_metric = best.score
+    result.best_config = TrialConfig.from_dict(trial_settings(best.data)).to_dict()
+    if best.key in tested:
+        result.test_metrics = tested[best.key]
+    else:
+        logger.info("evaluating the champion (trial %s) once on the test split", best.key)
+        (result.test_metrics,) = evaluate_on_test([(best.data.checkpoint, best.data.config)],
+                                                  runtime=runtime, search=s)
+        if result.best_run_id:
+            while_away("logging the champion's test figures", lambda: log_test_metrics(
+                client, result.best_run_id, result.test_metrics))
+    with best.data.checkpoint.as_directory() as ckpt_dir:
+        registered = while_away("registering the champion", lambda: log_champion(
+            client, tracking_uri=result.tracking_uri, parent_run_id=result.parent_run_id,
+            best_run_id=result.best_run_id, checkpoint_dir=ckpt_dir, model_name=model_name,
+            best_config=result.best_config, metric_value=best.score, metric=s["metric"],
+            mode=s["mode"], test_metrics=result.test_metrics))
+    result.model_version = registered.version
+    result.alias_moved, result.alias_reason = registered.alias_moved, registered.reason
 
 
 def while_away(what: str, fn: Callable[[], Any]) -> Any:

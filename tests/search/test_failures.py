@@ -1,5 +1,8 @@
-"""Faults during a search: a trial whose loss becomes NaN, and a tracking server that goes
-away mid-search and comes back."""
+"""Faults during a search, on a real local Ray: failures a retry would repeat end a trial at
+once (a loss that becomes NaN, a configuration error) or the whole search (an image that
+cannot be decoded); a transient fault (an I/O error) is retried up to max_failures;
+``--resume`` does not rerun the deterministic failures; a search in which no trial finished
+exits non-zero; and a tracking server that goes away mid-search and comes back."""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from helpers import free_port
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from difftune.search.cli import main
 from difftune.search.mlflow_trials import OUTBOX, MLflowTrials, store_is_away
@@ -27,19 +32,32 @@ def trial_runs(client: MlflowClient, experiment: str):
             if r.data.tags.get("difftune.role") == "trial"]
 
 
-def test_nan_trial_is_recorded_failed_retried_and_the_search_goes_on(ray_session, tmp_path):
-    space = tmp_path / "nan.yaml"
-    space.write_text("""
+def search(tmp_path, space: str, experiment: str, *more: str) -> tuple[int, str]:
+    """Run ``difftune search`` in-process; returns its exit code and tracking URI."""
+    path = tmp_path / f"{experiment}.yaml"
+    path.write_text(space)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = main(["search", "--space", str(path), "--experiment", experiment, "--tracking-uri", uri,
+               "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), *more])
+    return rc, uri
+
+
+def parent_run(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    (parent,) = [r for r in client.search_runs([exp.experiment_id], max_results=100)
+                 if r.data.tags.get("difftune.role") == "search"]
+    return parent
+
+
+def test_diverged_trial_fails_at_once_and_resume_does_not_rerun_it(ray_session, tmp_path):
+    rc, uri = search(tmp_path, """
 model: demo
-search: {trials: 3, seed: 0, max_concurrent: 1, max_failures: 1, grace_period: 1}
+search: {trials: 3, seed: 0, max_concurrent: 1, max_failures: 2, grace_period: 1}
 fixed: {head: mlp, epochs: 1, block: 10, t: 10, pool: 1, momentum: 0.9}
 params:
   lr: {choice: [1.0e+30, 0.05]}
 paper_config: {lr: 1.0e+30}
-""")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rc = main(["search", "--space", str(space), "--experiment", "nan", "--tracking-uri", uri,
-               "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache")])
+""", "nan")
     assert rc == 0
     client = MlflowClient(uri)
     runs = trial_runs(client, "nan")
@@ -48,13 +66,106 @@ paper_config: {lr: 1.0e+30}
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert failed and finished
     for r in failed:
-        assert "loss became nan" in r.data.tags["error"].lower() or "loss became inf" in \
-            r.data.tags["error"].lower()
-        assert r.data.tags["failures"] == "2"  # failed, retried once (max_failures: 1), failed
+        assert r.data.tags["failure"] == "diverged"
+        assert "loss became nan" in r.data.tags["error"] or "loss became inf" in \
+            r.data.tags["error"]
+        assert r.data.tags["failures"] == "1" and "last_failure" not in r.data.tags  # no retry
         assert r.data.params["lr"] == "1e+30"
+        assert "val_top1" not in r.data.metrics  # a diverged epoch is no score
     version = client.get_model_version_by_alias("difftune-nan", "champion")
     assert version.run_id in {r.info.run_id for r in finished}
+    ended = {r.info.run_id: r.info.end_time for r in failed}
 
+    # as if the driver had died after the trials ended: --resume restores the search from
+    # Ray Tune's state, and the diverged trial (ended, not errored) is not run again
+    client.update_run(parent_run(client, "nan").info.run_id, status="RUNNING")
+    assert main(["search", "--resume", "nan", "--tracking-uri", uri]) == 0
+    again = {r.info.run_id: r for r in trial_runs(client, "nan")}
+    assert len(again) == 3
+    for run_id, end in ended.items():  # the diverged trial was not run again
+        assert again[run_id].info.end_time == end and again[run_id].info.status == "FAILED"
+
+
+def test_config_error_is_not_retried_and_no_finished_trial_exits_1(ray_session, tmp_path,
+                                                                    capsys):
+    rc, uri = search(tmp_path, """
+model: demo
+search: {trials: 2, seed: 0, max_concurrent: 1, max_failures: 2}
+fixed: {head: mlp, epochs: 1, block: 10, t: 10, pool: 1}
+params:
+  dropout: {choice: [1.5]}
+""", "cfg")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "no trial finished" in err[-1] and "2 config" in err[-1]
+    client = MlflowClient(uri)
+    runs = trial_runs(client, "cfg")
+    assert len(runs) == 2
+    for r in runs:
+        assert r.info.status == "FAILED" and r.data.tags["failure"] == "config"
+        assert "dropout=1.5" in r.data.tags["error"] and "last_failure" not in r.data.tags
+    parent = parent_run(client, "cfg")
+    assert parent.info.status == "FAILED"
+    assert "no trial finished" in parent.data.tags["difftune.failure"]
+    assert client.search_registered_models() == []
+
+
+def image_tree(root, *, per_class: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    for folder, n in (("train", per_class), ("val", 3)):
+        for c in ("a", "b"):
+            (root / folder / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+                pixels[:, :, 0] = 255 if c == "a" else 0  # a learnable class signal
+                Image.fromarray(pixels).save(root / folder / c / f"{c}{i}.png")
+
+
+FOLDER_SPACE = """
+model: demo
+search: {trials: 2, seed: 0, max_concurrent: 1, max_failures: 1}
+fixed: {head: linear, epochs: 1, block: 4, t: 10, pool: 1, batch_size: 8}
+params:
+  lr: {float: [0.01, 0.1], log: true}
+"""
+
+
+def test_a_corrupt_image_stops_the_search_with_one_line(ray_session, tmp_path, capsys):
+    data = tmp_path / "data"
+    image_tree(data)
+    bad = data / "train" / "b" / "b3.png"
+    bad.write_bytes(np.random.default_rng(1).bytes(500))  # random bytes named .png
+    rc, uri = search(tmp_path, FOLDER_SPACE, "corrupt", "--data", str(data))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert str(bad) in err[-1] and err[-1].startswith("difftune search: error: image")
+    client = MlflowClient(uri)
+    (run,) = trial_runs(client, "corrupt")  # the search stopped at the first trial
+    assert run.data.tags["failure"] == "data" and "last_failure" not in run.data.tags
+    parent = parent_run(client, "corrupt")
+    assert parent.info.status == "FAILED" and str(bad) in parent.data.tags["difftune.failure"]
+
+    skipping = FOLDER_SPACE.replace("model: demo", "model: demo\nbad_images: skip")
+    rc, _ = search(tmp_path, skipping, "skip", "--data", str(data))
+    assert rc == 0
+    parent = parent_run(client, "skip")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["bad_images_skipped"] == 1 and "test_top1" in parent.data.metrics
+    listed = client.download_artifacts(parent.info.run_id, "bad_images.txt", str(tmp_path))
+    assert open(listed).read().split() == [str(bad)]
+    assert all(r.info.status == "FINISHED" for r in trial_runs(client, "skip"))
+
+
+def test_an_io_error_is_retried_up_to_max_failures(ray_session, tmp_path, capsys):
+    data = tmp_path / "data"
+    image_tree(data)
+    (data / "train" / "a" / "a9.png").symlink_to(tmp_path / "gone.png")  # unreadable file
+    space = FOLDER_SPACE.replace("trials: 2", "trials: 1")
+    rc, uri = search(tmp_path, space, "io", "--data", str(data))
+    assert rc == 1 and "no trial finished" in capsys.readouterr().err
+    (run,) = trial_runs(MlflowClient(uri), "io")
+    assert run.info.status == "FAILED" and run.data.tags["failure"] == "error"
+    assert run.data.tags["failures"] == "2"  # failed, retried once (max_failures: 1), failed
+    assert "a9.png" in run.data.tags["last_failure"] and "a9.png" in run.data.tags["error"]
 
 
 class Trial:

@@ -1,6 +1,6 @@
 """The demo search end to end on a real local Ray and a real sqlite MLflow store: parent
-run, nested child runs, the champion alias, export -> train reproducing the best trial, and
-a bad space leaving the store untouched."""
+run, nested child runs, the champion (chosen on val, evaluated once on test), export -> train
+reproducing the best trial, and a bad space leaving the store untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from difftune.search.best import best_trial
 from difftune.search.cli import main
+from difftune.search.export import trial_candidates
 
 TRIALS = 3
 EPOCHS = 2
@@ -31,8 +33,9 @@ def searched(ray_session, tmp_path_factory):
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("difftune.role") == "search"]
     children = [r for r in runs if r.data.tags.get("difftune.role") == "trial"]
+    best = best_trial(trial_candidates(client, parents[0], metric="val_top1"), mode="max")
     return {"root": root, "uri": uri, "client": client, "parents": parents,
-            "children": children}
+            "children": children, "best": best.data}
 
 
 def test_parent_run_records_the_search(searched):
@@ -54,7 +57,13 @@ def test_one_nested_child_run_per_trial(searched):
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED"
-        assert {"head", "block", "t", "pool", "lr"} <= set(child.data.params)
+        params = set(child.data.params)
+        assert {"head", "lr"} <= params
+        reads = {"linear": {"block", "t", "pool"}, "mlp": {"block", "t", "pool", "hidden"},
+                 "attention": {"block", "t", "dim"}, "difformer": {"blocks", "timesteps"},
+                 "diffeed": {"block", "t", "feedback_blocks"}}[child.data.params["head"]]
+        assert reads <= params
+        assert not {"block", "t", "pool"} - reads & params  # only what the head reads
         history = client.get_metric_history(child.info.run_id, "val_top1")
         stopped = child.data.tags["early_stopped"] == "true"
         assert len(history) < EPOCHS if stopped else len(history) == EPOCHS
@@ -71,13 +80,16 @@ def test_paper_config_was_enqueued(searched):
     """The paper's config (lr exactly 0.01: a sampled log-uniform lr never is) ran once."""
     configs = [json.loads(r.data.tags["difftune.config"]) for r in searched["children"]]
     paper = [c for c in configs
-             if (c["head"], c["block"], c["t"], c["pool"], c["lr"]) == ("linear", 10, 90, 2, 0.01)]
+             if (c["head"], c.get("block"), c.get("t"), c.get("pool"), c["lr"])
+             == ("linear", 10, 90, 2, 0.01)]
     assert len(paper) == 1
 
 
 def test_champion_alias_points_at_the_best_child(searched):
     client = searched["client"]
-    best = max(searched["children"], key=lambda r: r.data.metrics["val_top1"])
+    best = searched["best"]
+    assert best.data.metrics["val_top1"] == max(r.data.metrics["val_top1"]
+                                                for r in searched["children"])
     version = client.get_model_version_by_alias("e2e-head", "champion")
     assert version.run_id == best.info.run_id
     mlflow.set_tracking_uri(searched["uri"])
@@ -91,6 +103,17 @@ def test_champion_alias_points_at_the_best_child(searched):
     assert head({head.key: torch.randn(4, norm.num_features, 1, 1)}).shape == (4, 10)
 
 
+def test_champion_and_parent_carry_test_top1_and_only_the_champion_saw_test(searched):
+    (parent,) = searched["parents"]
+    champion = searched["client"].get_run(searched["best"].info.run_id)
+    for m in ("test_top1", "test_top5"):
+        assert champion.data.metrics[m] == parent.data.metrics[m]
+    assert 50 < parent.data.metrics["test_top1"] <= 100
+    assert parent.data.metrics["best_val_top1"] == champion.data.metrics["val_top1"]
+    others = [r for r in searched["children"] if r.info.run_id != champion.info.run_id]
+    assert others and not any(k.startswith("test_") for r in others for k in r.data.metrics)
+
+
 def test_export_then_train_reproduces_the_best_val_top1(searched, tmp_path, capsys):
     out = tmp_path / "best.yaml"
     assert main(["export", "--experiment", "e2e", "--tracking-uri", searched["uri"],
@@ -100,14 +123,15 @@ def test_export_then_train_reproduces_the_best_val_top1(searched, tmp_path, caps
     exported = yaml.safe_load(out.read_text())
     assert [c["rank"] for c in exported["configs"]] == [1, 2]
     assert exported["configs"][0]["val_top1"] >= exported["configs"][1]["val_top1"]
-    best = max(searched["children"], key=lambda r: r.data.metrics["val_top1"])
+    best = searched["best"]
     assert exported["configs"][0]["run_id"] == best.info.run_id
     capsys.readouterr()
     assert main(["train", str(out)]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    retrained = float(line.split()[1])
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
     # printed with 2 decimals; one val image is 0.28 points, so this is an exact match
-    assert retrained == pytest.approx(best.data.metrics["val_top1"], abs=0.006)
+    assert line[0] == "val_top1" and line[6] == "test_top1"
+    assert float(line[1]) == pytest.approx(best.data.metrics["val_top1"], abs=0.006)
+    assert float(line[7]) == pytest.approx(best.data.metrics["test_top1"], abs=0.006)
 
 
 def test_bad_space_changes_nothing(searched, tmp_path, capsys):
