@@ -20,6 +20,7 @@ _EXPORTS = {
     "predict_images": "classifier",
     "default_experiment": "tracking",
     "Plan": "plan", "make_plan": "plan", "parse_size": "sizes",
+    "evaluate_on_test": "evaluation",
     "main": "cli",
 }
 

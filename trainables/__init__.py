@@ -12,7 +12,7 @@ from .lazy import lazy_exports
 
 #: public name -> module (below this package) defining it
 _EXPORTS = {
-    "UserError": "errors", "ConfigError": "errors",
+    "UserError": "errors", "ConfigError": "errors", "SearchFailed": "errors",
     "TrialConfig": "config",
     "decode": "params", "trial_config": "params",
     "Geometry": "geometry", "geometry_of_flags": "geometry", "geometry_of_model": "geometry",
@@ -21,13 +21,15 @@ _EXPORTS = {
     "BlockCost": "cost", "model_costs": "cost", "unet_costs": "cost", "trial_gflops": "cost",
     "activation_bytes_per_image": "cost", "batch_for_memory": "cost", "entry_bytes": "cost",
     "load_dataset": "data", "load_image": "data", "class_names": "data",
-    "files_fingerprint": "data",
+    "files_fingerprint": "fingerprint", "data_fingerprint": "fingerprint",
+    "DataError": "data", "CorruptImage": "data",
+    "ViewCycle": "views", "crop_flip": "views",
     "check_setting": "config", "LIMITS": "config",
     "classify": "classify", "image_keys": "classify",
     "HEAD_TYPES": "heads", "KINDS": "heads", "HeadKind": "heads", "build_head": "heads",
     "head_kind": "heads",
     "train_head": "train", "evaluate": "train",
-    "run_trial": "pipeline", "DirectFeatures": "pipeline",
+    "run_trial": "pipeline", "DirectFeatures": "pipeline", "evaluate_on": "pipeline",
     "FeatureCache": "cache", "OnlineFeatures": "online",
     "extract_sharded": "cache_shard", "ShardJob": "cache_shard",
     "save_head": "checkpoint", "load_head": "checkpoint",

@@ -119,7 +119,7 @@ class FeatureCache:
         forward pass (it runs up to the deepest of them).
     :param budget: bytes everything under the root may take; before a miss writes, least
         recently used entries are evicted to make room. None: no limit.
-    :param data_files: split -> :func:`~.data.files_fingerprint` of the data, computed once
+    :param data_files: split -> :func:`~.fingerprint.files_fingerprint` of the data, computed once
         by the search's driver (None: walked here at each lookup).
     :param data_hash: how the data files are fingerprinted when ``data_files`` lacks a split.
     :param precision: the U-Net's precision on a miss (default: the device's, see

@@ -17,35 +17,47 @@ seeded noise of an image (keyed by that index) never depends on which subset it 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from .errors import UserError
+from .errors import DataError
+from .fingerprint import (
+    DATA_HASHES,
+    data_fingerprint,
+    files_fingerprint,
+    split_files_fingerprints,
+)
+from .fingerprint import is_number as _is_number
+from .splits import (
+    DEFAULT_HOLDOUT,
+    SPLIT_SCHEME,
+    SPLITS,
+    SplitPart,
+    dataset_indices,
+    digits_positions,
+    holdout_positions,
+    split_source,
+    targets_of,
+)
+
+__all__ = ["BAD_IMAGES", "DATA_HASHES", "DEFAULT_HOLDOUT", "SPLITS", "SPLIT_SCHEME",
+           "CorruptImage", "DataError", "ImageItems", "SplitPart", "TensorImages", "bad_files",
+           "check_data", "class_counts", "data_fingerprint", "dataset_indices",
+           "files_fingerprint", "holdout_positions", "load_dataset", "shared_dataset",
+           "skipped_images", "split_files_fingerprints", "split_source", "subset_size",
+           "targets_of"]
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-#: the seed of the holdout of ``train/`` that becomes the selection split: fixed, so that every
-#: trial (whatever its own seed) selects on the same images
-HOLDOUT_SEED = 0
-DEFAULT_HOLDOUT = 0.1
 #: what a search does with an image that cannot be decoded: stop (default) or skip it
 BAD_IMAGES = ("stop", "skip")
-#: the split definitions (part of every data fingerprint: entries of another scheme never hit)
-SPLIT_SCHEME = "splits-v2:digits-60/20/20:folder-holdout"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(UserError):
-    """The data a user asked for is missing or malformed (a user error, exit code 2)."""
 
 
 class TensorImages(Dataset):
@@ -60,29 +72,6 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
-
-
-class SplitPart(Dataset):
-    """The items of ``base`` at ``positions``: one split of a larger set of images.
-
-    ``positions`` index ``base`` (the whole digits set, or one folder of an ImageFolder
-    tree), so an image keeps one index whichever split, holdout or label subset it lands in:
-    the key of its seeded noise (:func:`dataset_indices`).
-    """
-
-    def __init__(self, base: Dataset, positions: Sequence[int]):
-        self.base, self.positions = base, [int(p) for p in positions]
-        self.classes = list(base.classes)
-        base_targets = list(base.targets)
-        self.targets = [base_targets[p] for p in self.positions]
-        base_samples = getattr(base, "samples", None)
-        self.samples = [base_samples[p] for p in self.positions] if base_samples else None
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.base[self.positions[i]]
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,55 +90,8 @@ def _digits_all(image_size: int) -> TensorImages:
     return TensorImages(x, labels, [str(c) for c in range(10)])
 
 
-def digits_positions(split: str) -> list[int]:
-    """Positions in the 1797 digits of ``split``: a fixed stratified 60/20/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    target = load_digits().target
-    idx = np.arange(len(target))
-    train, rest = train_test_split(idx, test_size=0.4, stratify=target, random_state=0)
-    val, test = train_test_split(rest, test_size=0.5, stratify=target[rest], random_state=0)
-    return sorted({"train": train, "val": val, "test": test}[split].tolist())
-
-
 def _digits(split: str, image_size: int) -> SplitPart:
     return SplitPart(_digits_all(image_size), digits_positions(split))
-
-
-def holdout_positions(targets: Sequence[int], fraction: float, *, seed: int = HOLDOUT_SEED
-                      ) -> tuple[list[int], list[int]]:
-    """``(fit, holdout)`` positions of a seeded stratified holdout of ``targets``: about
-    ``fraction`` of every class (at least one image) is held out, at least one is kept."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0 < fraction < 1:
-        raise DataError(f"holdout={fraction!r} is invalid; allowed: a fraction in (0, 1), "
-                        "e.g. 0.1 (the share of train/ held out as the selection split)")
-    rng = np.random.default_rng(seed)
-    arr = np.asarray(targets)
-    held: list[int] = []
-    for c in np.unique(arr):
-        members = np.flatnonzero(arr == c)
-        if len(members) < 2:
-            raise DataError(f"class {int(c)} has {len(members)} image in train/: the holdout "
-                            "(the selection split) needs at least 2 images per class")
-        k = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
-        held.extend(rng.choice(members, size=k, replace=False).tolist())
-    held_set = set(held)
-    return [i for i in range(len(arr)) if i not in held_set], sorted(held)
-
-
-def split_source(root: Path, split: str) -> tuple[str, str]:
-    """``(folder, part)`` an ImageFolder split is read from: ``part`` is ``all``, or ``fit``
-    / ``holdout`` of a seeded holdout of ``train/``.
-
-    With ``train/``, ``val/`` and ``test/``: one folder per split. With ``train/`` and
-    ``val/`` only (ImageNet's layout): ``test`` is ``val/`` and the selection split ``val``
-    is a holdout of ``train/``."""
-    if (root / "test").is_dir():
-        return split, "all"
-    return {"train": ("train", "fit"), "val": ("train", "holdout"),
-            "test": ("val", "all")}[split]
 
 
 def _image_folder(root: Path, split: str, image_size: int, holdout: float,
@@ -342,14 +284,6 @@ def _rel(p: str) -> str:
     return "/".join(parts[-2:])
 
 
-def _is_number(x: object) -> bool:
-    try:
-        float(x)  # type: ignore[arg-type]
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def check_bad_images(mode: str) -> str:
     if mode not in BAD_IMAGES:
         raise DataError(f"bad_images={mode!r} is invalid; allowed: {list(BAD_IMAGES)} (stop: a "
@@ -421,24 +355,6 @@ class ImageItems(Dataset):
         return {"image": x, "index": self.indices[i]}, int(y)
 
 
-def dataset_indices(ds: Dataset) -> list[int]:
-    """Positions of ``ds``'s items in their base set (the keys of their seeded noise)."""
-    if isinstance(ds, SplitPart):
-        return list(ds.positions)
-    if isinstance(ds, Subset):
-        base = dataset_indices(ds.dataset)
-        return [base[i] for i in ds.indices]
-    return list(range(len(ds)))
-
-
-def targets_of(ds: Dataset) -> list[int]:
-    """Labels of every item of ``ds`` without loading images."""
-    if isinstance(ds, Subset):
-        base = targets_of(ds.dataset)
-        return [base[i] for i in ds.indices]
-    return list(ds.targets)
-
-
 def class_counts(name_or_path: str, split: str, *, holdout: float = DEFAULT_HOLDOUT
                  ) -> list[int]:
     """Images per class of a split as :func:`load_dataset` defines it (the digits 60/20/20
@@ -473,82 +389,3 @@ def subset_size(counts: list[int], label_fraction: float | str | None) -> int:
     if not 0 < frac <= 1:
         raise DataError(f"label_fraction must be in (0, 1], got {frac}")
     return int(sum(max(1, int(round(frac * n))) for n in counts if n))
-
-
-#: how :func:`files_fingerprint` reads a folder: ``size`` (relative paths and sizes) or
-#: ``content`` (relative paths and the bytes of every file)
-DATA_HASHES = ("size", "content")
-
-
-def _split_source(name_or_path: str, split: str) -> tuple[str, str]:
-    """``(folder, part)`` of a split (:func:`split_source`; digits: ``("digits", split)``)."""
-    if name_or_path == "digits":
-        return "digits", split
-    return split_source(Path(name_or_path), split)
-
-
-def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size") -> str:
-    """A fingerprint of the files a split is read from (its folder: ``val`` of an ImageNet
-    layout is a holdout of ``train/``): their paths relative to that folder and their sizes
-    (``data_hash="content"``: their bytes), never their modification times, so a copy of the
-    data in another place or on another node fingerprints the same. The one walk over the
-    data a search makes: the driver computes it (:func:`split_files_fingerprints`) and hands
-    it to the trials."""
-    if data_hash not in DATA_HASHES:
-        raise DataError(f"--data-hash {data_hash!r} is unknown; allowed: {list(DATA_HASHES)}")
-    source, _ = _split_source(name_or_path, split)
-    h = hashlib.sha256(f"files|{source}|{data_hash}".encode())
-    if name_or_path == "digits":
-        import sklearn
-
-        h.update(f"digits|sklearn-{sklearn.__version__}".encode())
-        return h.hexdigest()[:16]
-    root = Path(name_or_path) / source
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            h.update(f"{rel_dir}/{name}|{os.stat(p).st_size}\n".encode())
-            if data_hash == "content":
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def split_files_fingerprints(name_or_path: str, *, data_hash: str = "size",
-                             splits: Sequence[str] = SPLITS) -> dict[str, str]:
-    """split -> :func:`files_fingerprint`, each folder walked once (``train`` and ``val`` of
-    an ImageNet layout share ``train/``)."""
-    by_source: dict[str, str] = {}
-    out = {}
-    for split in splits:
-        source, _ = _split_source(name_or_path, split)
-        if source not in by_source:
-            by_source[source] = files_fingerprint(name_or_path, split, data_hash=data_hash)
-        out[split] = by_source[source]
-    return out
-
-
-def data_fingerprint(name_or_path: str, *, split: str, image_size: int,
-                     label_fraction: float | str | None = None, seed: int = 0,
-                     holdout: float = DEFAULT_HOLDOUT, bad_images: str = "stop",
-                     files: str | None = None, data_hash: str = "size") -> str:
-    """A fingerprint of a dataset split as a trial reads it: the split scheme and definition
-    (its folder and part, the holdout), its files (:func:`files_fingerprint`, or ``files``
-    when the driver computed it already), the transform (image size), the label subset and
-    what is done with undecodable images. Two splits never share a fingerprint, so their
-    cache entries never collide.
-
-    :param files: ``files_fingerprint(name_or_path, split)`` if known (no walk is made).
-    """
-    source, part = _split_source(name_or_path, split)
-    held = holdout if part in ("fit", "holdout") else None
-    h = hashlib.sha256(f"{SPLIT_SCHEME}|{split}|{source}|{part}|{held}|{image_size}|"
-                       f"{label_fraction}|{seed}|{bad_images}".encode())
-    if label_fraction is not None and not _is_number(label_fraction) \
-            and Path(label_fraction).is_file():
-        h.update(Path(label_fraction).read_bytes())  # a file list: what it lists, not its name
-    h.update((files or files_fingerprint(name_or_path, split, data_hash=data_hash)).encode())
-    return h.hexdigest()[:16]

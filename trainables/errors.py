@@ -9,6 +9,10 @@ class UserError(ValueError):
     """A setting or input the user gave is invalid; the message names it and what is allowed."""
 
 
+class DataError(UserError):
+    """The data a user asked for is missing or malformed (a user error, exit code 2)."""
+
+
 class ConfigError(UserError):
     """A trial configuration a user wrote is invalid (exit code 2)."""
 

@@ -78,7 +78,7 @@ class RuntimeOptions:
     :param cache_budget: bytes the cache root may hold (least recently used entries are
         evicted beyond it); None: no limit.
     :param data_files: split -> fingerprint of the data's files, computed once by the driver
-        so that no trial walks the data (:func:`~.data.files_fingerprint`).
+        so that no trial walks the data (:func:`~.fingerprint.files_fingerprint`).
     :param data_hash: how those were computed (``size`` or ``content``).
     :param extract_batch: images per U-Net pass on a cache miss; None: what fits the device.
     """

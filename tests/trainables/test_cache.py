@@ -390,12 +390,12 @@ def test_an_entry_is_read_whole_once_per_node(tmp_path, monkeypatch):
 
 
 def test_a_fingerprint_handed_by_the_driver_spares_the_walk(tmp_path, monkeypatch):
-    from difftune.trainables import data
+    from difftune.trainables import data, fingerprint
 
     cfg = cfg_()
     files = {s: data.files_fingerprint("digits", s) for s in ("train", "val")}
     FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])
-    monkeypatch.setattr(data, "files_fingerprint",
+    monkeypatch.setattr(fingerprint, "files_fingerprint",
                         lambda *a, **k: pytest.fail("a trial fingerprinted the data"))
     c = FeatureCache(str(tmp_path), data_files=files)
     c.get(cfg, "train", [(90, 2, 2)])
