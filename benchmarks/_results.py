@@ -42,6 +42,17 @@ def fmt(value: object) -> str:
     return str(value).replace(" ", "_")
 
 
+def mean_ci(values, *, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` and its 95 % percentile bootstrap
+    interval (``reps`` resamples, seeded)."""
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(reps, len(arr)))].mean(axis=1)
+    return float(arr.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def record(name: str, **values: object) -> str:
     """Append ``name key=value ...`` with the date and machine to RESULTS.md; print it.
 
