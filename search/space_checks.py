@@ -23,6 +23,11 @@ class SpaceError(UserError):
     """A space file or a --set override is invalid."""
 
 
+#: what a search may select on: a metric every trial reports on the val split, each epoch
+METRICS = ("val_top1", "val_top5", "val_loss")
+#: where a search's startup trials come from (search.space_optuna.prior_points)
+PRIORS = ("none", "paper")
+
 #: the allowed range of each numeric search setting: (check, what is allowed)
 SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
     "trials": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -38,8 +43,10 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
                        "for each head's own share"),
     "max_failures": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (retries per trial)"),
     "cache_pool": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1, or unset"),
-    "metric": (lambda v: isinstance(v, str) and v != "", "a metric name such as val_top1"),
-    "mode": (lambda v: v in ("max", "min"), "max or min"),
+    "metric": (lambda v: v in METRICS,
+               f"one of {', '.join(METRICS)} (what every trial reports on val)"),
+    "mode": (lambda v: v in ("max", "min"), "max or min (default: min for val_loss, else max)"),
+    "prior": (lambda v: v in PRIORS, "none or paper"),
     "cache_policy": (lambda v: v in CACHE_POLICIES, "auto, block-set or per-request"),
     "cache_budget": (lambda v: v is None or _is_size(v),
                      "a size such as 500GB, 2TB or 1.5TiB, or unset (the free space)"),
@@ -125,6 +132,10 @@ def check_objectives(name: str, search: dict[str, Any], given: dict[str, Any]) -
     if len(set(metrics)) != len(metrics):
         raise SpaceError(f"{at} names a metric twice: {metrics}")
     first = objectives[0]
+    if first["metric"] not in METRICS:
+        raise SpaceError(f"{at}[0]: the first objective is what ASHA stops trials by and the "
+                         f"champion is chosen by on val; allowed: {list(METRICS)} (gflops or "
+                         "train_loss may come after it)")
     for key in ("metric", "mode"):
         if key in given and given[key] != first[key]:
             raise SpaceError(f"space {name}: search.{key}={given[key]!r} differs from the first "

@@ -152,7 +152,7 @@ def startup_trials(trials: int) -> int:
     return min(10, max(2, int(trials) // 10))
 
 
-PRIORS = ("none", "paper")
+
 #: where the paper found frozen diffusion features classify best: blocks near the middle of
 #: the U-Net (within this share of its depth on either side) and timesteps 50..300
 PRIOR_BLOCK_SPAN = 1 / 6

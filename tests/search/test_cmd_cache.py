@@ -64,7 +64,7 @@ def test_cache_location_comes_from_the_environment(tmp_path, capsys, monkeypatch
     (["--timesteps", "1000"], "timestep t=1000 is out of range"),
     (["--pool", "0"], "argument --pool: 0 is out of range; allowed: an integer >= 1"),
     (["--blocks", "2,x"], "--blocks must be comma-separated integers"),
-    (["--splits", "test"], "--splits 'test' is invalid"),
+    (["--splits", "holdout"], "--splits 'holdout' is invalid"),
 ])
 def test_extract_refuses_bad_settings_before_doing_anything(tmp_path, capsys, argv, message):
     cache = tmp_path / "cache"

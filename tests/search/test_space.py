@@ -78,13 +78,16 @@ def test_prior_paper_enqueues_startup_points_near_the_middle_at_t_50_to_300():
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"metric": "val_acc"}, "search.metric='val_acc'"),
-    ({"mode": "maximize"}, "search.mode='maximize'"),
-    ({"prior": "imagenet"}, "search.prior='imagenet'"),
+    ("metric: val_acc", "search.metric='val_acc' is invalid; allowed: one of val_top1, "
+                        "val_top5, val_loss"),
+    ("mode: maximize", "search.mode='maximize' is invalid; allowed: max or min"),
+    ("prior: imagenet", "search.prior='imagenet' is invalid; allowed: none or paper"),
 ])
-def test_bad_search_settings(setting, message):
+def test_bad_search_settings(tmp_path, setting, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"model: demo\nsearch: {{{setting}}}\n")
     with pytest.raises(SpaceError, match=re.escape(message)):
-        load_space("demo", search_overrides=setting)
+        load_space(str(path))
 
 
 def test_mode_follows_the_metric_unless_given(tmp_path):
