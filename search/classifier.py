@@ -145,7 +145,8 @@ def log_classifier(head: torch.nn.Module, cfg, meta: dict[str, Any], *, stage: P
                         f"has {meta['num_classes']}: was the data changed during the search?")
     (stage / META).write_text(json.dumps({"unet": unet, "classes": classes}, indent=1))
     size = model_geometry(cfg.model, cfg.checkpoint).image_size
-    val, _ = load_dataset(cfg.data, split="val", image_size=size)
+    val, _ = load_dataset(cfg.data, split="val", image_size=size, holdout=cfg.holdout,
+                          bad_images=cfg.bad_images)
     example = np.stack([val[i][0].numpy() for i in range(min(examples, len(val)))])
     code = stage / "champion_classifier.py"
     code.write_text(MODEL_CODE)

@@ -8,7 +8,10 @@ split ever reaches a trial, ASHA, Optuna or the choice of the champion.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -30,6 +33,23 @@ def _resources(search: Mapping[str, Any], config: dict[str, Any]) -> dict[str, f
     return {"num_cpus": float(res.get("cpu", 1.0)), "num_gpus": float(res.get("gpu", 0.0))}
 
 
+def _read(checkpoint: Any) -> dict[str, bytes]:
+    """The files of a head checkpoint (a ``tune.Checkpoint`` or a folder), read here: the
+    driver reaches Tune's storage with its own credentials; the task gets the bytes."""
+    if isinstance(checkpoint, (str, Path)):
+        return {n: (Path(checkpoint) / n).read_bytes() for n in os.listdir(checkpoint)}
+    with checkpoint.as_directory() as d:
+        return {n: (Path(d) / n).read_bytes() for n in os.listdir(d)
+                if (Path(d) / n).is_file()}
+
+
+def _evaluate_files(files: dict[str, bytes], runtime: dict[str, Any]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        return evaluate_checkpoint(d, runtime, "test")
+
+
 def evaluate_on_test(checkpoints: Sequence[tuple[Any, dict[str, Any]]], *,
                      runtime: RuntimeOptions, search: Mapping[str, Any]
                      ) -> list[dict[str, float]]:
@@ -39,8 +59,8 @@ def evaluate_on_test(checkpoints: Sequence[tuple[Any, dict[str, Any]]], *,
     :param search: the space's search settings (for the per-trial resources).
     :return: per checkpoint, ``{test_top1, test_top5, test_loss}``.
     """
-    task = ray.remote(evaluate_checkpoint)
-    refs = [task.options(**_resources(search, config)).remote(ckpt, runtime.to_dict(), "test")
+    task = ray.remote(_evaluate_files)
+    refs = [task.options(**_resources(search, config)).remote(_read(ckpt), runtime.to_dict())
             for ckpt, config in checkpoints]
     return ray.get(refs)
 

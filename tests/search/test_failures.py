@@ -91,9 +91,10 @@ def test_config_error_is_not_retried_and_no_finished_trial_exits_1(ray_session, 
     rc, uri = search(tmp_path, """
 model: demo
 search: {trials: 2, seed: 0, max_concurrent: 1, max_failures: 2}
-fixed: {head: mlp, epochs: 1, block: 10, t: 10, pool: 1}
+fixed: {head: attention, epochs: 1, block: 10, t: 10, pre_pool: 4, depth: 1}
 params:
-  dropout: {choice: [1.5]}
+  dim: {choice: [30]}
+  heads: {choice: [4]}
 """, "cfg")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "no trial finished" in err[-1] and "2 config" in err[-1]
@@ -102,7 +103,8 @@ params:
     assert len(runs) == 2
     for r in runs:
         assert r.info.status == "FAILED" and r.data.tags["failure"] == "config"
-        assert "dropout=1.5" in r.data.tags["error"] and "last_failure" not in r.data.tags
+        assert "dim=30 must be a positive multiple of heads=4" in r.data.tags["error"]
+        assert "last_failure" not in r.data.tags
     parent = parent_run(client, "cfg")
     assert parent.info.status == "FAILED"
     assert "no trial finished" in parent.data.tags["difftune.failure"]
