@@ -8,7 +8,6 @@ split ever reaches a trial, ASHA, Optuna or the choice of the champion.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,12 +18,19 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cluster import cluster_gpus, trial_resources
-from difftune.trainables.trainable import RuntimeOptions, evaluate_checkpoint
+from difftune.trainables.trainable import (
+    HEAD_FILE,
+    META_FILE,
+    RuntimeOptions,
+    evaluate_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 #: what a test evaluation logs
 TEST_METRICS = ("test_top1", "test_top5", "test_loss")
+#: what a test evaluation reads of a checkpoint
+HEAD_FILES = (HEAD_FILE, META_FILE)
 
 
 def _resources(search: Mapping[str, Any], config: dict[str, Any]) -> dict[str, float]:
@@ -34,13 +40,14 @@ def _resources(search: Mapping[str, Any], config: dict[str, Any]) -> dict[str, f
 
 
 def _read(checkpoint: Any) -> dict[str, bytes]:
-    """The files of a head checkpoint (a ``tune.Checkpoint`` or a folder), read here: the
-    driver reaches Tune's storage with its own credentials; the task gets the bytes."""
+    """The head files of a checkpoint (a ``tune.Checkpoint`` or a folder), read here: the
+    driver reaches Tune's storage with its own credentials; the task gets the bytes. A grid
+    trial's checkpoint holds its best head as a plain head: that is what is read (its
+    ``grid.pt``, every head and the optimizer, is not)."""
     if isinstance(checkpoint, (str, Path)):
-        return {n: (Path(checkpoint) / n).read_bytes() for n in os.listdir(checkpoint)}
+        return {n: (Path(checkpoint) / n).read_bytes() for n in HEAD_FILES}
     with checkpoint.as_directory() as d:
-        return {n: (Path(d) / n).read_bytes() for n in os.listdir(d)
-                if (Path(d) / n).is_file()}
+        return {n: (Path(d) / n).read_bytes() for n in HEAD_FILES}
 
 
 def _evaluate_files(files: dict[str, bytes], runtime: dict[str, Any]) -> dict[str, float]:

@@ -118,7 +118,8 @@ def data_size(space: Space, *, images: int | None = None, classes: int | None = 
         return DataSize(train_all=images, val=val, classes=classes,
                         source=f"--images {images} --classes {classes} (val {val})")
     check_data(space.data)
-    train, val = class_counts(space.data, "train"), class_counts(space.data, "val")
+    holdout = space.setting("holdout")  # val: a holdout of train/ without a test/ folder
+    train, val = (class_counts(space.data, split, holdout=holdout) for split in ("train", "val"))
     return DataSize(train_all=sum(train), val=sum(val), classes=len(train), source=space.data,
                     per_class=tuple(train))
 
@@ -205,7 +206,8 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
     return Plan(
         space=space.name, model=space.model,
         data={"source": data.source, "train_images": data.train_all, "val_images": data.val,
-              "classes": data.classes, "train_rows": rows["train"], "val_rows": rows["val"]},
+              "classes": data.classes, "train_rows": rows["train"], "val_rows": rows["val"],
+              "train_views": n.layout["views"]},
         trials=trials, epochs=epochs, max_concurrent=lv.max_concurrent,
         label_fraction=lv.label_fraction, timesteps=n.timesteps, blocks=n.blocks,
         deepest_block=deepest, policy=n.policy, policy_requested=lv.policy, fits=n.fits,

@@ -73,6 +73,7 @@ class Levers:
     policy: str
     max_concurrent: int
     max_pool: int | None = None  # pools asked above this are asked at it (None: as asked)
+    views: int = 1  # cached views of every train image (a trial's ``views``: K passes, K x bytes)
 
 
 @dataclass
@@ -153,7 +154,9 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     blocks = sorted({b for _, b, _ in requests})
     tpt = max((len({t for t, _, _ in c}) for c in combos), default=0)
     r_train, r_val = data.train(lv.label_fraction), data.val
-    r_search = r_train + r_val
+    views = max(1, int(lv.views))
+    r_search = r_train * views + r_val  # cached: K views of every train image, one of val
+    r_paper = r_train + r_val  # the paper's way draws a fresh view at every pass, stores none
     confirm_k = min(confirm_top, trials)
     same = confirm_fraction in (None, 1, 1.0) and lv.label_fraction in (None, 1, 1.0) or \
         confirm_fraction == lv.label_fraction
@@ -161,16 +164,16 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     per_trial = max((sum(row_bytes(costs, b, p) for _, b, p in c) for c in combos), default=0)
     # the paper's way: every epoch of every trial reruns the U-Net (live heads: two passes)
     per_pass = max(tpt, LIVE_PASSES if asks.live else 0)
-    paper = (trials * r_search + confirm_k * ((r_conf or r_train) + r_val)) * epochs * per_pass
-    live_trial = epochs * LIVE_PASSES * r_search if asks.live else 0
+    paper = (trials * r_paper + confirm_k * ((r_conf or r_train) + r_val)) * epochs * per_pass
+    live_trial = epochs * LIVE_PASSES * r_paper if asks.live else 0
 
     store = lv.cache_pool or max((p for _, _, p in requests), default=None)
     stored = {b: stored_pool(min(store, costs[b].side), costs[b].side, store) if store else 1
               for b in blocks}
     unserved = [(t, b, p) for t, b, p in requests if stored[b] % p != 0]
     per_t = sum(row_bytes(costs, b, stored[b]) for b in blocks)
-    confirm_bytes = confirm_k * per_trial * r_conf
-    confirm_working = min(confirm_k, lv.max_concurrent) * per_trial * (r_conf + r_val) \
+    confirm_bytes = confirm_k * per_trial * r_conf * views
+    confirm_working = min(confirm_k, lv.max_concurrent) * per_trial * (r_conf * views + r_val) \
         if r_conf else 0
 
     def worst(feature_passes) -> int:  # trials split between live and feature heads
@@ -193,7 +196,7 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                        trials * per_trial) * r_search + confirm_bytes
     pr_working = max(min(trials, lv.max_concurrent) * per_trial * r_search, confirm_working)
     pr_passes = worst(lambda n: n * tpt * r_search)
-    conf_passes = confirm_k * max(tpt * ((r_conf or r_search - r_val) + r_val)
+    conf_passes = confirm_k * max(tpt * ((r_conf * views or r_search - r_val) + r_val)
                                   if combos else 0, live_trial if asks.live else 0)
 
     limit = float("inf") if budget is None else budget
@@ -217,7 +220,8 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                    timesteps=timesteps, blocks=blocks,
                    store_pool=store if policy == "block-set" else None,
                    layout={"requests": requests, "stored": stored, "unserved": unserved,
-                           "rows": {"train": r_train, "val": r_val, "confirm": r_conf}})
+                           "rows": {"train": r_train, "val": r_val, "confirm": r_conf},
+                           "views": views})
 
 
 def entries(n: Numbers, costs: dict[int, BlockCost]) -> list[dict[str, Any]]:
@@ -231,14 +235,16 @@ def entries(n: Numbers, costs: dict[int, BlockCost]) -> list[dict[str, Any]]:
         search = list(n.layout["requests"])
     else:
         return []
-    out = [{"stage": "search", "split": split, "rows": rows[split], "t": t, "block": b,
-            "pool": p, "dtype": DTYPE, "bytes": rows[split] * row_bytes(costs, b, p)}
-           for split in ("train", "val") for t, b, p in search]
+    views = n.layout.get("views", 1)
+    splits = [("train", v) for v in range(views)] + [("val", 0)]  # K views of train
+    out = [{"stage": "search", "split": split, "view": v, "rows": rows[split], "t": t,
+            "block": b, "pool": p, "dtype": DTYPE, "bytes": rows[split] * row_bytes(costs, b, p)}
+           for split, v in splits for t, b, p in search]
     if rows["confirm"]:
-        out += [{"stage": "confirm", "split": "train", "rows": rows["confirm"], "t": t,
-                 "block": b, "pool": p, "dtype": DTYPE,
+        out += [{"stage": "confirm", "split": "train", "view": v, "rows": rows["confirm"],
+                 "t": t, "block": b, "pool": p, "dtype": DTYPE,
                  "bytes": rows["confirm"] * row_bytes(costs, b, p)}
-                for t, b, p in n.layout["requests"]]
+                for v in range(views) for t, b, p in n.layout["requests"]]
     return out
 
 
@@ -272,7 +278,9 @@ def levers_of(space: Space) -> Levers:
         for k in ("t", "timesteps"):
             for v in values.get(k, []):
                 ts.update(v if isinstance(v, list) else [v])
-    return Levers(timesteps=tuple(sorted(ts)), cache_pool=s.get("cache_pool"),
+    views = max((int(v) for head in space.head_types()
+                 for v in space.values(head).get("views", [])), default=1)
+    return Levers(timesteps=tuple(sorted(ts)), cache_pool=s.get("cache_pool"), views=views,
                   label_fraction=space.fixed.get("label_fraction", space.label_fraction),
                   policy=s.get("cache_policy", "auto"),
                   max_concurrent=int(s["max_concurrent"]))

@@ -75,6 +75,17 @@ def test_checkpoints_and_the_champion_hold_the_best_head_alone(searched, tmp_pat
          ((tuple(k), tuple(v)) for k, v in json.loads(
              (tmp_path / "head_checkpoint" / "meta.json").read_text())["shapes"])}
     assert torch.equal(champion(x), head(x))
+    # evaluated once on test as that plain head (what the checkpoint holds), on its run and
+    # the parent's
+    from difftune.trainables.cache import FeatureCache
+    from difftune.trainables.pipeline import evaluate_on
+
+    tested = client.get_run(best.info.run_id).data.metrics
+    parent = client.get_run(best.data.tags["mlflow.parentRunId"]).data.metrics
+    again = evaluate_on(head, cfg, "test", source=FeatureCache(str(searched["root"] / "cache")))
+    assert tested["test_top1"] == pytest.approx(again["test_top1"])
+    assert parent["test_top1"] == tested["test_top1"]
+    assert not any("test_top1" in r.data.metrics for r in searched["trials"] if r is not best)
     # the registered classifier wraps that head: one label per image
     table = mlflow.pyfunc.load_model("models:/difftune-grid@champion").predict(
         torch.rand(2, 3, 16, 16).mul(2).sub(1).numpy())

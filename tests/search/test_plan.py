@@ -113,7 +113,8 @@ def test_plan_of_a_folder_counts_its_images_and_needs_no_checkpoint(tmp_path, ca
     rc, plan, err = plan_json(capsys, "--space", "attention", "--data", str(tmp_path),
                               "--cache", str(tmp_path / "cache"))
     assert rc == 0, err
-    assert plan["data"]["train_images"] == 6 and plan["data"]["val_images"] == 4
+    # ImageNet's layout: val (selection) is a holdout of train/ (1 of 3 per class)
+    assert plan["data"]["train_images"] == 4 and plan["data"]["val_images"] == 2
     assert plan["budget_source"].startswith("free space of")
     assert not (tmp_path / "cache").exists()
 
@@ -196,3 +197,22 @@ def test_a_search_extracts_first_only_when_its_trials_may_ask_every_timestep():
     many = load_space("linear", overrides={"t": 90}, search_overrides={"trials": 4})
     plan = make_plan(many, data, budget=10**16, budget_source="test")
     assert extraction(plan)["worth_it"] and why_not(plan, many, two) is None
+
+
+def test_views_count_in_the_passes_and_bytes():
+    """``views: K`` caches K views of every train image (one of val): K train passes per
+    timestep and K times the train entries' bytes; the paper's way stores none, so its passes
+    do not change."""
+    data = DataSize(train_all=TRAIN, val=VAL, classes=1000, source="imagenet")
+    one = make_plan(load_space("linear"), data).to_dict()
+    four = make_plan(load_space("linear", overrides={"views": 4}), data).to_dict()
+    assert one["policy"] == four["policy"] == "block-set"
+    assert four["data"]["train_views"] == 4 and one["data"]["train_views"] == 1
+    per_image = one["unet_image_passes"] // (TRAIN + VAL)
+    assert four["unet_image_passes"] == per_image * (4 * TRAIN + VAL)
+    assert four["unet_image_passes_paper"] == one["unet_image_passes_paper"]
+    train_bytes = sum(e["bytes"] for e in one["entries"] if e["split"] == "train")
+    val_bytes = sum(e["bytes"] for e in one["entries"] if e["split"] == "val")
+    assert sum(e["bytes"] for e in four["entries"]) == 4 * train_bytes + val_bytes
+    assert sorted({e["view"] for e in four["entries"] if e["split"] == "train"}) == [0, 1, 2, 3]
+    assert four["cache_bytes_bound"] > 3 * one["cache_bytes_bound"]
