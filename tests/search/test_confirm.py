@@ -1,6 +1,7 @@
 """Search on a subset, confirm on all the data: a demo search at 0.2 of the labels whose top
-2 configs are retrained on all of them as child runs tagged ``difftune.stage=confirm``; the
-champion is the best confirmed one, by the same rule as everything else."""
+2 configs are retrained on all of them as child runs tagged ``difftune.stage=confirm``, each
+evaluated once on test; the champion is the best confirmed one by val, by the same rule as
+everything else."""
 
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ def test_the_champion_is_the_best_confirmed_config(confirmed, tmp_path):
     assert version.run_id == best.info.run_id
     parent = client.get_run(confirmed["parent"].info.run_id)
     assert parent.data.tags["best_run_id"] == best.info.run_id
+    # every confirmed config is evaluated once on test, no search trial is; the parent run
+    # holds the champion's test figures
+    for r in confirmed["confirm"]:
+        assert r.data.metrics["test_top1"] > 50 and "test_loss" in r.data.metrics  # chance: 10
+    assert not any("test_top1" in r.data.metrics for r in confirmed["search"])
+    assert parent.data.metrics["test_top1"] == best.data.metrics["test_top1"]
     assert parent.info.status == "FINISHED"
     out = tmp_path / "best.yaml"
     assert main(["export", "--experiment", "confirm", "--tracking-uri", confirmed["uri"],
@@ -95,9 +102,9 @@ def test_plan_json_is_on_the_parent_run(confirmed):
     with open(path) as f:
         plan = json.load(f)
     assert plan["policy"] == "block-set" and plan["confirm"]["top"] == 2
-    assert plan["confirm"]["train_rows"] == 1437  # all of digits' train split
+    assert plan["confirm"]["train_rows"] == 1078  # all of digits' train split (60 %)
     runtime = json.loads(confirmed["parent"].data.tags["difftune.runtime"])
-    assert set(runtime["data_files"]) == {"train", "val"}
+    assert set(runtime["data_files"]) == {"train", "val", "test"}  # test: its evaluation
 
 
 def test_spearman():
