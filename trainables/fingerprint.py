@@ -62,8 +62,12 @@ def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size")
         rel_dir = os.path.relpath(dirpath, root)
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)
-            h.update(f"{rel_dir}/{name}|{os.stat(p).st_size}\n".encode())
-            if data_hash == "content":
+            try:
+                size = os.stat(p).st_size
+            except OSError:  # unreadable (e.g. a dangling link): the trial reading it says so
+                size = -1
+            h.update(f"{rel_dir}/{name}|{size}\n".encode())
+            if data_hash == "content" and size >= 0:
                 with open(p, "rb") as f:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
