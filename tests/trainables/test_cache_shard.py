@@ -23,7 +23,7 @@ from difftune.trainables.cache_shard import (
 from difftune.trainables.cache_store import MappedEntry
 from difftune.trainables.config import TrialConfig
 
-CFG = TrialConfig(label_fraction=0.05)  # 70 digits training images: shards of 48 and 22
+CFG = TrialConfig(label_fraction=0.05)  # 51 digits training images: shards of 32 and 19
 REQUESTS = [(30, 4, 2), (30, 10, 2)]
 BATCH = 16
 
@@ -53,8 +53,8 @@ def test_two_shards_read_back_identical_to_the_unsharded_entry(tmp_path):
         for a, b in zip(rows(ref, key), rows(got, key), strict=True):
             np.testing.assert_array_equal(a, b)
     manifest = json.loads(next((tmp_path / "sharded").rglob("b10-p2-float16.json")).read_text())
-    assert [p["rows"] for p in manifest["parts"]] == [48, len(ref) - 48]
-    assert [p["start"] for p in manifest["parts"]] == [0, 48]
+    assert [p["rows"] for p in manifest["parts"]] == [32, len(ref) - 32]
+    assert [p["start"] for p in manifest["parts"]] == [0, 32]
     # the budget and `cache rm` count and delete the parts
     assert sum(e.bytes for e in usage(sharded.store)[1]) > manifest["bytes"]
     assert remove(str(tmp_path / "sharded"), t=30) == 2
