@@ -281,7 +281,10 @@ def test_search_cache_lives_in_the_object_store(search: dict, stand_ins):
                            access_key="testing", secret_key="testing", region="us-east-1")
     bucket = stand_ins.bucket
     entries = list_entries(f"{bucket}/search", filesystem=fs)
-    assert entries and {e["split"] for e in entries} == {"train", "val"}
+    # trials read train and val; the champion's one evaluation at the end reads test
+    assert entries and {e["split"] for e in entries} == {"train", "val", "test"}
+    test_ts = {e["t"] for e in entries if e["split"] == "test"}
+    assert len(test_ts) == 1, test_ts
     assert not [i for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/search",
                                                                recursive=True))
                 if i.base_name == ".lock"]  # every lock released, also the dead node's
