@@ -34,7 +34,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -74,6 +74,7 @@ from .features import (
 )
 from .heads import Request
 from .pipeline import SPLITS, TrialData, split_views, trial_dataset
+from .progress import DEFAULT_EVERY_S, Progress
 from .unet import shared_unet
 from .views import ViewCycle, view_batch
 
@@ -128,6 +129,9 @@ class FeatureCache:
         ``difftune plan`` reads).
     :param lock_stale_s: a lock untouched this long belongs to a dead process.
     :param mirror: local folder that entries of a remote root are copied into and mapped from.
+    :param on_progress: takes progress lines of long extractions (:class:`~.progress.Progress`:
+        images/s, time left), e.g. to show them on a search's console.
+    :param progress_s: seconds between those lines.
     """
 
     def __init__(self, root: str | None = None, *, device: str = "cpu",
@@ -137,7 +141,9 @@ class FeatureCache:
                  precision: str | None = None, channels_last: bool = False,
                  record_throughput: bool = False, progress: bool = False,
                  dtype: str = "float16", lock_stale_s: float = 120.0,
-                 mirror: str | None = None, filesystem: pafs.FileSystem | None = None):
+                 mirror: str | None = None, filesystem: pafs.FileSystem | None = None,
+                 on_progress: Callable[[str], None] | None = None,
+                 progress_s: float = DEFAULT_EVERY_S):
         self.root = root or default_root()
         self.store = Store(self.root, filesystem)
         self.device, self.batch_size, self.progress = device, batch_size, progress
@@ -152,6 +158,7 @@ class FeatureCache:
         self.dtype, self.lock_stale_s = np.dtype(dtype).name, lock_stale_s
         self.mirror = mirror or os.path.join(tempfile.gettempdir(), "difftune-mirror")
         self.stats = CacheStats()
+        self.on_progress, self.progress_s = on_progress, progress_s
         self._extractor: Extractor | None = None
         self._serving: set[str] = set()  # entries this process serves (never evicted by it)
 
@@ -374,6 +381,9 @@ class FeatureCache:
                    unit="batch",
                    disable=not self.progress, leave=False)
         timed = [0, 0.0]  # images, seconds: every batch but the first (warm-up)
+        view = f" view {group.view}" if group.view else ""
+        progress = Progress(f"extract {group.split} t={group.t}{view} ({len(plan)} blocks)",
+                            len(indices), self.on_progress, self.progress_s)
         try:
             start = 0
             for i, (x0, labels) in enumerate(loader):
@@ -395,6 +405,7 @@ class FeatureCache:
                         writers[b] = EntryWriter(self.store, key, tuple(f.shape[1:]), native[b])
                     writers[b].write(idx, labels, f)
                 bar.update(1)
+                progress.update(len(x0))
             markers = {b: w.commit() for b, w in writers.items()}
         except BaseException:
             for w in writers.values():
@@ -402,6 +413,7 @@ class FeatureCache:
             raise
         finally:
             bar.close()
+        progress.close()
         self.stats.entries_written += len(markers)
         self.stats.forward_seconds += timed[1]
         self.stats.timed_images += timed[0]

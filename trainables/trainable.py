@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from .data import DataError
 from .errors import UserError
 from .grid import GRID_BEST, GRID_INDEX, Grid
 from .params import trial_config
+from .progress import DEFAULT_EVERY_S, PROGRESS_BOARD
 from .train import TrainingDiverged
 
 if TYPE_CHECKING:
@@ -81,6 +83,8 @@ class RuntimeOptions:
         so that no trial walks the data (:func:`~.fingerprint.files_fingerprint`).
     :param data_hash: how those were computed (``size`` or ``content``).
     :param extract_batch: images per U-Net pass on a cache miss; None: what fits the device.
+    :param progress_s: seconds between the progress lines of a long extraction (posted to
+        the search's :data:`~.progress.PROGRESS_BOARD` actor when there is one).
     """
 
     cache: str | None = None
@@ -93,6 +97,7 @@ class RuntimeOptions:
     data_files: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     data_hash: str = "size"
     extract_batch: int | None = None
+    progress_s: float = DEFAULT_EVERY_S
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,8 +113,10 @@ class RuntimeOptions:
                       "data_files": tuple(sorted(dict(known.get("data_files") or {}).items()))})
 
 
-def make_source(runtime: RuntimeOptions, device: str):
-    """The feature source for ``runtime``."""
+def make_source(runtime: RuntimeOptions, device: str,
+                on_progress: Callable[[str], None] | None = None):
+    """The feature source for ``runtime``; ``on_progress`` takes the progress lines of long
+    extractions."""
     if runtime.online:
         from .online import OnlineFeatures
 
@@ -120,10 +127,25 @@ def make_source(runtime: RuntimeOptions, device: str):
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,
                             extra_blocks=runtime.extra_blocks, budget=runtime.cache_budget,
                             data_files=dict(runtime.data_files), data_hash=runtime.data_hash,
-                            batch_size=runtime.extract_batch)
+                            batch_size=runtime.extract_batch, on_progress=on_progress,
+                            progress_s=runtime.progress_s)
     from .pipeline import DirectFeatures
 
     return DirectFeatures(device=device, batch_size=runtime.extract_batch or 256)
+
+
+def _progress_sink() -> Callable[[str], None] | None:
+    """Post progress lines to the search's :data:`~.progress.PROGRESS_BOARD` actor (the
+    driver prints them), tagged with the trial's id; None outside such a search."""
+    import ray
+    from ray import tune
+
+    try:
+        board = ray.get_actor(PROGRESS_BOARD)
+        trial_id = tune.get_context().get_trial_id()
+    except Exception:  # no board (a search without a console), or not in a trial
+        return None
+    return lambda line: board.post.remote(trial_id, line)
 
 
 def _device() -> str:
@@ -178,7 +200,7 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
         logger.info("resuming trial at epoch %d", start_epoch)
 
     data: dict[str, Any] = {}
-    source = make_source(runtime, device)
+    source = make_source(runtime, device, on_progress=_progress_sink())
     # recorded on the trial's MLflow run; outside Ray, get_runtime_context() would start one
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
