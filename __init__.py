@@ -26,7 +26,7 @@ _TRAINABLES = ("TrialConfig", "UserError", "ConfigError", "Geometry", "geometry_
                "trial_gflops")
 _SEARCH = ("Space", "SpaceError", "load_space", "preset_names", "build_tuner", "run_search",
            "resume_search", "SearchResult", "export_best", "export_pareto", "pareto_front",
-           "predict_images", "main")
+           "predict_images", "gather", "write_figures", "publish", "main")
 _EXPORTS = {**dict.fromkeys(_TRAINABLES, "trainables"), **dict.fromkeys(_SEARCH, "search")}
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,6 @@
 """The driver side of a search: the command line, search spaces, building the Ray Tune
-Tuner (Optuna chooses, ASHA stops), MLflow records, the champion, export.
+Tuner (Optuna chooses, ASHA stops), MLflow records, the champion, export, the figures and
+report of a search.
 
 Only this package imports Ray Tune, Optuna or MLflow at module level. Public names are
 re-exported here and imported on first use.
@@ -21,6 +22,12 @@ _EXPORTS = {
     "default_experiment": "tracking",
     "Plan": "plan", "make_plan": "plan", "parse_size": "sizes",
     "evaluate_on_test": "evaluation",
+    "SearchData": "report", "TrialRow": "report", "gather": "report",
+    "write_figures": "report", "trial_label": "report",
+    "Figure": "figures", "draw_all": "figures",
+    "publish": "publish", "LiveReport": "publish",
+    "SearchConsole": "console",
+    "default_storage": "optuna_store", "open_storage": "optuna_store",
     "main": "cli",
 }
 

@@ -12,6 +12,8 @@ stays; the version's ``difftune.champion`` tag and the parent run's say why.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import tempfile
@@ -123,7 +125,10 @@ def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
                               code_path=code)
     tags = selection_tags(best_config, metric=metric, mode=mode, score=metric_value)
     move, reason = alias_decision(client, model_name, tags)
-    mv = mlflow.register_model(info.model_uri, model_name)
+    with contextlib.redirect_stderr(io.StringIO()) as said:  # it prints; keep it in the log
+        mv = mlflow.register_model(info.model_uri, model_name)
+    for line in said.getvalue().splitlines():
+        logger.debug("%s", line)
     for k, v in {**tags, "run_id": best_run_id, "difftune.champion": reason}.items():
         client.set_model_version_tag(model_name, mv.version, k, v)
     if move:

@@ -23,6 +23,7 @@ logger = logging.getLogger("difftune")
 COMMANDS = (
     "difftune.search.cmd_search",
     "difftune.search.cmd_plan",
+    "difftune.search.cmd_report",
     "difftune.search.cmd_export",
     "difftune.search.cmd_train",
     "difftune.search.cmd_predict",
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             "with no arguments for the demo search."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; a search also shows Ray Tune's, MLflow's and "
+                        "Optuna's own console output (by default kept in its log file)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("mlflow", "alembic"):  # their INFO lines (db migrations) are not for users
+    for noisy in ("mlflow", "alembic", "matplotlib"):  # INFO lines (db migrations) not for users
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()

@@ -66,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="EXPERIMENT",
                    help="continue the latest search of EXPERIMENT after its driver died "
                    "(finished trials are kept, unfinished ones continue)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="where the Optuna study is kept for optuna-dashboard and --resume: a "
+                   "SQLAlchemy URL (sqlite:///PATH, postgresql://... without a password: "
+                   "libpq reads $PGPASSWORD) or a journal file path (default: optuna.db beside "
+                   "a sqlite tracking store, else optuna.journal in --storage; or "
+                   "$DIFFTUNE_OPTUNA_STORAGE)")
     p.add_argument("--top", type=integer(1), default=10, help="rows of the closing table")
     p.set_defaults(run=run)
 
@@ -75,11 +81,21 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.address:
         local_ray_on_loopback()  # before Ray is imported: it reads the setting at import
+    from difftune.search.console import SearchConsole
+
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures are drawn to files
+    with SearchConsole(verbose=bool(getattr(args, "verbose", False))) as console:
+        return _run(args, console)
+
+
+def _run(args: argparse.Namespace, console) -> int:
+    from difftune.search import optuna_store
     from difftune.search.cluster import check_addressable, check_inputs_on_nodes
     from difftune.search.plan import data_size, make_plan, refuse_if_over, resolve_budget
     from difftune.search.space import load_space, parse_set
     from difftune.search.tracking import default_experiment
     from difftune.search.tuner import (
+        DEFAULT_STORAGE,
         default_model_name,
         ensure_ray,
         plan_resume,
@@ -95,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from difftune.trainables.cache import default_root
     from difftune.trainables.data import check_data
+    from difftune.trainables.progress import DEFAULT_EVERY_S
     from difftune.trainables.trainable import RuntimeOptions
     from difftune.trainables.unet import check_model
 
@@ -114,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                               uri, args.resume, None))
         check_inputs_on_nodes({"--checkpoint": plan.space.checkpoint,
                                "--data": plan.space.data})
-        result = resume_search(plan, tracking_uri=uri, address=args.address)
+        result = resume_search(plan, tracking_uri=uri, address=args.address, console=console)
         print_summary(result, top=args.top, model_name=plan.model_name)
         return 0
 
@@ -135,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
     check_reachable(uri)
     check_storage(args.storage)
     check_env_number("DIFFTUNE_MLFLOW_WAIT_S")  # read at the end of the search
+    check_env_number("DIFFTUNE_PROGRESS_S")
+    study_url = args.optuna_storage or optuna_store.default_storage(uri, args.storage
+                                                                    or DEFAULT_STORAGE)
+    refuse_secrets("--optuna-storage", study_url)  # Tune's searcher state keeps it
+    optuna_store.check_storage(study_url)
     cache = None if args.no_cache else (args.cache or default_root())
     if cache and "://" not in cache:
         cache = os.path.abspath(cache)  # trials run in other working directories
@@ -153,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     runtime = RuntimeOptions(cache=cache, online=args.no_cache,
                              threads=max(1, int(space.search["cpus_per_trial"])),
                              extract_batch=space.search.get("extract_batch"),
+                             progress_s=float(os.environ.get("DIFFTUNE_PROGRESS_S",
+                                                             DEFAULT_EVERY_S)),
                              **cache_options(cost, cache, explicit, args.data_hash, space.data))
     extract_first(space, cost, runtime)
     logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
@@ -161,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_search(space, experiment=experiment, tracking_uri=uri, runtime=runtime,
                         storage_path=args.storage, address=args.address,
                         model_name=model_name, artifact_location=artifacts,
-                        plan=cost.to_dict())
+                        plan=cost.to_dict(), optuna_storage=study_url, console=console)
     print_summary(result, top=args.top, model_name=model_name)
     return 0
 
@@ -283,6 +307,7 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
     print(follow_up(result.tracking_uri, result.experiment,
                     model_name=model_name if result.best_run_id else None,
                     pareto=bool(result.pareto)))
+    print(seeing(result))
 
 
 def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = None,
@@ -320,3 +345,29 @@ def print_pareto(front: list[dict]) -> None:
     rows = [{**r, "setting": short(r["config"])} for r in front]
     for line in summary_table(rows, [*names, "setting", "run_id"]):
         print(line)
+
+
+def seeing(result) -> str:
+    """Where a search's figures, UI views, Optuna study and log are, and the commands that
+    open them."""
+    import shlex
+
+    from difftune.search.optuna_store import dashboard_command
+    from difftune.search.uris import paste_form
+
+    rows = []
+    if result.figures:
+        rows.append((f"figures ({len(result.figures)}, .png + .html)",
+                     f"on the search's run {result.parent_run_id[:8]} under figures/: "
+                     f"{', '.join(result.figures)}"))
+    rows.append(("  into a folder", f"difftune report {shlex.quote(result.experiment)} "
+                 f"--tracking-uri {paste_form(result.tracking_uri)} --out figures"))
+    if result.experiment_link:
+        rows.append(("UI: every search", result.experiment_link))
+    if result.trials_link:
+        rows.append(("UI: this search's trials", result.trials_link))
+    if result.optuna_storage:
+        rows.append(("Optuna dashboard", dashboard_command(result.optuna_storage)))
+    if result.log_path:
+        rows.append(("log of this search", result.log_path))
+    return "\n".join(f"{name + ':':<26} {text}" for name, text in rows)

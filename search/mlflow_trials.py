@@ -32,6 +32,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from difftune.search.publish import LiveReport
+from difftune.search.report import trial_label
 from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
 from difftune.search.uris import public_uri, redact, redact_text, runtime_uri
 from difftune.trainables.cache_store import Store
@@ -88,15 +90,22 @@ class MLflowTrials(tune.Callback):
     :param outbox_dir: the Tune experiment's folder (local or a pyarrow URI), where records
         that wait for the store are kept; None keeps them in memory only.
     :param tags: put on every trial run (the search stage: ``difftune.stage``).
+    :param report: a :class:`~.publish.LiveReport` that redraws the search's figures as
+        trials finish.
+
+    A trial's run is named after what it reads (``linear b10 t90 p2``).
     """
 
     def __init__(self, tracking_uri: str, parent_run_id: str, *, epochs_key: str = "epochs",
-                 outbox_dir: str | None = None, tags: dict[str, str] | None = None):
+                 outbox_dir: str | None = None, tags: dict[str, str] | None = None,
+                 report: LiveReport | None = None):
         self.tracking_uri = public_uri(tracking_uri)
         self.parent_run_id = parent_run_id
         self.epochs_key = epochs_key
         self.outbox_dir = outbox_dir
         self.tags = dict(tags or {})  # put on every trial run (e.g. the search stage)
+        self.report = report
+        self._finished = 0
         self._runs: dict[str, str] = {}
         self._last: dict[str, dict] = {}
         self._logged_steps: dict[str, int] = {}  # run id -> last epoch already in MLflow
@@ -203,8 +212,9 @@ class MLflowTrials(tune.Callback):
                 client.set_terminated(run_id, "FINISHED" if op == "complete" else "FAILED")
 
     def _send(self, trial, op: str, *, step: int = 0, metrics=(), tags=(), **extra) -> None:
+        config = decode(trial.config)
         self._outbox.append({
-            "trial": trial.trial_id, "config": decode(trial.config), "name": str(trial),
+            "trial": trial.trial_id, "config": config, "name": trial_label(config),
             "op": op, "step": step, **extra,
             "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
             "tags": [[t.key, t.value] for t in tags]})
@@ -312,6 +322,9 @@ class MLflowTrials(tune.Callback):
         _, finals, tags = self._finals(trial)
         self._grid(trial, self._last.get(trial.trial_id) or trial.last_result or {})
         self._send(trial, "complete", metrics=finals, tags=tags)
+        self._finished += 1
+        if self.report is not None:
+            self.report.poke(self._finished)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         tags = [RunTag("last_failure", _error_line(trial)),

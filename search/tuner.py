@@ -18,6 +18,7 @@ search in which no trial finished raises :class:`~difftune.trainables.errors.Sea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import ray
@@ -41,6 +42,7 @@ from difftune.search.champion import log_champion
 from difftune.search.cluster import cluster_gpus, trial_resources
 from difftune.search.evaluation import evaluate_on_test, log_test_metrics
 from difftune.search.mlflow_trials import MLflowTrials, first_line, store_is_away
+from difftune.search.optuna_store import TAG_STORAGE, TAG_STUDY
 from difftune.search.pareto import log_front
 from difftune.search.space import Space
 from difftune.search.space_optuna import startup_trials
@@ -59,6 +61,10 @@ from difftune.trainables.errors import SearchFailed
 from difftune.trainables.grid import GRID_BEST, with_point
 from difftune.trainables.params import decode
 from difftune.trainables.trainable import FAILURE_KEY, RuntimeOptions, train_trial
+
+if TYPE_CHECKING:
+    from difftune.search.console import SearchConsole
+    from difftune.search.publish import LiveReport
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,12 @@ class SearchResult:
     alias_moved: bool = True
     alias_reason: str = ""
     failed: dict[str, int] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+    optuna_storage: str | None = None
+    study_name: str | None = None
+    experiment_link: str | None = None
+    trials_link: str | None = None
+    log_path: str | None = None
 
 
 class StopOnDataError(tune.Stopper):
@@ -125,8 +137,12 @@ def build_tuner(
     name: str,
     callbacks: list[tune.Callback] | None = None,
     verbose: int = 1,
+    study_storage: optuna.storages.BaseStorage | None = None,
 ) -> tune.Tuner:
-    """The ``tune.Tuner`` of a search (the one place that wires Ray Tune and Optuna)."""
+    """The ``tune.Tuner`` of a search (the one place that wires Ray Tune and Optuna).
+
+    :param study_storage: where the Optuna study named ``name`` is kept (None: in memory).
+    """
     s = space.search
     objectives = space.objectives()
     multi = len(objectives) > 1
@@ -137,6 +153,8 @@ def build_tuner(
         mode=[o["mode"] for o in objectives] if multi else s["mode"],
         sampler=sampler_for(space),
         points_to_evaluate=space.points_to_evaluate() or None,
+        storage=study_storage,
+        study_name=name if study_storage is not None else None,
     )
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
@@ -189,6 +207,11 @@ def ensure_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, **kwargs)
 
 
+def search_name(experiment: str) -> str:
+    """A search's name: its Ray Tune experiment, its Optuna study."""
+    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def default_model_name(experiment: str) -> str:
     """Registered model name of a search's champion head."""
     return experiment if experiment.startswith("difftune") else f"difftune-{experiment}"
@@ -219,18 +242,31 @@ def run_search(
     artifact_location: str | None = None,
     verbose: int = 1,
     plan: dict[str, Any] | None = None,
+    optuna_storage: str | None = None,
+    console: SearchConsole | None = None,
 ) -> SearchResult:
     """Run a whole search: parent run (with ``plan.json`` and the cache policy when a plan
-    is given), trials, the confirm stage, champion. Returns what the CLI prints.
+    is given), trials, the confirm stage, champion, figures. Returns what the CLI prints.
 
     :param artifact_location: where a new experiment keeps its artifacts (None:
-        :func:`~.uris.artifact_root`)."""
+        :func:`~.uris.artifact_root`).
+    :param optuna_storage: where the Optuna study is kept (default:
+        :func:`~.optuna_store.default_storage`).
+    :param console: the terminal's :class:`~.console.SearchConsole` (a live trial table, the
+        rest in its log file); None leaves Ray Tune's own reporter at ``verbose``."""
+    from difftune.search import optuna_store, ui_view
+    from difftune.search.console import ConsoleTable, log_path_for
+    from difftune.search.publish import LiveReport
+
     storage_path = storage_path or DEFAULT_STORAGE
     if "://" not in storage_path:  # s3://, gs://: Ray Tune takes the URI as it is
         storage_path = str(Path(storage_path).resolve())
-    name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = search_name(experiment)
+    if console is not None:
+        console.open_log(log_path_for(storage_path, name))
     tune_path = storage_join(storage_path, name)
     model_name = model_name or default_model_name(experiment)
+    study_url = optuna_storage or optuna_store.default_storage(tracking_uri, storage_path)
     client = MlflowClient(tracking_uri)
     parent = start_parent_run(client, experiment, space_dict=space.resolved(),
                               runtime=runtime.to_dict(), tune_path=tune_path,
@@ -239,14 +275,43 @@ def run_search(
     if plan is not None:
         client.log_dict(parent, plan, "plan.json")
     record_skipped_images(client, parent, space.data, space.setting("bad_images"))
+    client.set_tag(parent, optuna_store.TAG_STORAGE, redact(study_url))
+    client.set_tag(parent, optuna_store.TAG_STUDY, name)
+    links = ui_view.setup(client, tracking_uri, parent, metric=space.search["metric"],
+                          mode=space.search["mode"])
     ensure_ray(address)
-    trials = MLflowTrials(tracking_uri, parent, outbox_dir=tune_path,
-                          tags={"difftune.stage": "search"})
+    report = LiveReport(tracking_uri, parent)
+    callbacks: list[tune.Callback] = [MLflowTrials(tracking_uri, parent, outbox_dir=tune_path,
+                                                   tags={"difftune.stage": "search"},
+                                                   report=report)]
+    if console is not None:
+        callbacks.append(ConsoleTable(metric=space.search["metric"], mode=space.search["mode"],
+                                      total=int(space.search["trials"])))
+        verbose = 1 if console.verbose else 0
     tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
-                        callbacks=[trials], verbose=verbose)
-    return _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
-                           tracking_uri=tracking_uri, tune_path=tune_path,
-                           model_name=model_name, runtime=runtime, verbose=verbose)
+                        callbacks=callbacks, verbose=verbose,
+                        study_storage=optuna_store.open_storage(study_url))
+    result = _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
+                             tracking_uri=tracking_uri, tune_path=tune_path,
+                             model_name=model_name, runtime=runtime, verbose=verbose,
+                             report=report, console=console)
+    return _annotate(result, study_url, name, links, console)
+
+
+def _annotate(result: SearchResult, study_url: str | None, study_name: str | None,
+              links: tuple[str, str], console: SearchConsole | None) -> SearchResult:
+    """What the closing lines print: the study (no trial left running in it), the UI's links,
+    the log file (also put on the parent run)."""
+    from difftune.search import optuna_store
+
+    result.optuna_storage, result.study_name = study_url, study_name
+    if study_url and study_name and "***" not in study_url:
+        optuna_store.close_orphans(study_url, study_name)
+    result.experiment_link, result.trials_link = links
+    if console is not None and console.log_path is not None:
+        result.log_path = str(console.log_path)
+        console.upload(MlflowClient(result.tracking_uri), result.parent_run_id)
+    return result
 
 
 @dataclass
@@ -260,6 +325,8 @@ class ResumePlan:
     space: Space
     runtime: RuntimeOptions
     model_name: str
+    study_storage: str | None = None  # the Optuna study's storage, as the parent run records it
+    study_name: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -283,11 +350,12 @@ def plan_resume(*, experiment: str, tracking_uri: str) -> ResumePlan:
         experiment=experiment, parent=run.info.run_id, status=run.info.status,
         tune_path=tags.get("difftune.tune_path", ""), space=space_from_run(client, run.info.run_id),
         runtime=RuntimeOptions.from_dict(json.loads(tags.get(TAG_RUNTIME, "{}"))),
-        model_name=tags.get("difftune.model_name", default_model_name(experiment)))
+        model_name=tags.get("difftune.model_name", default_model_name(experiment)),
+        study_storage=tags.get(TAG_STORAGE), study_name=tags.get(TAG_STUDY))
 
 
 def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = None,
-                  verbose: int = 1) -> SearchResult:
+                  verbose: int = 1, console: SearchConsole | None = None) -> SearchResult:
     """Continue a search whose driver died: Ray Tune restores the trials and the Optuna
     searcher; finished trials are not rerun and their MLflow runs are left as they are;
     unfinished ones continue in their own run. Call it after :func:`plan_resume` and the
@@ -296,16 +364,28 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
         raise TrackingError(f"--resume {plan.experiment}: the search's Ray Tune state "
                             f"{redact(plan.tune_path)} is missing or not restorable (was "
                             "--storage on another machine?)")
+    if console is not None:
+        from difftune.search.console import log_path_for
+
+        console.open_log(log_path_for(plan.storage_path, plan.study_name or Path(
+            plan.tune_path.split("?")[0]).name, resumed=True))
     client = MlflowClient(tracking_uri)
     ensure_ray(address)
     client.update_run(plan.parent, status="RUNNING")
     logger.info("resuming %s from %s", plan.experiment, redact(plan.tune_path))
     tuner = tune.Tuner.restore(plan.tune_path, trainable=make_trainable(plan.space, plan.runtime),
                                resume_unfinished=True, resume_errored=True)
-    return _fit_and_finish(tuner, plan.space, client=client, parent=plan.parent,
-                           experiment=plan.experiment, tracking_uri=tracking_uri,
-                           tune_path=plan.tune_path, model_name=plan.model_name,
-                           runtime=plan.runtime, verbose=verbose)
+    if console is not None and not console.verbose:
+        verbose = 0
+    result = _fit_and_finish(tuner, plan.space, client=client, parent=plan.parent,
+                             experiment=plan.experiment, tracking_uri=tracking_uri,
+                             tune_path=plan.tune_path, model_name=plan.model_name,
+                             runtime=plan.runtime, verbose=verbose, console=console)
+    from difftune.search import ui_view
+
+    links = ui_view.setup(client, tracking_uri, plan.parent, metric=plan.space.search["metric"],
+                          mode=plan.space.search["mode"])
+    return _annotate(result, plan.study_storage, plan.study_name, links, console)
 
 
 def _failure(r) -> str | None:
@@ -324,9 +404,11 @@ def _fail(client: MlflowClient, parent: str, message: str) -> None:
 def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
                     experiment: str, tracking_uri: str, tune_path: str,
                     model_name: str, runtime: RuntimeOptions | None = None,
-                    verbose: int = 1) -> SearchResult:
+                    verbose: int = 1, report: LiveReport | None = None,
+                    console: SearchConsole | None = None) -> SearchResult:
     try:
-        results = tuner.fit()
+        with console.library_stdout() if console is not None else contextlib.nullcontext():
+            results = tuner.fit()
     except BaseException:
         _mark(client, parent, "FAILED")
         raise
@@ -369,9 +451,10 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
         if int(s.get("confirm_top") or 0) > 0:  # the champion is the best confirmed
             from difftune.search.confirm import confirm_top
 
-            champions, result.confirmed = confirm_top(
-                space, ranked, runtime=runtime, tracking_uri=tracking_uri, parent=parent,
-                tune_path=tune_path, verbose=verbose)
+            with console.library_stdout() if console is not None else contextlib.nullcontext():
+                champions, result.confirmed = confirm_top(
+                    space, ranked, runtime=runtime, tracking_uri=tracking_uri, parent=parent,
+                    tune_path=tune_path, verbose=verbose)
             runs = while_away("reading the trial runs", lambda: trial_run_ids(client, parent))
             tested = _test_confirmed(champions, result.confirmed, space, client=client,
                                      runtime=runtime, runs=runs)
@@ -385,6 +468,9 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
     # FINISHED last: a search whose driver died before its champion was registered is
     # resumable, and --resume of a FINISHED one has nothing to do
     while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
+    from difftune.search.publish import final_publish
+
+    result.figures = final_publish(client, parent, report)
     return result
 
 

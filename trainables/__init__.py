@@ -36,6 +36,7 @@ _EXPORTS = {
     "probe_grid": "probe",
     "Grid": "grid", "GridError": "grid", "HeadGrid": "grid_heads", "build_grid": "grid_heads",
     "run_grid_trial": "grid_train", "train_grid": "grid_train",
+    "Progress": "progress",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
