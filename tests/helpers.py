@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +61,64 @@ def moto_s3(log_dir: Path, bucket: str, monkeypatch) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+# --------------------------------------------------------------------------------------
+# A real MLflow server and a real browser (the UI tests and benchmarks/screenshots.py)
+# --------------------------------------------------------------------------------------
+
+#: Debian's Chromium (`.ci/run` installs it); Playwright drives it, nothing is downloaded
+CHROMIUM = "/usr/bin/chromium"
+#: a headless Chromium that makes no connection of its own (the machine's network is closed)
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync")
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store and artifacts under ``root``);
+    yields its URI and stops it (and the workers it spawned) afterwards."""
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/server.db",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: see {root}/mlflow-server.log"
+                                       ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start in 180 s") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def chromium_page(user_data_dir: Path, *, width: int = 1400, height: int = 900):
+    """A page of a headless Debian Chromium with a fresh profile, driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(user_data_dir), executable_path=CHROMIUM, headless=True,
+            viewport={"width": width, "height": height}, args=list(CHROMIUM_ARGS))
+        try:
+            yield context.new_page()
+        finally:
+            context.close()

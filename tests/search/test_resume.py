@@ -91,6 +91,15 @@ def test_resume_after_sigkill_records_every_trial_once(ray_session, tmp_path):
     assert parent.info.status == "FINISHED"
     assert client.get_model_version_by_alias("difftune-resume", "champion").run_id in {
         r.info.run_id for r in after}
+    # the resumed search continued the same Optuna study: one study, every trial told once
+    import optuna
+
+    storage = optuna.storages.RDBStorage(parent.data.tags["difftune.optuna_storage"])
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.study_name == parent.data.tags["difftune.optuna_study"]
+    states = [t.state.name for t in optuna.load_study(study_name=summary.study_name,
+                                                      storage=storage).trials]
+    assert states.count("COMPLETE") == TRIALS and "RUNNING" not in states
 
 
 def test_resume_of_unknown_experiment_is_one_clear_error(tmp_path):

@@ -1,10 +1,16 @@
 """The demo search end to end on a real local Ray and a real sqlite MLflow store: parent
 run, nested child runs, the champion (chosen on val, evaluated once on test), export -> train
-reproducing the best trial, and a bad space leaving the store untouched."""
+reproducing the best trial, and a bad space leaving the store untouched; the figures and
+report on the parent run, the Optuna study where optuna-dashboard reads it, and what the
+terminal shows."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
 
 import mlflow
 import pytest
@@ -24,10 +30,17 @@ def searched(ray_session, tmp_path_factory):
     """One small demo search shared by the tests of this module."""
     root = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{root}/mlflow.db"
-    rc = main(["search", "--trials", str(TRIALS), "--set", f"epochs={EPOCHS}",
-               "--experiment", "e2e", "--tracking-uri", uri, "--storage", str(root / "runs"),
-               "--cache", str(root / "cache"), "--model-name", "e2e-head"])
-    assert rc == 0
+    out, err = io.StringIO(), io.StringIO()
+    os.environ["DIFFTUNE_PROGRESS_S"] = "0"  # every extraction says its progress
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["search", "--trials", str(TRIALS), "--set", f"epochs={EPOCHS}",
+                       "--experiment", "e2e", "--tracking-uri", uri, "--storage",
+                       str(root / "runs"), "--cache", str(root / "cache"), "--model-name",
+                       "e2e-head"])
+    finally:
+        del os.environ["DIFFTUNE_PROGRESS_S"]
+    assert rc == 0, err.getvalue()[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("e2e")
     runs = client.search_runs([exp.experiment_id], max_results=100)
@@ -35,7 +48,8 @@ def searched(ray_session, tmp_path_factory):
     children = [r for r in runs if r.data.tags.get("difftune.role") == "trial"]
     best = best_trial(trial_candidates(client, parents[0], metric="val_top1"), mode="max")
     return {"root": root, "uri": uri, "client": client, "parents": parents,
-            "children": children, "best": best.data}
+            "children": children, "best": best.data, "out": out.getvalue(),
+            "err": err.getvalue()}
 
 
 def test_parent_run_records_the_search(searched):
@@ -192,3 +206,71 @@ def test_the_closing_export_command_runs_as_printed(searched, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "best.yaml").is_file()
+
+
+FIGURES = ["block_timestep", "slices", "importances", "history", "cost", "curves"]
+
+
+def test_parent_run_shows_the_figures_and_reads_as_a_report(searched):
+    (parent,) = searched["parents"]
+    client = searched["client"]
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
+    assert files == {f"figures/{n}.{ext}" for n in FIGURES for ext in ("png", "html")}
+    note = client.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
+    best = max(searched["children"], key=lambda r: r.data.metrics["val_top1"])
+    assert "(finished)" in note.splitlines()[0] and "**Space** `demo`" in note
+    assert f"**Champion**: {best.info.run_name}: val top-1 " in note
+    assert "`difftune-e2e@champion`" not in note and "`e2e-head@champion`" in note
+    assert re.search(r"^\| 1 \| \[", note, re.M)
+
+
+def test_trial_runs_are_named_by_head_block_and_timestep(searched):
+    for child in searched["children"]:
+        cfg = json.loads(child.data.tags["difftune.config"])
+        assert child.info.run_name.startswith(f"{cfg['head']} b"), child.info.run_name
+        assert re.fullmatch(r"[a-z]+ b[\d+]+ t[\d+]+( p\d+)?", child.info.run_name)
+
+
+def test_optuna_study_is_where_the_dashboard_reads_it(searched):
+    import optuna
+
+    (parent,) = searched["parents"]
+    url = parent.data.tags["difftune.optuna_storage"]
+    assert url == f"sqlite:///{searched['root']}/optuna.db"  # beside the tracking store
+    storage = optuna.storages.RDBStorage(url)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.study_name == parent.data.tags["difftune.optuna_study"]
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert len(trials) == TRIALS
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert "optuna-dashboard " + url in searched["out"]
+
+
+def test_experiment_opens_on_its_runs_with_the_key_columns(searched):
+    client = searched["client"]
+    exp = client.get_experiment_by_name("e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = searched["parents"]
+    link = re.search(r"this search's trials: +(\S+)", searched["out"])[1]
+    key = re.search(r"viewStateShareKey=(\w+)", link)[1]
+    assert "workflowType=machine_learning" in link
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{key}"])
+    assert parent.info.run_id in view["searchFilter"]
+    assert view["orderByKey"] == "metrics.`val_top1`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:4] == ["params.`head`", "params.`block`", "params.`t`",
+                                           "params.`pool`"]
+
+
+def test_terminal_shows_trials_and_progress_not_library_noise(searched):
+    lines = (searched["out"] + searched["err"]).splitlines()
+    assert len(lines) < 60, "\n".join(lines)
+    text = "\n".join(lines)
+    for noise in ("snapshotting", "TensorBoard", "Token authentication", "Configuration for"):
+        assert noise not in text
+    assert len([x for x in lines if re.search(r"  done [1-3]/3  ", x)]) == TRIALS
+    assert re.search(r"extract train t=\d+ \(\d+ blocks\): [\d,]+ images in \S+, [\d,]+ img/s",
+                     text)
+    assert re.search(r"figures \(6, \.png \+ \.html\): +on the search's run", text)
+    log = re.search(r"log of this search: +(\S+)", text)[1]
+    kept = open(log).read()  # what the terminal did not show is in the log file
+    assert "Configuration for experiment" in kept  # Ray Tune's header, printed to stdout
