@@ -275,6 +275,8 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
     if metric not in cols:
         cols.insert(0, metric)
+    if any(row.get("test_top1") is not None for row in result.rows):  # where it was measured
+        cols.insert(cols.index("val_top5") + 1, "test_top1")
     failed = result.failed
     failures = ("; failed: " + ", ".join(f"{n} {k}" for k, n in sorted(failed.items()))
                 if failed else "")
@@ -338,10 +340,12 @@ def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = No
 
 def print_pareto(front: list[dict]) -> None:
     """The Pareto front of a multi-objective search, best first by the first objective."""
-    from difftune.search.pareto import FIGURE, TABLE, short
+    from difftune.search.pareto import TABLE, front_name, short
+    from difftune.search.report import FIGURES_DIR
 
     names = [k for k in front[0] if k not in ("trial_id", "run_id", "config")]
-    print(f"\nPareto front ({len(front)} configs; {TABLE} and {FIGURE} on the search run):")
+    figure = f"{FIGURES_DIR}/{front_name(names)}.png"
+    print(f"\nPareto front ({len(front)} configs; {TABLE} and {figure} on the search run):")
     rows = [{**r, "setting": short(r["config"])} for r in front]
     for line in summary_table(rows, [*names, "setting", "run_id"]):
         print(line)

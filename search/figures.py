@@ -4,8 +4,9 @@ matplotlib figure (the PNG to look at) and a plotly figure (the HTML to explore)
 - ``block_timestep``: the best score per (block, timestep) cell, one panel per head type that
   reads one map (cells never tried are hatched, the champion is starred);
 - ``slices``, ``importances``, ``history``: drawn by Optuna (:mod:`.figures_optuna`);
-- ``cost``: score against the U-Net GFLOPs per image a trial's extraction costs, with the
-  Pareto front (:mod:`difftune.trainables.cost`);
+- ``cost``: score against the GFLOPs per image a trial reports, with the Pareto front: drawn
+  by :mod:`.pareto` (the one figure of a search's front, ``pareto`` when a multi-objective
+  search's second objective is not ``gflops``);
 - ``curves``: the learning curves of the top trials.
 
 :func:`draw_all` draws every figure the data allows; a figure that cannot be drawn yet (too
@@ -55,7 +56,7 @@ def subtitle(data: SearchData) -> str:
     return f"{where}{data.parent_name or data.parent_run_id[:8]}{state}: {done} of {n} trials finished"
 
 
-def _mpl_figure(w: float, h: float, **kwargs: Any):
+def mpl_figure(w: float, h: float, **kwargs: Any):
     import matplotlib.pyplot as plt
 
     return plt.figure(figsize=(w, h), **kwargs)
@@ -167,7 +168,7 @@ def block_timestep(data: SearchData) -> Figure | None:
     nrows = math.ceil(len(heads) / ncols)
     panel_w = max(4.5, 0.27 * len(blocks) + 1.4)
     panel_h = max(3.0, 0.27 * len(rows) + 1.4)
-    fig = _mpl_figure(panel_w * ncols + 1.0, panel_h * nrows + 0.8, layout="constrained")
+    fig = mpl_figure(panel_w * ncols + 1.0, panel_h * nrows + 0.8, layout="constrained")
     gs = fig.add_gridspec(nrows, ncols)
     ylabels = [_row_label(r) for r in rows]
     xlabel = _block_axis_label(data)
@@ -228,87 +229,6 @@ def block_timestep(data: SearchData) -> Figure | None:
     return Figure("block_timestep", title, fig, html)
 
 
-# ---- accuracy against cost ------------------------------------------------------------------
-def pareto_front(points: list[tuple[float, float, Any]], *, maximize: bool = True
-                 ) -> list[tuple[float, float, Any]]:
-    """The (cost, score, key) points no other point beats on both (lower cost, better
-    score), by increasing cost."""
-    front: list[tuple[float, float, Any]] = []
-    for cost, score, key in sorted(points, key=lambda p: (p[0], -p[1] if maximize else p[1])):
-        if not front or (score > front[-1][1] if maximize else score < front[-1][1]):
-            front.append((cost, score, key))
-    return front
-
-
-def cost(data: SearchData) -> Figure | None:
-    """Score against the U-Net GFLOPs per image of a trial's extraction, Pareto front drawn."""
-    import plotly.graph_objects as go
-
-    from difftune.search.report import blocks_read, trial_label
-    from difftune.trainables.cost import gflops_to, model_costs
-
-    if data.space is None:
-        return None
-    try:
-        costs = model_costs(data.space.model, data.space.checkpoint)
-    except Exception as exc:  # the model's flags are not readable here
-        logger.info("cost figure left out: %s", str(exc).splitlines()[0])
-        return None
-    pts: dict[str, list[tuple[float, float, Any]]] = {}
-    for t in data.trials:
-        blocks = blocks_read(t.config)
-        if t.finished and blocks and max(blocks) in costs:
-            pts.setdefault(str(t.config.get("head")), []).append(
-                (gflops_to(costs, blocks), float(t.score), t))
-    if not pts:
-        return None
-    label = data.metric_label
-    maximize = data.mode == "max"
-    front = pareto_front([p for ps in pts.values() for p in ps], maximize=maximize)
-    title = f"{label[0].upper()}{label[1:]} against feature-extraction cost"
-    xlabel = "U-Net GFLOPs per image, forward pass up to the deepest block read"
-    fig = _mpl_figure(9.5, 5.0)
-    ax = fig.add_subplot()
-    for h, ps in pts.items():
-        ax.scatter([p[0] for p in ps], [p[1] for p in ps], label=h, alpha=0.8, s=30)
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2,
-            label="Pareto front")
-    for c, s, t in front:
-        ax.annotate(trial_label(t.config), (c, s), textcoords="offset points", xytext=(-4, 7),
-                    fontsize=7, ha="right")
-    champ = data.champion
-    if champ is not None:
-        cc = [(p[0], p[1]) for ps in pts.values() for p in ps if p[2].run_id == champ.run_id]
-        if cc:
-            ax.scatter([cc[0][0]], [cc[0][1]], **CHAMPION_STYLE, label="champion")
-    xs = [p[0] for ps in pts.values() for p in ps]
-    log_x = min(xs) > 0 and max(xs) / min(xs) > 20
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(label)
-    ax.set_title(f"{title}\n{subtitle(data)}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.08, y=0.1)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head",
-              title_fontsize=8)
-    fig.tight_layout()
-
-    html = go.Figure()
-    for h, ps in pts.items():
-        html.add_trace(go.Scatter(x=[p[0] for p in ps], y=[p[1] for p in ps], mode="markers",
-                                  name=h, text=[trial_label(p[2].config) for p in ps],
-                                  hovertemplate="%{text}<br>%{x:.4g} GFLOPs<br>%{y:.2f}"))
-    html.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front],
-                              mode="lines", line={"shape": "hv", "color": "black"},
-                              name="Pareto front"))
-    html.update_layout(title=f"{title}<br><sup>{subtitle(data)}</sup>", xaxis_title=xlabel,
-                       yaxis_title=label, legend_title_text="head")
-    if log_x:
-        html.update_xaxes(type="log")
-    return Figure("cost", title, fig, html)
-
-
 # ---- learning curves ------------------------------------------------------------------------
 def curves(data: SearchData) -> Figure | None:
     """The metric per epoch of the top trials."""
@@ -321,7 +241,7 @@ def curves(data: SearchData) -> Figure | None:
         return None
     label = data.metric_label
     title = f"Learning curves of the top {len(top)} trials"
-    fig = _mpl_figure(8.5, 5.0)
+    fig = mpl_figure(8.5, 5.0)
     ax = fig.add_subplot()
     html = go.Figure()
     for rank, t in enumerate(top, 1):
@@ -346,6 +266,7 @@ def curves(data: SearchData) -> Figure | None:
 def draw_all(data: SearchData) -> list[Figure]:
     """Every figure the data allows, in the order a reader wants them."""
     from difftune.search import figures_optuna as fo
+    from difftune.search import pareto
 
     study = None
     try:
@@ -358,7 +279,7 @@ def draw_all(data: SearchData) -> list[Figure]:
         ("slices", lambda: fo.slices(data, study) if study else None),
         ("importances", lambda: fo.importances(data, study) if study else None),
         ("history", lambda: fo.history(data, study) if study else None),
-        ("cost", lambda: cost(data)),
+        ("cost", lambda: pareto.figure_of(data)),  # "pareto" when not against GFLOPs
         ("curves", lambda: curves(data)),
     ]
     out = []

@@ -4,7 +4,14 @@ GFLOPs per image): the trials no other trial beats on every objective at once.
 Trials are scored as :mod:`.best` scores them (finished without error, each objective at the
 last epoch the trial reported, finite); a trial dominates another when it is at least as good
 on every objective and better on one. The parent run records the front as a table artifact
-``pareto.json`` and a figure ``pareto.png``; ``difftune export --pareto`` writes its configs.
+``pareto.json``; ``difftune export --pareto`` writes its configs.
+
+This module also draws the one figure of a search's front (:func:`figure_of`, logged with the
+search's other figures as ``figures/cost.png`` and ``.html``, and drawn by ``difftune
+report``): every finished trial by its score and its GFLOPs per image (a multi-objective
+search: its first two objectives), one colour per head, the front drawn through its trials
+and labelled, the champion starred. A single-objective search's front is of its score and
+GFLOPs.
 """
 
 from __future__ import annotations
@@ -12,15 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from difftune.trainables.heads import KINDS
+
+if TYPE_CHECKING:
+    from difftune.search.figures import Figure
+    from difftune.search.report import SearchData
 
 logger = logging.getLogger(__name__)
 
 TABLE = "pareto.json"
-FIGURE = "pareto.png"
 #: settings shown beside the objectives in the table (where the trial's head reads them)
 SHOWN = ("head", "block", "t", "pool", "blocks", "timesteps", "lr", "hidden", "dim")
 #: axis titles of the metrics
@@ -93,49 +104,150 @@ def _read(cfg: dict[str, Any]) -> set[str]:
     return {"head", "lr", *(kind.settings if kind else ())} & set(cfg)
 
 
-def figure(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
-           objectives: Sequence[dict[str, str]]):
-    """A matplotlib figure: every trial by its first two objectives (the second on x), the
-    front drawn as a line through its points, each front point labelled with its setting."""
-    import matplotlib
+def front_name(metrics: list[str]) -> str:
+    """The name of the figure of a search's Pareto front: ``cost`` (the score against GFLOPs
+    per image: every single-objective search, and a multi-objective one whose second
+    objective is ``gflops``), else ``pareto``."""
+    return "cost" if len(metrics) < 2 or metrics[1] == "gflops" else "pareto"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    y_obj, x_obj = objectives[0], objectives[1]
-    y, x = y_obj["metric"], x_obj["metric"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    pts = [(r[x], r[y]) for r in rows if _num(r.get(x)) is not None and _num(r.get(y)) is not None]
-    if pts:
-        ax.scatter(*zip(*pts, strict=True), s=22, color="#9aa5b1", label="trial", zorder=2)
-    fx = [r[x] for r in front]
-    fy = [r[y] for r in front]
-    order = sorted(range(len(front)), key=lambda i: fx[i])
-    ax.plot([fx[i] for i in order], [fy[i] for i in order], "-o", color="#d1495b", ms=6,
-            # the edge of what the front dominates
-            drawstyle="steps-post" if x_obj["mode"] == "min" else "steps-pre",
-            label="Pareto front", zorder=3)
-    labelled: set[tuple] = set()
-    for j, i in enumerate(order):  # alternate above and below: neighbours do not overlap
-        r = front[i]
-        text = short(r.get("config", {}))
-        if (r[x], r[y], text) in labelled:
+@dataclass
+class Front:
+    """Finished trials placed by the score (y) and a second objective (x), and which of them
+    are on the Pareto front (:func:`difftune.search.pareto.pareto_front`: of the search's
+    objectives; of the score and GFLOPs for a single-objective search)."""
+
+    objectives: list[dict[str, str]]
+    points: list[tuple[float, float, Any]]  # (x, y, TrialRow)
+    front: list[int]  # indices into points, best first by the score
+
+    @property
+    def x_metric(self) -> str:
+        return self.objectives[1]["metric"]
+
+
+def front_of(data: SearchData) -> Front | None:
+    """The trials of the front figure, None when no finished trial has the x value."""
+    objectives = data.objectives()
+    if len(objectives) < 2:
+        objectives = [*objectives, {"metric": "gflops", "mode": "min"}]
+    x_metric = objectives[1]["metric"]
+    fallback = _unet_gflops(data) if x_metric == "gflops" else None
+    points, values = [], []
+    for t in data.trials:
+        if not t.finished:
             continue
-        labelled.add((r[x], r[y], text))
-        ax.annotate(text, (r[x], r[y]), textcoords="offset points", fontsize=7,
-                    xytext=(6, 6) if j % 2 == 0 else (6, -12), color="#333333")
-    ax.set_xlabel(f"{NAMES.get(x, x)} ({'lower' if x_obj['mode'] == 'min' else 'higher'} "
-                  "is better)")
-    ax.set_ylabel(f"{NAMES.get(y, y)} ({'higher' if y_obj['mode'] == 'max' else 'lower'} "
-                  "is better)")
-    if x == "gflops" and pts and min(p[0] for p in pts) > 0:
+        x = t.metrics.get(x_metric)
+        if x is None and fallback is not None:
+            x = fallback(t.config)
+        rest = [t.metrics.get(o["metric"]) for o in objectives[2:]]
+        if x is None or not math.isfinite(float(x)):
+            continue
+        points.append((float(x), float(t.score), t))
+        values.append([float(t.score), float(x), *rest])
+    if not points:
+        return None
+    return Front(objectives, points, pareto_front(values, [o["mode"] for o in objectives]))
+
+
+def _unet_gflops(data: SearchData) -> Callable[[dict], float | None] | None:
+    """For runs that did not report ``gflops`` (searches before it was reported): the U-Net
+    passes a trial's features need (one per timestep, up to its deepest block), counted here."""
+    from difftune.search.report import blocks_read, reads
+    from difftune.trainables.cost import gflops_to, model_costs
+
+    if data.space is None:
+        return None
+    try:
+        costs = model_costs(data.space.model, data.space.checkpoint)
+    except Exception as exc:  # the model's flags are not readable here
+        logger.info("GFLOPs of old trials left out: %s", str(exc).splitlines()[0])
+        return None
+
+    def count(config: dict) -> float | None:
+        blocks = blocks_read(config)
+        if not blocks or max(blocks) not in costs:
+            return None
+        return len(reads(config)[1] or [0]) * gflops_to(costs, blocks)
+    return count
+
+
+def figure_of(data: SearchData) -> Figure | None:
+    """The score against GFLOPs per image (or the search's second objective), one colour per
+    head, the Pareto front drawn through its trials and labelled, the champion starred."""
+    import plotly.graph_objects as go
+
+    from difftune.search.figures import CHAMPION_STYLE, Figure, mpl_figure, subtitle
+    from difftune.search.report import trial_label
+
+    f = front_of(data)
+    if f is None:
+        return None
+    label = data.metric_label
+    xm = f.x_metric
+    x_mode = f.objectives[1]["mode"]
+    xlabel = (f"GFLOPs per image: the U-Net passes a trial's features need, plus its head "
+              f"({'lower' if x_mode == 'min' else 'higher'} is better)") if xm == "gflops" \
+        else f"{NAMES.get(xm, xm)} ({'lower' if x_mode == 'min' else 'higher'} is better)"
+    more = f", first 2 of {len(f.objectives)} objectives" if len(f.objectives) > 2 else ""
+    what = "GFLOPs per image" if xm == "gflops" else NAMES.get(xm, xm)
+    title = (f"{label[0].upper()}{label[1:]} against {what}: "
+             f"the Pareto front ({len(f.front)} of {len(f.points)} trials{more})")
+    by_head: dict[str, list[tuple[float, float, Any]]] = {}
+    for p in f.points:
+        by_head.setdefault(str(p[2].config.get("head")), []).append(p)
+    on = sorted((f.points[i] for i in f.front), key=lambda p: p[0])
+    # the edge of what the front dominates (a staircase when it is of these two objectives)
+    step = "post" if x_mode == "min" else "pre"
+    fig = mpl_figure(9.5, 5.2)
+    ax = fig.add_subplot()
+    for h, ps in by_head.items():
+        ax.scatter([p[0] for p in ps], [p[1] for p in ps], label=h, alpha=0.8, s=30, zorder=2)
+    if len(f.objectives) == 2:
+        ax.step([p[0] for p in on], [p[1] for p in on], where=step, color="black", lw=1.2,
+                label="Pareto front", zorder=3)
+    ax.scatter([p[0] for p in on], [p[1] for p in on], s=70, facecolors="none",
+               edgecolors="black", lw=1.2, zorder=4,
+               label=None if len(f.objectives) == 2 else "on the Pareto front")
+    for j, (x, y, t) in enumerate(on):  # alternate above and below: neighbours do not overlap
+        ax.annotate(trial_label(t.config), (x, y), textcoords="offset points", fontsize=7,
+                    xytext=(6, 7) if j % 2 == 0 else (6, -13), color="#333333")
+    champ = data.champion
+    cc = [p for p in f.points if champ is not None and p[2].run_id == champ.run_id]
+    if cc:
+        ax.scatter([cc[0][0]], [cc[0][1]], **CHAMPION_STYLE, label="champion")
+    xs = [p[0] for p in f.points]
+    log_x = min(xs) > 0 and max(xs) / min(xs) > 20
+    if log_x:
         ax.set_xscale("log")
-    more = f" (first 2 of {len(objectives)} objectives)" if len(objectives) > 2 else ""
-    ax.set_title(f"Pareto front: {len(front)} of {len(rows)} trials{more}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(f"{label} ({'higher' if data.mode == 'max' else 'lower'} is better)")
+    ax.set_title(f"{title}\n{subtitle(data)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.12)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head",
+              title_fontsize=8)
     fig.tight_layout()
-    return fig
+
+    html = go.Figure()
+    for h, ps in by_head.items():
+        html.add_trace(go.Scatter(x=[p[0] for p in ps], y=[p[1] for p in ps], mode="markers",
+                                  name=h, text=[trial_label(p[2].config) for p in ps],
+                                  hovertemplate="%{text}<br>%{x:.4g} " + what + "<br>%{y:.2f}"))
+    html.add_trace(go.Scatter(
+        x=[p[0] for p in on], y=[p[1] for p in on], name="Pareto front",
+        mode="lines+markers" if len(f.objectives) == 2 else "markers",
+        line={"shape": "hv" if step == "post" else "vh", "color": "black"},
+        marker={"symbol": "circle-open", "size": 12, "color": "black"}))
+    if cc:
+        html.add_trace(go.Scatter(x=[cc[0][0]], y=[cc[0][1]], mode="markers", name="champion",
+                                  marker={"symbol": "star", "size": 18, "color": "gold",
+                                          "line": {"width": 1, "color": "black"}}))
+    html.update_layout(title=f"{title}<br><sup>{subtitle(data)}</sup>", xaxis_title=xlabel,
+                       yaxis_title=label, legend_title_text="head")
+    if log_x:
+        html.update_xaxes(type="log")
+    return Figure(front_name([o["metric"] for o in f.objectives]), title, fig, html)
 
 
 def short(cfg: dict[str, Any]) -> str:
@@ -151,15 +263,9 @@ def short(cfg: dict[str, Any]) -> str:
 
 def log_front(client, run_id: str, rows: Sequence[dict[str, Any]],
               objectives: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
-    """Compute the front of ``rows`` and record it on the run ``run_id`` (``pareto.json``,
-    ``pareto.png``); returns the front, best first."""
+    """Compute the front of ``rows`` and record it on the run ``run_id`` (``pareto.json``;
+    its figure is drawn with the search's others); returns the front, best first."""
     front = front_rows(rows, objectives)
     client.log_table(run_id, table(front, objectives), TABLE)
-    if len(objectives) >= 2 and front:
-        import matplotlib.pyplot as plt
-
-        fig = figure(rows, front, objectives)
-        client.log_figure(run_id, fig, FIGURE)
-        plt.close(fig)
     logger.info("Pareto front: %d of %d trials", len(front), len(rows))
     return front

@@ -13,12 +13,17 @@ import sys
 import tempfile
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
 from difftune.search.report import gather, write_figures
 from difftune.search.run_note import NOTE_TAG, note
 from difftune.search.uris import TRACKING_URI_ENV, public_uri, runtime_uri
+
+if TYPE_CHECKING:
+    from difftune.search.console import SearchConsole
+    from difftune.search.tuner import SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +150,22 @@ def wait_for_redraws(timeout: float = 300.0) -> None:
     must not be overwritten by an older one), e.g. those of a resumed search's callbacks."""
     for report in list(_DRAWING):
         report.stop(timeout)
+
+
+def annotate(result: SearchResult, study_url: str | None, study_name: str | None,
+             links: tuple[str, str], console: SearchConsole | None) -> SearchResult:
+    """What a search's closing lines print beside its figures: the Optuna study (no trial
+    left running in it), the MLflow UI's links, the log file (also put on the parent run)."""
+    from difftune.search import optuna_store
+
+    result.optuna_storage, result.study_name = study_url, study_name
+    if study_url and study_name and "***" not in study_url:
+        optuna_store.close_orphans(study_url, study_name)
+    result.experiment_link, result.trials_link = links
+    if console is not None and console.log_path is not None:
+        result.log_path = str(console.log_path)
+        console.upload(MlflowClient(result.tracking_uri), result.parent_run_id)
+    return result
 
 
 def _lower_priority() -> None:

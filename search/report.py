@@ -2,6 +2,12 @@
 one row per trial gathered from MLflow (:func:`gather`). It works on any search, finished,
 running or killed, since it reads only what the tracking store holds.
 
+A grid trial (a grid of heads inside one trial) is read as its best head: its settings with
+its ``grid_best`` point put in. The confirm stage's runs (``difftune.stage=confirm``: the top
+configs retrained on more labels) are kept apart from the search's trials: the figures show
+what the search tried, and the champion, when it is a confirmed run, is marked on the search
+trial it retrained.
+
 :func:`write_figures` draws every figure (:mod:`.figures`, :mod:`.figures_optuna`) into a
 folder or onto the parent run (``figures/NAME.png`` to look at, ``figures/NAME.html`` to
 explore); :mod:`.run_note` writes the parent run's description.
@@ -23,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from difftune.search.best import Candidate, rank_trials
 from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
+from difftune.trainables.grid import GRID_BEST, with_point
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,8 @@ logger = logging.getLogger(__name__)
 FIGURES_DIR = "figures"
 #: trials whose learning curves are drawn
 TOP_CURVES = 6
+#: the tag that tells the search's trials from the confirm stage's runs
+TAG_STAGE = "difftune.stage"
 
 
 @dataclass
@@ -41,6 +50,8 @@ class TrialRow:
     :param score: the search metric at its last reported epoch (None: none reported yet).
     :param metrics: its run's latest metrics (``val_top1``, ``test_top1`` when present, ...).
     :param status: the run's status (``FINISHED``, ``RUNNING``, ``FAILED``, ``KILLED``).
+    :param stage: ``search``, or ``confirm`` for a run of the confirm stage.
+    :param confirms: a confirm run's search trial (its run id), when one matches.
     """
 
     run_id: str
@@ -53,6 +64,8 @@ class TrialRow:
     status: str
     epochs: int = 0
     early_stopped: bool = False
+    stage: str = "search"
+    confirms: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,6 +90,8 @@ class SearchData:
     plan: dict[str, Any] | None = None
     parent_tags: dict[str, str] = field(default_factory=dict)
     parent_metrics: dict[str, float] = field(default_factory=dict)
+    #: the confirm stage's runs (the search's top configs retrained), in order
+    confirmed: list[TrialRow] = field(default_factory=list)
 
     def ranked(self) -> list[TrialRow]:
         """Finished trials, best first (:mod:`.best`'s rule)."""
@@ -86,12 +101,26 @@ class SearchData:
 
     @property
     def champion(self) -> TrialRow | None:
-        """The registered champion's trial, else the best finished trial."""
+        """The registered champion's search trial (for a confirmed champion: the trial it
+        retrained), else the best finished trial."""
         by_id = {t.run_id: t for t in self.trials}
-        if self.champion_run_id in by_id:
-            return by_id[self.champion_run_id]
+        confirm = self.champion_confirmed
+        run_id = confirm.confirms if confirm is not None else self.champion_run_id
+        if run_id in by_id:
+            return by_id[run_id]
         ranked = self.ranked()
         return ranked[0] if ranked else None
+
+    @property
+    def champion_confirmed(self) -> TrialRow | None:
+        """The confirm run registered as the champion, if the champion is one."""
+        return next((t for t in self.confirmed if t.run_id == self.champion_run_id), None)
+
+    def objectives(self) -> list[dict[str, str]]:
+        """The search's objectives (``[{metric, mode}]`` for a single-objective search)."""
+        if self.space is not None:
+            return self.space.objectives()
+        return [{"metric": self.metric, "mode": self.mode}]
 
     @property
     def counts(self) -> dict[str, int]:
@@ -195,31 +224,48 @@ def gather(client: MlflowClient, parent_run_id: str, *, curves: int = TOP_CURVES
     runs = _children(client, parent.info.experiment_id, parent_run_id)
     runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
     metric, mode = params.get("metric", "val_top1"), params.get("mode", "max")
-    trials = []
-    for i, r in enumerate(runs):
+    trials, confirmed, settings = [], [], {}
+    for r in runs:
         try:
-            config = json.loads(r.data.tags.get(TAG_CONFIG, "{}"))
-        except json.JSONDecodeError:
-            config = {}
+            raw = json.loads(r.data.tags.get(TAG_CONFIG, "{}"))
+            config = with_point(raw, r.data.tags.get(GRID_BEST))  # a grid: its best head
+        except (json.JSONDecodeError, TypeError):
+            raw, config = {}, {}
         m = dict(r.data.metrics)
         score = m.get(metric)
-        trials.append(TrialRow(
+        stage = r.data.tags.get(TAG_STAGE, "search")
+        row = TrialRow(
             run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8],
-            trial_id=r.data.tags.get(TAG_TRIAL, ""), order=i, config=config,
+            trial_id=r.data.tags.get(TAG_TRIAL, ""), order=len(trials), config=config,
             score=float(score) if score is not None else None, metrics=m,
             status=r.info.status, epochs=int(m.get("epoch", 0) or 0),
-            early_stopped=r.data.tags.get("early_stopped") == "true"))
+            early_stopped=r.data.tags.get("early_stopped") == "true", stage=stage)
+        if stage == "confirm":
+            row.order = len(confirmed)
+            row.confirms = settings.get(_setting_key(raw))
+            confirmed.append(row)
+        else:
+            settings.setdefault(_setting_key(raw), row.run_id)
+            trials.append(row)
     data = SearchData(
         experiment=exp.name, experiment_id=exp.experiment_id, parent_run_id=parent_run_id,
         parent_status=parent.info.status, parent_name=parent.info.run_name or "",
         space=_space(client, parent_run_id), metric=metric, mode=mode, trials=trials,
         champion_run_id=tags.get("best_run_id"), plan=_json_artifact(client, parent_run_id,
                                                                      "plan.json"),
-        parent_tags=dict(tags), parent_metrics=dict(parent.data.metrics))
+        parent_tags=dict(tags), parent_metrics=dict(parent.data.metrics),
+        confirmed=confirmed)
     for t in data.ranked()[:curves]:
         data.histories[t.run_id] = [(h.step, h.value) for h in
                                     client.get_metric_history(t.run_id, metric)]
     return data
+
+
+def _setting_key(config: dict[str, Any]) -> str:
+    """What a confirm run shares with the search trial it retrains: the config but its
+    label fraction."""
+    return json.dumps({k: v for k, v in config.items() if k != "label_fraction"},
+                      sort_keys=True, default=str)
 
 
 def _children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:

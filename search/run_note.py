@@ -27,7 +27,8 @@ FIGURE_NAMES = {
     "slices": "pooling and learning rate",
     "importances": "parameter importances (fANOVA)",
     "history": "optimization history",
-    "cost": "score against extraction GFLOPs, Pareto front",
+    "cost": "score against GFLOPs per image, with the Pareto front",
+    "pareto": "the Pareto front of the search's first two objectives",
     "curves": "learning curves of the top trials",
 }
 
@@ -55,14 +56,42 @@ def space_line(data: SearchData) -> str:
 
 
 def plan_line(plan: dict[str, Any] | None) -> str | None:
-    """The plan's own one-line summary, else its scalar entries."""
+    """The plan's own one-line summary (``plan.json`` as ``difftune search`` records it:
+    :meth:`~.plan.Plan.summary`), else its scalar entries."""
     if not plan:
         return None
     for key in ("line", "summary", "text"):
         if isinstance(plan.get(key), str):
             return plan[key]
+    try:
+        import dataclasses
+
+        from difftune.search.plan import Plan
+
+        names = {f.name for f in dataclasses.fields(Plan)}
+        return Plan(**{k: v for k, v in plan.items() if k in names}).summary() \
+            .removeprefix("plan: ")
+    except (TypeError, KeyError, ValueError, ArithmeticError):
+        pass  # another plan's format: its scalar entries
     items = [f"{k} {v}" for k, v in plan.items() if isinstance(v, (int, float, str, bool))]
     return ", ".join(items[:8]) or None
+
+
+def confirm_line(data: SearchData) -> str:
+    """The confirm stage: the top configs retrained, their search and confirmed scores, and
+    how far the search's ranking held (``confirm_spearman``)."""
+    by_run = {t.run_id: t for t in data.trials}
+    fraction = data.space.search.get("confirm_label_fraction") if data.space else None
+    pairs = []
+    for c in data.confirmed:
+        search = by_run.get(c.confirms or "")
+        pairs.append(f"{trial_label(c.config)} {_fmt(search.score if search else None)} -> "
+                     f"{_fmt(c.score)}")
+    rho = data.parent_metrics.get("confirm_spearman")
+    where = "all labels" if fraction is None else f"label fraction {fraction}"
+    return (f"**Confirmed** (the top {len(data.confirmed)} retrained on {where}; "
+            f"{metric_label(data.metric)}, search -> confirmed): " + "; ".join(pairs)
+            + (f"; Spearman {rho:.2f}." if rho is not None else "."))
 
 
 def _fmt(v: Any) -> str:
@@ -111,6 +140,9 @@ def note(data: SearchData, figures: list[str] | None = None) -> str:
         lines += ["", f"**Plan**: {plan}"]
     champ = data.champion
     label = metric_label(data.metric)
+    confirmed = data.champion_confirmed
+    if confirmed is not None:  # the champion is a confirm run: its scores are those
+        champ = confirmed
     if champ is not None:
         test = champ.metrics.get("test_top1", data.parent_metrics.get("test_top1"))
         test_part = f", {score_text('test_top1', test)}" if test is not None else \
@@ -120,8 +152,11 @@ def note(data: SearchData, figures: list[str] | None = None) -> str:
             registered and data.champion_run_id) else ""
         word = "Champion" if data.champion_run_id else "Best so far"
         lines += ["", f"**{word}**: {trial_label(champ.config)}: "
-                  f"{score_text(data.metric, champ.score)}{test_part} ([run](#/experiments/{data.experiment_id}/runs/"
-                  f"{champ.run_id})){alias}."]
+                  f"{score_text(data.metric, champ.score)}"
+                  f"{' (confirmed)' if confirmed is not None else ''}{test_part} "
+                  f"([run](#/experiments/{data.experiment_id}/runs/{champ.run_id})){alias}."]
+    if data.confirmed:
+        lines += ["", confirm_line(data)]
     ranked = data.ranked()[:TOP]
     if ranked:
         test = any("test_top1" in t.metrics for t in ranked)

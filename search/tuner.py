@@ -256,7 +256,7 @@ def run_search(
         rest in its log file); None leaves Ray Tune's own reporter at ``verbose``."""
     from difftune.search import optuna_store, ui_view
     from difftune.search.console import ConsoleTable, log_path_for
-    from difftune.search.publish import LiveReport
+    from difftune.search.publish import LiveReport, annotate
 
     storage_path = storage_path or DEFAULT_STORAGE
     if "://" not in storage_path:  # s3://, gs://: Ray Tune takes the URI as it is
@@ -295,23 +295,7 @@ def run_search(
                              tracking_uri=tracking_uri, tune_path=tune_path,
                              model_name=model_name, runtime=runtime, verbose=verbose,
                              report=report, console=console)
-    return _annotate(result, study_url, name, links, console)
-
-
-def _annotate(result: SearchResult, study_url: str | None, study_name: str | None,
-              links: tuple[str, str], console: SearchConsole | None) -> SearchResult:
-    """What the closing lines print: the study (no trial left running in it), the UI's links,
-    the log file (also put on the parent run)."""
-    from difftune.search import optuna_store
-
-    result.optuna_storage, result.study_name = study_url, study_name
-    if study_url and study_name and "***" not in study_url:
-        optuna_store.close_orphans(study_url, study_name)
-    result.experiment_link, result.trials_link = links
-    if console is not None and console.log_path is not None:
-        result.log_path = str(console.log_path)
-        console.upload(MlflowClient(result.tracking_uri), result.parent_run_id)
-    return result
+    return annotate(result, study_url, name, links, console)
 
 
 @dataclass
@@ -382,10 +366,11 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
                              tune_path=plan.tune_path, model_name=plan.model_name,
                              runtime=plan.runtime, verbose=verbose, console=console)
     from difftune.search import ui_view
+    from difftune.search.publish import annotate
 
     links = ui_view.setup(client, tracking_uri, plan.parent, metric=plan.space.search["metric"],
                           mode=plan.space.search["mode"])
-    return _annotate(result, plan.study_storage, plan.study_name, links, console)
+    return annotate(result, plan.study_storage, plan.study_name, links, console)
 
 
 def _failure(r) -> str | None:
@@ -431,7 +416,8 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
     # the settings first: a trial's "epochs" is the epochs it ran, not the configured ones
     rows = [{**trial_settings(c.data), "trial_id": c.key,
              "val_top1": c.data.metrics.get("val_top1"),
-             "val_top5": c.data.metrics.get("val_top5"), s["metric"]: c.score,
+             "val_top5": c.data.metrics.get("val_top5"),
+             "test_top1": c.data.metrics.get("test_top1"), s["metric"]: c.score,
              "epochs": c.epochs, "run_id": runs.get(c.key)}
             for c in ranked]
     pareto = None

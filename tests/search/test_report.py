@@ -16,8 +16,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
-from difftune.search.figures import grid_cells, pareto_front
+from difftune.search.figures import grid_cells
 from difftune.search.figures_optuna import importance_params, paper_trial_number, study_of
+from difftune.search.pareto import dominates, front_of
 from difftune.search.report import gather, trial_label, write_figures
 from difftune.search.run_note import NOTE_TAG, note
 from difftune.search.space import load_space
@@ -131,10 +132,55 @@ def test_block_timestep_grid_keeps_the_best_per_cell_and_leaves_the_rest_empty(d
     assert marks == {"linear": (row_of[20], blocks.index(7))}
 
 
-def test_pareto_front_keeps_what_nothing_beats():
-    pts = [(1.0, 80, "a"), (2.0, 79, "b"), (2.0, 90, "c"), (3.0, 85, "d"), (4.0, 95, "e")]
-    assert [p[2] for p in pareto_front(pts)] == ["a", "c", "e"]
-    assert [p[2] for p in pareto_front(pts, maximize=False)] == ["a", "b"]
+def test_the_cost_figure_front_is_the_pareto_rule_on_score_and_gflops(data):
+    f = front_of(data)
+    assert f.x_metric == "gflops"
+    assert len(f.points) == 8  # the finished trials; none reported gflops: counted here
+    assert all(x > 0 for x, _, _ in f.points)
+    modes = ["max", "min"]
+    front = [(f.points[i][1], f.points[i][0]) for i in f.front]
+    assert all(a == b or not dominates(a, b, modes) for a in front for b in front)
+    for i, (x, y, _) in enumerate(f.points):
+        assert i in f.front or any(dominates(p, (y, x), modes) for p in front)
+    # the best score is on the front: nothing beats it on score
+    assert max(y for _, y, _ in f.points) == front[0][0]
+
+
+def test_grid_trials_read_as_their_best_head_and_confirm_runs_stay_apart(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    space = load_space("demo")
+    parent = start_parent_run(client, "conf", space_dict=space.resolved(), runtime={},
+                              tune_path="/nowhere", model_name="difftune-conf")
+    exp_id = client.get_run(parent).info.experiment_id
+    configs = [{**BASE, "head": "linear", "block": 10, "t": 90, "pool": 2, "lr": 0.01},
+               {**BASE, "head": "linear", "block": 7, "t": 20, "pool": 2, "lr": 0.01}]
+    runs = []
+    for i, (config, score, tags) in enumerate([
+            (configs[0], 90.0, {"grid_best": json.dumps({"lr": 0.1})}),
+            (configs[1], 88.0, {}),
+            ({**configs[0], "label_fraction": 1.0}, 96.0, {"difftune.stage": "confirm"})]):
+        run = client.create_run(exp_id, start_time=1000 + i, tags={
+            "mlflow.parentRunId": parent, TAG_TRIAL: f"t{i}", TAG_ROLE: "trial",
+            TAG_CONFIG: json.dumps(config), **tags})
+        client.log_batch(run.info.run_id, metrics=[Metric("val_top1", score, 0, 4),
+                                                   Metric("epoch", 4, 0, 4)])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs.append(run.info.run_id)
+    client.set_tag(parent, "best_run_id", runs[2])  # the champion: the confirmed run
+    client.log_metric(parent, "confirm_spearman", 1.0)
+    client.set_terminated(parent, "FINISHED")
+    data = gather(client, parent)
+    assert [t.run_id for t in data.trials] == runs[:2]
+    assert data.trials[0].config["lr"] == 0.1  # the grid's best head
+    assert [(c.run_id, c.confirms) for c in data.confirmed] == [(runs[2], runs[0])]
+    assert data.champion.run_id == runs[0] and data.champion_confirmed.run_id == runs[2]
+    _, blocks, rows, _, marks = grid_cells(data)  # marked on the trial it retrained
+    assert marks == {"linear": (next(i for i, (lo, hi) in enumerate(rows) if lo <= 90 <= hi),
+                                blocks.index(10))}
+    text = note(data, [])
+    assert "**Champion**: linear b10 t90 p2: val top-1 96.00% (confirmed)" in text
+    assert "**Confirmed** (the top 1 retrained on all labels; val top-1 (%), search -> " \
+        "confirmed): linear b10 t90 p2 90.00 -> 96.00; Spearman 1.00." in text
 
 
 def test_study_rebuilt_from_runs_drops_settings_a_head_does_not_read(data):
