@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 #: most timestep rows the block x timestep figure shows (more values are binned)
 MAX_T_ROWS = 12
 CHAMPION_STYLE = {"marker": "*", "s": 260, "color": "gold", "edgecolors": "black",
-                  "linewidths": 0.8, "zorder": 5}
+                  "linewidths": 0.8, "zorder": 7}
 
 
 @dataclass

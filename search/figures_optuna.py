@@ -10,6 +10,7 @@ slice plot or an importance must not credit a setting that changed nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -76,7 +77,23 @@ def _point(data: SearchData, row: TrialRow) -> tuple[dict, dict] | None:
         for name in [n for n in params if n in unread]:
             params.pop(name)
             dists.pop(name)
+    for name, values in (data.space.grid or {}).items():  # a grid trial: its best head's
+        if name in row.config and name not in params:
+            params[name], dists[name] = row.config[name], _grid_distribution(values)
     return params, dists
+
+
+def _grid_distribution(values: list) -> optuna.distributions.BaseDistribution:
+    """A grid setting as a parameter of the rebuilt study (numbers: a range, log for a
+    learning rate spanning decades)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        lo, hi = float(min(values)), float(max(values))
+        if lo < hi:
+            return FloatDistribution(lo, hi, log=lo > 0 and hi / lo >= 10)
+    return CategoricalDistribution([json.dumps(v) if isinstance(v, list) else v
+                                    for v in dict.fromkeys(map(str, values))])
 
 
 def study_of(data: SearchData) -> optuna.Study | None:
@@ -87,6 +104,8 @@ def study_of(data: SearchData) -> optuna.Study | None:
     direction = "maximize" if data.mode == "max" else "minimize"
     with _quiet():
         study = optuna.create_study(direction=direction, study_name=data.parent_name)
+        # a grid's settings are its best head's, not sampled: shown in slices, not weighed
+        study.set_user_attr("grid", sorted(data.space.grid or {}))
         for row in data.trials:
             if row.status == "RUNNING":
                 continue
@@ -151,13 +170,16 @@ def slices(data: SearchData, study: optuna.Study) -> Figure | None:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(PARAM_LABELS.get(p, p) + (" (log scale)" if p == "lr" else ""))
+        best = ", the grid's best head" if p in study.user_attrs.get("grid", ()) else ""
+        ax.set_xlabel(PARAM_LABELS.get(p, p) + best + (" (log scale)" if p == "lr" else ""))
         n = sum(1 for t in _complete(study) if p in t.params)
         ax.set_title(f"{n} trials set it", fontsize=9)
     axes_list[0].set_ylabel(label)
     title = f"Effect of {' and '.join(PARAM_LABELS.get(p, p) for p in params)} on {label}"
     fig.suptitle(f"{title}\n{subtitle(data)}", fontsize=11)
-    fig.subplots_adjust(left=0.08, right=0.86, top=0.8, bottom=0.14, wspace=0.1)
+    width = fig.get_size_inches()[0]  # room for the score's axis label on one panel too
+    fig.subplots_adjust(left=max(0.08, 0.8 / width), right=0.86, top=0.8, bottom=0.14,
+                        wspace=0.1)
     for extra in [a for a in fig.axes if a not in axes_list]:  # Optuna's colour bar overlaps
         extra.remove()
     dots = axes_list[0].collections
@@ -178,10 +200,11 @@ def importance_params(study: optuna.Study, *, share: float = 0.75) -> tuple[list
     """The parameters to weigh and how many finished trials have all of them: parameters
     are taken most common first while at least ``share`` of the trials keep them all."""
     trials = _complete(study)
+    grid = set(study.user_attrs.get("grid", ()))
     counts: dict[str, int] = {}
     for t in trials:
         for p, d in t.distributions.items():
-            if not d.single():
+            if not d.single() and p not in grid:
                 counts[p] = counts.get(p, 0) + 1
     chosen: list[str] = []
     need = max(MIN_IMPORTANCE_TRIALS, math.ceil(share * len(trials)))

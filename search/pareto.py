@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TABLE = "pareto.json"
+#: front trials named in the figure's legend (best score first)
+MAX_NAMED = 10
 #: settings shown beside the objectives in the table (where the trial's head reads them)
 SHOWN = ("head", "block", "t", "pool", "blocks", "timesteps", "lr", "hidden", "dim")
 #: axis titles of the metrics
@@ -209,9 +211,12 @@ def figure_of(data: SearchData) -> Figure | None:
     ax.scatter([p[0] for p in on], [p[1] for p in on], s=70, facecolors="none",
                edgecolors="black", lw=1.2, zorder=4,
                label=None if len(f.objectives) == 2 else "on the Pareto front")
-    for j, (x, y, t) in enumerate(on):  # alternate above and below: neighbours do not overlap
-        ax.annotate(trial_label(t.config), (x, y), textcoords="offset points", fontsize=7,
-                    xytext=(6, 7) if j % 2 == 0 else (6, -13), color="#333333")
+    # the front's trials numbered beside their points (best score first), named in the legend:
+    # names written on the plot cover each other and the points around them
+    numbered = [f.points[i] for i in f.front][:MAX_NAMED]
+    for n, (x, y, _t) in enumerate(numbered, 1):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(-6, 5), ha="right",
+                    fontsize=8, fontweight="bold", color="#222222", zorder=6)
     champ = data.champion
     cc = [p for p in f.points if champ is not None and p[2].run_id == champ.run_id]
     if cc:
@@ -225,8 +230,18 @@ def figure_of(data: SearchData) -> Figure | None:
     ax.set_title(f"{title}\n{subtitle(data)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.12)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head",
-              title_fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    more = len(f.front) - len(numbered)
+    handles.append(Line2D([], [], ls="none"))
+    labels.append(f"on the front ({'score, ' + what if xm == 'gflops' else 'y, x'})"
+                  + (f"; {more} more" if more > 0 else "") + ":")
+    for n, (x, y, t) in enumerate(numbered, 1):
+        handles.append(Line2D([], [], ls="none", marker=f"${n}$", color="#222222", ms=7))
+        labels.append(f"{trial_label(t.config)} ({y:.4g}, {x:.3g})")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              title="head", title_fontsize=8)
     fig.tight_layout()
 
     html = go.Figure()

@@ -51,8 +51,11 @@ def space_line(data: SearchData) -> str:
     if s is None:
         return "the space is not recorded (no space.yaml)"
     params = ", ".join(f"{k} {_spec(v)}" for k, v in s.params.items())
+    goals = ", ".join(f"{o['metric']} ({o['mode']})" for o in data.objectives())
+    grid = "; a grid in every trial: " + ", ".join(
+        f"{k} {_spec({'choice': v})}" for k, v in s.grid.items()) if s.grid else ""
     return (f"`{s.name}`: model {s.model} on {s.data}; {s.search.get('trials')} trials, "
-            f"{data.metric} ({data.mode}); searched: {params or 'nothing'}")
+            f"{goals}; searched: {params or 'nothing'}{grid}")
 
 
 def plan_line(plan: dict[str, Any] | None) -> str | None:
@@ -89,8 +92,9 @@ def confirm_line(data: SearchData) -> str:
                      f"{_fmt(c.score)}")
     rho = data.parent_metrics.get("confirm_spearman")
     where = "all labels" if fraction is None else f"label fraction {fraction}"
-    return (f"**Confirmed** (the top {len(data.confirmed)} retrained on {where}; "
-            f"{metric_label(data.metric)}, search -> confirmed): " + "; ".join(pairs)
+    label = metric_label(data.metric).removesuffix(" (%)")
+    return (f"**Confirmed** (the top {len(data.confirmed)} retrained on {where}; {label} in "
+            "the search -> confirmed): " + "; ".join(pairs)
             + (f"; Spearman {rho:.2f}." if rho is not None else "."))
 
 

@@ -148,7 +148,7 @@ def test_the_cost_figure_front_is_the_pareto_rule_on_score_and_gflops(data):
 
 def test_grid_trials_read_as_their_best_head_and_confirm_runs_stay_apart(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    space = load_space("demo")
+    space = load_space("demo_grid")  # lr: a grid in every trial
     parent = start_parent_run(client, "conf", space_dict=space.resolved(), runtime={},
                               tune_path="/nowhere", model_name="difftune-conf")
     exp_id = client.get_run(parent).info.experiment_id
@@ -174,12 +174,15 @@ def test_grid_trials_read_as_their_best_head_and_confirm_runs_stay_apart(tmp_pat
     assert data.trials[0].config["lr"] == 0.1  # the grid's best head
     assert [(c.run_id, c.confirms) for c in data.confirmed] == [(runs[2], runs[0])]
     assert data.champion.run_id == runs[0] and data.champion_confirmed.run_id == runs[2]
+    study = study_of(data)  # the grid's best lr shown in slices, not weighed by fANOVA
+    assert [t.params["lr"] for t in study.trials] == [0.1, 0.01]
+    assert "lr" not in importance_params(study)[0]
     _, blocks, rows, _, marks = grid_cells(data)  # marked on the trial it retrained
     assert marks == {"linear": (next(i for i, (lo, hi) in enumerate(rows) if lo <= 90 <= hi),
                                 blocks.index(10))}
     text = note(data, [])
     assert "**Champion**: linear b10 t90 p2: val top-1 96.00% (confirmed)" in text
-    assert "**Confirmed** (the top 1 retrained on all labels; val top-1 (%), search -> " \
+    assert "**Confirmed** (the top 1 retrained on all labels; val top-1 in the search -> " \
         "confirmed): linear b10 t90 p2 90.00 -> 96.00; Spearman 1.00." in text
 
 
