@@ -13,7 +13,7 @@ from difftune.trainables.lazy import lazy_exports
 _EXPORTS = {
     "Space": "space", "SpaceError": "space", "load_space": "space", "preset_names": "space",
     "build_tuner": "tuner", "run_search": "tuner", "resume_search": "tuner",
-    "SearchResult": "tuner",
+    "SearchResult": "finish", "finish_search": "finish",
     "Candidate": "best", "best_trial": "best", "rank_trials": "best",
     "export_best": "export", "export_pareto": "export",
     "dominates": "pareto", "pareto_front": "pareto",

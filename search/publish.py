@@ -23,7 +23,7 @@ from difftune.search.uris import TRACKING_URI_ENV, public_uri, runtime_uri
 
 if TYPE_CHECKING:
     from difftune.search.console import SearchConsole
-    from difftune.search.tuner import SearchResult
+    from difftune.search.finish import SearchResult
 
 logger = logging.getLogger(__name__)
 
