@@ -56,6 +56,16 @@ def subtitle(data: SearchData) -> str:
     return f"{where}{data.parent_name or data.parent_run_id[:8]}{state}: {done} of {n} trials finished"
 
 
+def short_score(v: float) -> str:
+    """A score in a legend: ``94.4`` (a percent), ``0.213`` (a loss)."""
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+def _cell(v: float) -> str:
+    """A score in a heatmap's cell: ``94`` (a percent), ``0.21`` (a loss)."""
+    return f"{v:.0f}" if abs(v) >= 10 else f"{v:.2g}"
+
+
 def mpl_figure(w: float, h: float, **kwargs: Any):
     import matplotlib.pyplot as plt
 
@@ -187,7 +197,7 @@ def block_timestep(data: SearchData) -> Figure | None:
             for (r, c), v in np.ndenumerate(grids[h]):
                 if not np.isnan(v):
                     frac = (v - vmin) / (vmax - vmin)
-                    ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=7, zorder=2,
+                    ax.text(c, r, _cell(v), ha="center", va="center", fontsize=7, zorder=2,
                             color="black" if frac > 0.55 else "white")
         if h in marks:
             r, c = marks[h]
@@ -246,7 +256,7 @@ def curves(data: SearchData) -> Figure | None:
     html = go.Figure()
     for rank, t in enumerate(top, 1):
         steps, vals = zip(*sorted(data.histories[t.run_id]), strict=True)
-        name = f"#{rank} {trial_label(t.config)}: {t.score:.1f}"
+        name = f"#{rank} {trial_label(t.config)}: {short_score(t.score)}"
         ax.plot(steps, vals, marker="o", ms=3, label=name)
         html.add_trace(go.Scatter(x=list(steps), y=list(vals), mode="lines+markers", name=name))
     ax.set_xlabel("epoch")
@@ -254,7 +264,8 @@ def curves(data: SearchData) -> Figure | None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{title}\n{subtitle(data)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", title="rank, trial: final score",
+    ax.legend(fontsize=8, loc="lower right" if data.mode == "max" else "upper right",
+              title="rank, trial: final score",
               title_fontsize=8)
     fig.tight_layout()
     html.update_layout(title=f"{title}<br><sup>{subtitle(data)}</sup>", xaxis_title="epoch",

@@ -258,7 +258,7 @@ def history(data: SearchData, study: optuna.Study) -> Figure | None:
     from optuna.visualization import matplotlib as omp
     from optuna.visualization import plot_optimization_history
 
-    from difftune.search.figures import Figure, subtitle
+    from difftune.search.figures import Figure, short_score, subtitle
 
     done = _complete(study)
     if not done:
@@ -277,13 +277,14 @@ def history(data: SearchData, study: optuna.Study) -> Figure | None:
         value = study.trials[paper].value
         ax.scatter([paper], [value], marker="*", s=260, color="crimson", zorder=5,
                    label="the paper's config")
-        ax.annotate(f"paper's config: {value:.1f}", (paper, value), textcoords="offset points",
+        ax.annotate(f"paper's config: {short_score(value)}", (paper, value), textcoords="offset points",
                     xytext=(10, -14), fontsize=9, color="crimson")
         html.add_trace(go.Scatter(x=[paper], y=[value], mode="markers", name="the paper's config",
                                   marker={"symbol": "star", "size": 16, "color": "crimson"}))
     handles, labels = ax.get_legend_handles_labels()
     names = {label: "a trial", "Best Value": "best so far"}
-    ax.legend(handles, [names.get(x, x) for x in labels], loc="lower right", fontsize=9)
+    ax.legend(handles, [names.get(x, x) for x in labels],
+              loc="lower right" if data.mode == "max" else "upper right", fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     fig.tight_layout()

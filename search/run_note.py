@@ -129,6 +129,18 @@ def _figure(data: SearchData, name: str) -> str:
     return f"{FIGURE_NAMES.get(name, name)} ({links})"
 
 
+def _registered(data: SearchData) -> str:
+    """Where the champion went: ``model@champion``, or the version registered while the alias
+    stayed on a better head (:mod:`.champion`'s rule; the parent run's tag says why)."""
+    name = data.parent_tags.get("difftune.model_name")
+    if not (name and data.champion_run_id):
+        return ""
+    said = data.parent_tags.get("difftune.champion", "")
+    if said and "(alias moved)" not in said:
+        return f"; `{name}` {said} (the alias `champion` stayed)"
+    return f", registered as `{name}@champion`"
+
+
 def note(data: SearchData, figures: list[str] | None = None) -> str:
     """The markdown description of a search's parent run."""
     counts = data.counts
@@ -151,14 +163,15 @@ def note(data: SearchData, figures: list[str] | None = None) -> str:
         test = champ.metrics.get("test_top1", data.parent_metrics.get("test_top1"))
         test_part = f", {score_text('test_top1', test)}" if test is not None else \
             ", test top-1 not measured"
-        registered = data.parent_tags.get("difftune.model_name")
-        alias = f", registered as `{registered}@champion`" if (
-            registered and data.champion_run_id) else ""
+        alias = _registered(data)
         word = "Champion" if data.champion_run_id else "Best so far"
         lines += ["", f"**{word}**: {trial_label(champ.config)}: "
                   f"{score_text(data.metric, champ.score)}"
                   f"{' (confirmed)' if confirmed is not None else ''}{test_part} "
                   f"([run](#/experiments/{data.experiment_id}/runs/{champ.run_id})){alias}."]
+    failure = data.parent_tags.get("difftune.failure")
+    if failure:
+        lines += ["", f"**Failed**: {failure.splitlines()[0][:500]}"]
     if data.confirmed:
         lines += ["", confirm_line(data)]
     ranked = data.ranked()[:TOP]
