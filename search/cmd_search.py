@@ -204,7 +204,9 @@ def extract_first(space, plan, runtime) -> None:
         logger.info("extraction: per trial (%s)", reason)
         return
     print(f"extracting the plan's entries first on {workers.describe()}", flush=True)
-    counts = extract_plan(space, plan, cache=runtime.cache, workers=workers,
+    # progress lines (images/s, time left) on the search's console, as the trials' are
+    counts = extract_plan(space, plan, cache=runtime.cache, workers=workers, progress=False,
+                          lines_s=runtime.progress_s,
                           store_pool=runtime.store_pool, extra_blocks=runtime.extra_blocks,
                           budget=runtime.cache_budget, data_files=dict(runtime.data_files),
                           data_hash=runtime.data_hash, batch_size=runtime.extract_batch)

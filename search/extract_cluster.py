@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from difftune.search.plan import extraction
 from difftune.trainables.cache_shard import ShardJob, ShardResult, extract_sharded, local_runner
+from difftune.trainables.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,12 @@ def probe_gpu(workers: Workers) -> tuple[str, int]:
     return ray.get(ray.remote(_probe_gpu).options(**workers.resources).remote())
 
 
-def ray_runner(workers: Workers, *, progress: bool = True):
+def ray_runner(workers: Workers, *, progress: bool = True, lines_s: float | None = None):
     """A :data:`~difftune.trainables.cache_shard.Runner` running each shard as a Ray task
     with ``workers.resources``, retried on failure, and a progress bar on the console
-    (images/s, time left) fed by a small actor on the driver's node."""
+    (images/s, time left) fed by a small actor on the driver's node; with ``lines_s``, a
+    progress line every ``lines_s`` seconds instead (:class:`~difftune.trainables.progress.
+    Progress`: what ``difftune search``'s console shows)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -120,8 +123,11 @@ def ray_runner(workers: Workers, *, progress: bool = True):
         total = sum(j.images for j in jobs)
         began = time.monotonic()
         refs = [task.remote(job, counter) for job in jobs]
-        bar = tqdm(total=total, unit="img", desc=f"extract {jobs[0].label} "
-                   f"[{len(jobs)} shards]", disable=not progress, mininterval=1.0)
+        what = f"extract {jobs[0].label} [{len(jobs)} shards]"
+        bar = tqdm(total=total, unit="img", desc=what, mininterval=1.0,
+                   disable=not progress or lines_s is not None)
+        said = Progress(what, total, every_s=lines_s) if lines_s is not None else None
+        seen = 0  # images reported so far (a disabled bar counts nothing)
         pending = list(refs)
         try:
             while pending:
@@ -129,9 +135,16 @@ def ray_runner(workers: Workers, *, progress: bool = True):
                 try:
                     done = ray.get(counter.total.remote(), timeout=5)
                 except Exception:  # noqa: BLE001 - progress is best effort
-                    done = bar.n
-                bar.update(max(0, min(done, total) - bar.n))
+                    done = seen
+                step = max(0, min(done, total) - seen)
+                seen += step
+                bar.update(step)
+                if said is not None and step:
+                    said.update(step)
             results = ray.get(refs)
+            if said is not None:
+                said.update(total - seen)
+                said.close()
             bar.update(total - bar.n)  # the last reports may still be on their way
         finally:
             bar.close()
@@ -187,12 +200,13 @@ def why_not(plan, space, workers: Workers | None) -> str | None:
 
 
 def extract_plan(space, plan, *, cache: str, workers: Workers | None, progress: bool = True,
-                 **cache_kw: Any) -> dict[str, Any]:
+                 lines_s: float | None = None, **cache_kw: Any) -> dict[str, Any]:
     """Extract every entry ``plan`` foresees for ``space`` into ``cache`` (train and val),
     in shards on ``workers`` (a Ray cluster), or in this process when ``workers`` is None or
     has one worker. ``cache_kw``: the trials' :class:`~difftune.trainables.cache.FeatureCache`
     options (``store_pool``, ``extra_blocks``, ``budget``, ``data_files``, ``data_hash``,
-    ``batch_size``). :return: counts (written, reused, images, seconds, wall_s, shards)."""
+    ``batch_size``); ``lines_s``: progress lines instead of bars (:func:`ray_runner`).
+    :return: counts (written, reused, images, seconds, wall_s, shards)."""
     from difftune.trainables.cache import FeatureCache
 
     cfg = space_config(space)
@@ -213,7 +227,8 @@ def extract_plan(space, plan, *, cache: str, workers: Workers | None, progress: 
     if not cache_kw.get("batch_size"):
         cache_kw.pop("batch_size", None)
     fc = FeatureCache(cache, device="cpu", precision=precision, progress=progress, **cache_kw)
-    runner = ray_runner(workers, progress=progress) if sharded else local_runner(device)
+    runner = (ray_runner(workers, progress=progress, lines_s=lines_s) if sharded
+              else local_runner(device))
     shards = workers.shards if sharded else 1
     began = time.monotonic()
     totals: dict[str, Any] = {}
