@@ -205,7 +205,7 @@ def block_timestep(data: SearchData) -> Figure | None:
                                             edgecolor="crimson", zorder=3, label="champion"))
             ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
         n = int(np.sum(~np.isnan(grids[h])))
-        ax.set_title(f"head: {h} ({n} cells tried)", fontsize=10)
+        ax.set_title(f"head: {h} ({n} cell{'' if n == 1 else 's'} tried)", fontsize=10)
         step = max(1, math.ceil(len(blocks) / 20))
         ax.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=8)
         ax.set_yticks(range(len(rows)), ylabels, fontsize=8)

@@ -271,7 +271,7 @@ def history(data: SearchData, study: optuna.Study) -> Figure | None:
     title = f"Search progress: {label} of each trial and the best so far"
     ax.set_title(f"{title}\n{subtitle(data)}", fontsize=10)
     ax.set_xlabel("trial number (order the search started them)")
-    ax.set_ylabel(label)
+    ax.set_ylabel(f"{label} ({'higher' if data.mode == 'max' else 'lower'} is better)")
     paper = paper_trial_number(data, study)
     if paper is not None and study.trials[paper].state == TrialState.COMPLETE:
         value = study.trials[paper].value
@@ -283,8 +283,7 @@ def history(data: SearchData, study: optuna.Study) -> Figure | None:
                                   marker={"symbol": "star", "size": 16, "color": "crimson"}))
     handles, labels = ax.get_legend_handles_labels()
     names = {label: "a trial", "Best Value": "best so far"}
-    ax.legend(handles, [names.get(x, x) for x in labels],
-              loc="lower right" if data.mode == "max" else "upper right", fontsize=9)
+    ax.legend(handles, [names.get(x, x) for x in labels], loc="best", fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     fig.tight_layout()
