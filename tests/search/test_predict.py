@@ -91,9 +91,12 @@ def test_closing_table_shows_the_epochs_each_trial_ran_and_whole_run_ids(searche
     assert 1 in ran.values() and 3 in ran.values()  # ASHA stopped one at epoch 1
     lines = searched["stdout"].split("best trials of experiment")[1].splitlines()
     header = lines[1].split()
-    assert header[:3] == ["val_top1", "val_top5", "epochs"] and header[-1] == "run_id"
+    # the champion's one test evaluation adds test_top1 ("-" for the other trials)
+    assert header[:4] == ["val_top1", "val_top5", "test_top1", "epochs"]
+    assert header[-1] == "run_id"
     rows = [line.split() for line in lines[2:2 + len(ran)]]
-    assert {row[-1]: int(row[2]) for row in rows} == ran  # 32-character ids, epochs ran
+    assert {row[-1]: int(row[3]) for row in rows} == ran  # 32-character ids, epochs ran
+    assert sum(row[2] != "-" for row in rows) == 1
     assert all(re.fullmatch(r"[0-9a-f]{32}", row[-1]) for row in rows)
 
 
