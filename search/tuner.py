@@ -73,11 +73,17 @@ class StopOnDataError(tune.Stopper):
 def sampler_for(space: Space) -> optuna.samplers.TPESampler:
     """Seeded multivariate TPE with group decomposition (the dimensions of each head kind
     are modelled together; a head's trials never carry dimensions it does not read), after
-    :func:`~.space_optuna.startup_trials` startup trials (the enqueued points count)."""
+    :func:`~.space_optuna.startup_trials` startup trials (the enqueued points count), with
+    the constant liar: a search runs ``max_concurrent`` trials at once, and the liar counts
+    the running ones as bad so that TPE does not propose the same region again before they
+    report. Spelled out rather than left to Optuna's default: with 8 trials in flight it is
+    what keeps TPE ahead of random search (demo grid, 20 trials, 400 seeds: regret 1.57
+    with it, 1.74 without, random 1.70; benchmarks/optuna_vs_random.py's replay)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
             seed=int(space.search["seed"]), multivariate=True, group=True,
+            constant_liar=True,
             n_startup_trials=startup_trials(int(space.search["trials"])))
 
 
