@@ -87,6 +87,36 @@ def test_an_entry_extracted_in_two_shards_lands_on_both_nodes(two_nodes, tmp_pat
     same_as_unsharded(tmp_path, found, 30, 64)
 
 
+def test_a_search_extracts_its_planned_entries_on_both_nodes_before_its_trials(two_nodes,
+                                                                               tmp_path):
+    """``difftune search`` on the 2-node cluster (one timestep, 2 trials: the trials may ask
+    every timestep) extracts the plan's entries as shards on both nodes first; its trials then
+    only read them (``unet_images`` 0 each)."""
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.format(t=70))
+    out = subprocess.run(
+        [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space),
+         "--address", two_nodes.address, "--cache", str(tmp_path / "cache"),
+         "--storage", str(tmp_path / "runs"), "--experiment", "extract-first",
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        env={**two_nodes.env, "DIFFTUNE_SHARED_PATHS": str(tmp_path)}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "extracting the plan's entries first on 2 CPU worker(s)" in out.stdout
+    found = manifests(tmp_path / "cache", 70)
+    assert {("train", 4), ("train", 10), ("val", 4), ("val", 10)} <= set(found)
+    assert {p["node"] for p in found[("train", 10)]["parts"]} == \
+        set(two_nodes.node_ids.values())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("extract-first")
+    trials = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("difftune.role") == "trial"]
+    assert len(trials) == 2
+    assert [r.data.metrics["unet_images"] for r in trials] == [0, 0]
+
+
 def test_killing_a_node_mid_extraction_still_publishes_a_complete_entry(two_nodes, tmp_path):
     proc = extract(two_nodes, tmp_path, 50, 2)  # small batches: the shards take a while
     deadline = time.monotonic() + 300
