@@ -168,7 +168,8 @@ def run_space(args: argparse.Namespace) -> int:
                           store_pool=opts["store_pool"], extra_blocks=opts["extra_blocks"],
                           budget=opts["cache_budget"], data_files=dict(opts["data_files"]),
                           data_hash=args.data_hash,
-                          batch_size=args.batch_size or space.search.get("extract_batch"))
+                          batch_size=args.batch_size or space.search.get("extract_batch"),
+                          record_throughput=True)  # a worker's rate, for difftune plan
     rate = counts["images"] / counts["wall_s"] if counts["wall_s"] else 0.0
     print(f"extract: {counts['images']} images through the U-Net at {len(plan.timesteps)} "
           f"timesteps in {counts['wall_s']:.1f} s ({rate:.3g} img/s, {counts['shards']} "

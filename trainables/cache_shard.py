@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader, Subset
 
+from . import throughput
 from .cache_lock import CacheLock
 from .cache_parts import part_record, part_writer, publish, sweep_parts
 from .cache_store import EntryKey, EntryWriter, Store
 from .config import TrialConfig
-from .cost import activation_bytes_per_image, batch_for_memory, free_memory
+from .cost import activation_bytes_per_image, batch_for_memory, free_memory, unet_costs
 from .data import dataset_indices
 from .features import Extractor, block_sizes
 from .heads import Request
@@ -78,7 +79,7 @@ class ShardResult:
     images: int
     timed_images: int = 0  # every batch but the first (warm-up)
     seconds: float = 0.0
-    device: str = "cpu"
+    device: str = "cpu"  # its kind: ``cpu`` or the GPU's name (throughput.device_kind)
     node: str | None = None
     host: str = field(default_factory=socket.gethostname)
 
@@ -146,7 +147,7 @@ def run_shard(job: ShardJob, *, device: str = "cpu", node: str | None = None,
                            f"expected {job.images}")
     return ShardResult(parts, {b: w.shape for b, w in writers.items()},
                        {b: native[b] for b in writers}, done, timed, seconds,
-                       str(extractor.device), node)
+                       throughput.device_kind(extractor.device), node)
 
 
 def local_runner(device: str = "cpu") -> Runner:
@@ -203,6 +204,15 @@ def extract_sharded(cache, cfg: TrialConfig, split: str, requests: Sequence[Requ
             counts["images"] += sum(r.images for r in results)
             counts["timed_images"] += sum(r.timed_images for r in results)
             counts["seconds"] += sum(r.seconds for r in results)
+            if cache.record_throughput:  # a shard's passes: one worker's rate, for the plan
+                upto = max(plan)
+                throughput.record(cache.store, model=group.model, flags=flags,
+                                  device=results[0].device,
+                                  precision=group.precision,
+                                  images=sum(r.timed_images for r in results),
+                                  seconds=sum(r.seconds for r in results),
+                                  gflops_per_image=unet_costs(flags)[upto].gflops_to,
+                                  upto=upto)
             logger.info("cache: published %d entries of %s %s t=%d from %d parts (blocks %s)",
                         len(plan), group.data, split, t, len(results), sorted(plan))
     return counts

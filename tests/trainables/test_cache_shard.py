@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from difftune.trainables import throughput
 from difftune.trainables.cache import FeatureCache
 from difftune.trainables.cache_admin import remove
 from difftune.trainables.cache_parts import PART_NAME
@@ -42,10 +43,13 @@ def test_shard_ranges_are_contiguous_batch_aligned_and_cover_everything():
 def test_two_shards_read_back_identical_to_the_unsharded_entry(tmp_path):
     plain = FeatureCache(str(tmp_path / "plain"), batch_size=BATCH)
     ref = plain.get(CFG, "train", REQUESTS)
-    sharded = FeatureCache(str(tmp_path / "sharded"), batch_size=BATCH)
+    sharded = FeatureCache(str(tmp_path / "sharded"), batch_size=BATCH, record_throughput=True)
     counts = extract_sharded(sharded, CFG, "train", REQUESTS, shards=2,
                              runner=local_runner("cpu"))
     assert counts["written"] == 2 and counts["images"] == len(ref)
+    (rate,) = throughput.read(sharded.store).values()  # what difftune plan's GPU-hours use
+    assert rate["device"] == "cpu" and rate["images"] == counts["timed_images"] > 0
+    assert rate["img_per_s"] == pytest.approx(counts["timed_images"] / counts["seconds"])
     got = sharded.get(CFG, "train", REQUESTS)  # a hit: the same API as an unsharded entry
     assert sharded.stats.forward_images == 0 and sharded.stats.entries_reused == 2
     for key in [(30, 4), (30, 10)]:
