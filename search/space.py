@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,15 @@ import yaml
 
 from difftune.search import space_optuna
 from difftune.search.space_checks import (
+    TRIAL_KEYS,
     SpaceError,
+    all_settings,
     check_label_fraction,
     check_objectives,
-    check_range,
+    check_params,
     check_search,
-    check_subset,
     safe_load,
+    values_of,
 )
 from difftune.search.space_grid import check_grid, grid_axes
 from difftune.trainables.config import TrialConfig, check_setting
@@ -74,10 +76,8 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     cache_policy="auto", cache_budget=None, extract_batch=None, confirm_top=0,
     confirm_label_fraction=None, prior="none",
 )
-TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
 TIME_KEYS = ("t", "timesteps")
-KINDS = ("choice", "int", "float", "subset")
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Space:
     def block_set(self) -> tuple[int, ...]:
         """Every block number the space can ask for (a cache miss extracts them all)."""
         blocks: set[int] = set()
-        for key, values, _ in _all_settings(self):
+        for key, values, _ in all_settings(self):
             if key in BLOCK_KEYS:
                 for v in values:
                     blocks.update(v if isinstance(v, list) else [v])
@@ -193,7 +193,7 @@ class Space:
                 lo, hi = spec["int"]
                 out[k] = list(range(lo, hi + 1, int(spec.get("step") or 1)))
             else:
-                out[k] = _values(spec)
+                out[k] = values_of(spec)
         return out
 
     def max_epochs(self) -> int:
@@ -316,7 +316,7 @@ def load_space(
                              f"allowed: {sorted(TRIAL_KEYS)}")
     if space.label_fraction is not None:
         check_label_fraction(name, space.label_fraction)
-    _check_params(space.params, f"space {name}: params")
+    check_params(space.params, f"space {name}: params")
     if overrides:
         _apply_pins(space, overrides)
     _validate_against_model(space)
@@ -324,76 +324,11 @@ def load_space(
     return space
 
 
-def _check_params(params: dict, where: str, *, in_head: bool = False) -> None:
-    if not isinstance(params, dict):
-        raise SpaceError(f"{where} must be a mapping of setting: spec")
-    for k, spec in params.items():
-        if k not in TRIAL_KEYS:
-            raise SpaceError(f"{where}.{k} is not a trial setting; allowed: {sorted(TRIAL_KEYS)}")
-        if not isinstance(spec, dict) or len([x for x in KINDS if x in spec]) != 1:
-            raise SpaceError(f"{where}.{k} must be a mapping with exactly one of {list(KINDS)} "
-                             f"(e.g. {{choice: [1, 2, 4]}}); got {spec!r}")
-        extra = set(spec) - set(KINDS) - {"step", "log", "min"}
-        if extra:
-            raise SpaceError(f"{where}.{k}: unknown option(s) {sorted(extra)}; "
-                             "allowed: step, log, min")
-        if "choice" in spec:
-            choices = spec["choice"]
-            if not choices:
-                raise SpaceError(f"{where}.{k}.choice is empty; give at least one value")
-            if isinstance(choices, dict):
-                if k != "head" or in_head:
-                    raise SpaceError(f"{where}.{k}: sub-spaces (a mapping of choices) are "
-                                     "only allowed for head")
-                bad = sorted(set(choices) - set(HEAD_TYPES))
-                if bad:
-                    raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
-                                     f"allowed: {list(HEAD_TYPES)}")
-                for h, sub in choices.items():
-                    _check_params(sub or {}, f"{where}.head.{h}", in_head=True)
-            elif k == "head":
-                bad = sorted(set(choices) - set(HEAD_TYPES))
-                if bad:
-                    raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
-                                     f"allowed: {list(HEAD_TYPES)}")
-        elif "subset" in spec:
-            check_subset(spec, f"{where}.{k}")
-        else:
-            check_range(spec, f"{where}.{k}")
-        if "min" in spec and "subset" not in spec:
-            raise SpaceError(f"{where}.{k}: min is an option of subset only")
-        if ("step" in spec or "log" in spec) and not ("int" in spec or "float" in spec):
-            raise SpaceError(f"{where}.{k}: step and log are options of int and float ranges")
-
-
-def _values(spec: dict) -> list[Any]:
-    """Every value (or range end) a spec can produce, for validation."""
-    if "choice" in spec:
-        vals = spec["choice"]
-        return list(vals) if not isinstance(vals, dict) else list(vals)
-    if "subset" in spec:
-        return list(spec["subset"])
-    return list(spec.get("int") or spec.get("float"))
-
-
-def _all_settings(space: Space) -> list[tuple[str, list[Any], str]]:
-    """(setting, values it can take, where) over fixed, params and head sub-spaces."""
-    out = [(k, [v], f"fixed.{k}") for k, v in space.fixed.items()]
-    for k, spec in space.params.items():
-        if k == "head" and isinstance(spec.get("choice"), dict):
-            out.append(("head", list(spec["choice"]), "params.head"))
-            for h, sub in spec["choice"].items():
-                out += [(n, _values(s), f"params.head.{h}.{n}") for n, s in (sub or {}).items()]
-        else:
-            out.append((k, _values(spec), f"params.{k}"))
-    return out
-
-
 def _validate_against_model(space: Space) -> None:
     geo = model_geometry(space.model, space.checkpoint)
     n, steps, middle = geo.num_blocks, geo.steps, geo.middle
     space.num_blocks, space.num_timesteps, space.middle_block = n, steps, middle
-    for key, values, where in _all_settings(space):
+    for key, values, where in all_settings(space):
         flat = []
         for v in values:
             flat += v if isinstance(v, list) else [v]

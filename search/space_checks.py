@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from difftune.trainables.config import check_setting
+from difftune.trainables.config import TrialConfig, check_setting
 from difftune.trainables.errors import UserError
 from difftune.trainables.grid import HEAD_METRICS
+from difftune.trainables.heads import HEAD_TYPES
+
+#: the settings a trial reads (and a space may search or fix)
+TRIAL_KEYS = {f.name for f in fields(TrialConfig)} - {"model", "checkpoint", "data"}
+KINDS = ("choice", "int", "float", "subset")
 
 
 class SpaceError(UserError):
@@ -203,3 +209,71 @@ def check_range(spec: dict, where: str) -> None:
         raise SpaceError(f"{where}: a log range needs low > 0; got {rng}")
     if log and "step" in spec:
         raise SpaceError(f"{where}: step and log cannot be combined; drop one")
+
+
+# ---- params: the structure of searched settings --------------------------------------------
+def check_params(params: dict, where: str, *, in_head: bool = False) -> None:
+    """The structure of a space's ``params`` (or a head's sub-space): trial settings only,
+    each with exactly one of :data:`KINDS` and only its options."""
+    if not isinstance(params, dict):
+        raise SpaceError(f"{where} must be a mapping of setting: spec")
+    for k, spec in params.items():
+        if k not in TRIAL_KEYS:
+            raise SpaceError(f"{where}.{k} is not a trial setting; allowed: {sorted(TRIAL_KEYS)}")
+        if not isinstance(spec, dict) or len([x for x in KINDS if x in spec]) != 1:
+            raise SpaceError(f"{where}.{k} must be a mapping with exactly one of {list(KINDS)} "
+                             f"(e.g. {{choice: [1, 2, 4]}}); got {spec!r}")
+        extra = set(spec) - set(KINDS) - {"step", "log", "min"}
+        if extra:
+            raise SpaceError(f"{where}.{k}: unknown option(s) {sorted(extra)}; "
+                             "allowed: step, log, min")
+        if "choice" in spec:
+            choices = spec["choice"]
+            if not choices:
+                raise SpaceError(f"{where}.{k}.choice is empty; give at least one value")
+            if isinstance(choices, dict):
+                if k != "head" or in_head:
+                    raise SpaceError(f"{where}.{k}: sub-spaces (a mapping of choices) are "
+                                     "only allowed for head")
+                bad = sorted(set(choices) - set(HEAD_TYPES))
+                if bad:
+                    raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
+                                     f"allowed: {list(HEAD_TYPES)}")
+                for h, sub in choices.items():
+                    check_params(sub or {}, f"{where}.head.{h}", in_head=True)
+            elif k == "head":
+                bad = sorted(set(choices) - set(HEAD_TYPES))
+                if bad:
+                    raise SpaceError(f"{where}.head: unknown head type(s) {bad}; "
+                                     f"allowed: {list(HEAD_TYPES)}")
+        elif "subset" in spec:
+            check_subset(spec, f"{where}.{k}")
+        else:
+            check_range(spec, f"{where}.{k}")
+        if "min" in spec and "subset" not in spec:
+            raise SpaceError(f"{where}.{k}: min is an option of subset only")
+        if ("step" in spec or "log" in spec) and not ("int" in spec or "float" in spec):
+            raise SpaceError(f"{where}.{k}: step and log are options of int and float ranges")
+
+
+def values_of(spec: dict) -> list[Any]:
+    """Every value (or range end) a spec can produce, for validation."""
+    if "choice" in spec:
+        vals = spec["choice"]
+        return list(vals) if not isinstance(vals, dict) else list(vals)
+    if "subset" in spec:
+        return list(spec["subset"])
+    return list(spec.get("int") or spec.get("float"))
+
+
+def all_settings(space: Any) -> list[tuple[str, list[Any], str]]:
+    """(setting, values it can take, where) over fixed, params and head sub-spaces."""
+    out = [(k, [v], f"fixed.{k}") for k, v in space.fixed.items()]
+    for k, spec in space.params.items():
+        if k == "head" and isinstance(spec.get("choice"), dict):
+            out.append(("head", list(spec["choice"]), "params.head"))
+            for h, sub in spec["choice"].items():
+                out += [(n, values_of(s), f"params.head.{h}.{n}") for n, s in (sub or {}).items()]
+        else:
+            out.append((k, values_of(spec), f"params.{k}"))
+    return out
