@@ -5,7 +5,27 @@ Heavy objects (U-Nets) are session-scoped and must be treated as read-only by te
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# --------------------------------------------------------------------------------------
+# The process's MLflow store
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_env_kept():
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``, which difftune reads
+    as the store to use: a test that calls it must not point the tests after it (and their
+    "no store here" cases) at its temporary store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
 
 # --------------------------------------------------------------------------------------
 # Models (trainables.unet)

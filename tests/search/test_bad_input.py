@@ -166,7 +166,7 @@ def test_export_of_an_experiment_without_finished_trials(tmp_path, capsys):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("empty")
+    exp = client.create_experiment("empty", artifact_location=str(tmp_path / "artifacts"))
     client.create_run(exp, tags={"difftune.role": "search"})
     rc = main(["export", "--experiment", "empty", "--tracking-uri", uri,
                "--out", str(tmp_path / "best.yaml")])

@@ -69,7 +69,7 @@ def register(tmp_path, cfg: TrialConfig, *, train: bool = True) -> tuple[str, fl
               num_classes=classes)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("c")
+    exp = client.create_experiment("c", artifact_location=str(tmp_path / "artifacts"))
     parent, child = (client.create_run(exp).info.run_id for _ in range(2))
     log_champion(client, tracking_uri=uri, parent_run_id=parent, best_run_id=child,
                  checkpoint_dir=str(tmp_path / "ckpt"), model_name="c",

@@ -186,7 +186,7 @@ def test_a_refused_record_fails_alone_and_later_records_go_on(tmp_path, caplog):
     the records after it, of that trial and of others, are written."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("refused")
+    exp = client.create_experiment("refused", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={"difftune.role": "search"}).info.run_id
     callback = MLflowTrials(uri, parent, outbox_dir=str(tmp_path / "exp"))
     bad, good = Trial("a", {"head": "linear", "bad name?": 1}), Trial("b", {"head": "mlp"})
@@ -214,7 +214,7 @@ def test_a_resumed_search_closes_the_runs_its_dead_driver_left_open(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("settle")
+    exp = client.create_experiment("settle", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={"difftune.role": "search"}).info.run_id
     first = MLflowTrials(uri, parent)
     saved = pickle.dumps(first)  # as Tune's tuner.pkl holds it
