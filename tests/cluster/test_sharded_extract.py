@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 SPACE = """model: demo
 data: digits
-label_fraction: 0.3
+label_fraction: {lf}
 search: {{trials: 2, seed: 0, max_concurrent: 1, cpus_per_trial: 1, cache_pool: 2}}
 fixed: {{head: linear, epochs: 1, batch_size: 64, optimizer: sgd}}
 params:
@@ -34,9 +34,10 @@ params:
 """
 
 
-def extract(two_nodes, tmp_path: Path, t: int, batch: int) -> subprocess.Popen:
+def extract(two_nodes, tmp_path: Path, t: int, batch: int, lf: float = 0.3
+            ) -> subprocess.Popen:
     space = tmp_path / f"space{t}.yaml"
-    space.write_text(SPACE.format(t=t))
+    space.write_text(SPACE.format(t=t, lf=lf))
     log = open(tmp_path / f"extract{t}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "extract", "--space",
                              str(space), "--address", two_nodes.address, "--cache",
@@ -52,9 +53,10 @@ def manifests(root: Path, t: int) -> dict[tuple[str, int], dict]:
     return out
 
 
-def same_as_unsharded(tmp_path: Path, found: dict, t: int, batch: int) -> None:
+def same_as_unsharded(tmp_path: Path, found: dict, t: int, batch: int, lf: float = 0.3
+                      ) -> None:
     ref = FeatureCache(str(tmp_path / "plain"), batch_size=batch)
-    cfg = TrialConfig(label_fraction=0.3)
+    cfg = TrialConfig(label_fraction=lf)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a 1-CPU Ray task: the float sums in the same order
     try:
@@ -95,7 +97,7 @@ def test_a_search_extracts_its_planned_entries_on_both_nodes_before_its_trials(t
     from mlflow.tracking import MlflowClient
 
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(t=70))
+    space.write_text(SPACE.format(t=70, lf=0.3))
     out = subprocess.run(
         [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space),
          "--address", two_nodes.address, "--cache", str(tmp_path / "cache"),
@@ -118,7 +120,9 @@ def test_a_search_extracts_its_planned_entries_on_both_nodes_before_its_trials(t
 
 
 def test_killing_a_node_mid_extraction_still_publishes_a_complete_entry(two_nodes, tmp_path):
-    proc = extract(two_nodes, tmp_path, 50, 2)  # small batches: the shards take a while
+    # all train labels in batches of 1: each shard runs long enough that the worker's shard
+    # is under way before the head's has finished, even when the worker starts late
+    proc = extract(two_nodes, tmp_path, 50, 1, lf=1.0)
     deadline = time.monotonic() + 300
     while len({f.name.split(".part")[1][:4]  # shards with a part being written
                 for f in (tmp_path / "cache").rglob("t50-*/*.part*.tmp")}) < 2:
@@ -135,4 +139,4 @@ def test_killing_a_node_mid_extraction_still_publishes_a_complete_entry(two_node
     # everything after the kill ran on the head
     assert {p["node"] for p in train["parts"]} <= set(two_nodes.node_ids.values())
     assert {p["node"] for p in found[("val", 4)]["parts"]} == {two_nodes.node_ids["head"]}
-    same_as_unsharded(tmp_path, found, 50, 2)
+    same_as_unsharded(tmp_path, found, 50, 1, lf=1.0)
