@@ -26,17 +26,32 @@ MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+#: moto's server, one request at a time. Threaded (``python -m moto.server``), it checks the
+#: condition of a conditional PUT (If-None-Match, If-Match) and stores the object in two steps
+#: that two threads can interleave; S3 does both at once, and so does moto in one thread.
+MOTO_ONE_THREAD = """
+import sys
+from werkzeug.serving import run_simple
+from moto.server import DomainDispatcherApplication, create_backend_app
+run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_backend_app),
+           threaded=False)
+"""
+
+
 @contextlib.contextmanager
-def moto_s3(log_dir: Path, bucket: str, monkeypatch) -> Iterator[str]:
+def moto_s3(log_dir: Path, bucket: str, monkeypatch, *, threaded: bool = True
+            ) -> Iterator[str]:
     """A moto S3 server of our own on 127.0.0.1 with ``bucket`` created; yields the query
     every ``s3://`` URI on it needs (``endpoint_override=...&scheme=http&region=...``).
-    Stopped by pid afterwards."""
+    ``threaded=False``: one request at a time (:data:`MOTO_ONE_THREAD`), for tests of
+    conditional writes. Stopped by pid afterwards."""
     import pyarrow.fs as pafs
 
     port = free_port()
+    cmd = ([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"]
+           if threaded else [sys.executable, "-c", MOTO_ONE_THREAD, str(port)])
     with open(log_dir / "moto.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port),
-                                   "-H", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         for k, v in MOTO_ENV.items():
             monkeypatch.setenv(k, v)
         try:
