@@ -278,6 +278,17 @@ def start_server(root, port: int) -> subprocess.Popen:
     pytest.fail("mlflow server did not start")
 
 
+#: the searches of the tracking-server outage tests: linear heads, one trial at a time
+OUTAGE_SPACE = """
+model: demo
+search: {{trials: {trials}, seed: {seed}, max_concurrent: 1, grace_period: 2}}
+fixed: {{head: linear, epochs: 2, pool: 1, momentum: 0.9, batch_size: 128}}
+params:
+  block: {{choice: [7, 10, 13]}}
+  lr: {{float: [0.01, 0.1], log: true}}
+"""
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Stop a server and the workers it spawned (its own process group)."""
     if proc.poll() is None:
@@ -290,14 +301,7 @@ def test_tracking_server_away_mid_search_records_arrive_when_back(ray_session, t
     server = start_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     space = tmp_path / "s.yaml"
-    space.write_text("""
-model: demo
-search: {trials: 4, seed: 1, max_concurrent: 1, grace_period: 2}
-fixed: {head: linear, epochs: 2, pool: 1, momentum: 0.9, batch_size: 128}
-params:
-  block: {choice: [7, 10, 13]}
-  lr: {float: [0.01, 0.1], log: true}
-""")
+    space.write_text(OUTAGE_SPACE.format(trials=4, seed=1))
     search = subprocess.Popen(
         [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space), "--experiment",
          "outage", "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
@@ -338,14 +342,7 @@ def test_driver_killed_during_an_outage_loses_no_record_after_resume(ray_session
     server = start_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     space = tmp_path / "s.yaml"
-    space.write_text("""
-model: demo
-search: {trials: 3, seed: 2, max_concurrent: 1, grace_period: 2}
-fixed: {head: linear, epochs: 2, pool: 1, momentum: 0.9, batch_size: 128}
-params:
-  block: {choice: [7, 10, 13]}
-  lr: {float: [0.01, 0.1], log: true}
-""")
+    space.write_text(OUTAGE_SPACE.format(trials=3, seed=2))
     common = ["--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     driver = subprocess.Popen(
