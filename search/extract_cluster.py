@@ -59,6 +59,10 @@ def cluster_workers(*, gpus: bool = True) -> Workers:
     return Workers(len(cpus), {"num_cpus": float(int(min(cpus)))} if cpus else {}, "cpu")
 
 
+#: seconds between a shard's reports to the driver's progress (the driver looks every second)
+REPORT_S = 1.0
+
+
 def _shard_task(job: ShardJob, counter: Any) -> ShardResult:
     """One shard on whatever node Ray chose (a GPU if the task asked one)."""
     import ray
@@ -68,8 +72,12 @@ def _shard_task(job: ShardJob, counter: Any) -> ShardResult:
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
-    def report(done: int) -> None:
-        if counter is not None:
+    last = [0.0]
+
+    def report(done: int) -> None:  # after every batch: one actor call a second at most
+        now = time.monotonic()
+        if counter is not None and (now - last[0] >= REPORT_S or done == job.images):
+            last[0] = now
             counter.report.remote(job.shard, done)
 
     return run_shard(job, device=device, node=ray.get_runtime_context().get_node_id(),
