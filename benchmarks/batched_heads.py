@@ -58,10 +58,10 @@ def search(work: Path, name: str, *, epochs: int, batched: bool, concurrent: int
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from difftune.search.mlflow_trials import MLflowTrials
-    from difftune.search.space import load_space
-    from difftune.search.tracking import start_parent_run
-    from difftune.search.tuner import make_trainable
+    from difftune.search.records.tracking import start_parent_run
+    from difftune.search.records.trials import MLflowTrials
+    from difftune.search.run.tuner import make_trainable
+    from difftune.search.space.spec import load_space
     from difftune.trainables.trainable import RuntimeOptions
 
     path = work / f"{name}.yaml"
@@ -100,7 +100,7 @@ def search(work: Path, name: str, *, epochs: int, batched: bool, concurrent: int
 
 def warm_cache(root: Path) -> None:
     """Extract the one entry both searches read (not timed)."""
-    from difftune.trainables.cache import FeatureCache
+    from difftune.trainables.cache.feature_cache import FeatureCache
     from difftune.trainables.config import TrialConfig
 
     cfg = TrialConfig.from_dict({**FIXED, "lr": 0.01})

@@ -38,8 +38,8 @@ WAYS = ("online", "cached1", "cached4")
 
 def score(cfg, way: str, cache_root: str) -> float:
     """Train ``cfg`` the ``way`` asked and evaluate it once on the test split."""
-    from difftune.trainables.cache import FeatureCache
-    from difftune.trainables.online import OnlineFeatures
+    from difftune.trainables.cache.feature_cache import FeatureCache
+    from difftune.trainables.model.online import OnlineFeatures
     from difftune.trainables.pipeline import evaluate_on, run_trial
 
     source = OnlineFeatures() if way == "online" else FeatureCache(cache_root)

@@ -23,11 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import record  # noqa: E402
-from difftune.trainables.cache import FeatureCache  # noqa: E402
-from difftune.trainables.cache_store import EntryKey  # noqa: E402
+from difftune.trainables.cache.feature_cache import FeatureCache  # noqa: E402
+from difftune.trainables.cache.store import EntryKey  # noqa: E402
 from difftune.trainables.config import TrialConfig  # noqa: E402
 from difftune.trainables.heads import LinearHead  # noqa: E402
-from difftune.trainables.train import train_head  # noqa: E402
+from difftune.trainables.train.loop import train_head  # noqa: E402
 
 logger = logging.getLogger("cache_memory")
 GB = 1e9

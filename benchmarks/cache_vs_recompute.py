@@ -75,7 +75,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from difftune.trainables.data import load_dataset
+    from difftune.trainables.data.datasets import load_dataset
 
     n_images = sum(len(load_dataset("digits", split=s, image_size=16)[0]) for s in ("train", "val"))
     with tempfile.TemporaryDirectory() as d:

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from difftune.search.cli import main as cli
-    from difftune.search.confirm import spearman
-    from difftune.search.space import read_space_file
+    from difftune.search.run.confirm import spearman
+    from difftune.search.space.spec import read_space_file
 
     _, raw = read_space_file("demo")
     raw["label_fraction"] = args.fraction

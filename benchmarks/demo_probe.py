@@ -1,5 +1,5 @@
 """The demo U-Net is a real diffusion model: the val top-1 of ``difftune probe``'s linear probe
-(:func:`difftune.trainables.probe.probe_grid`, the same recipe) on the demo U-Net's middle
+(:func:`difftune.trainables.train.probe.probe_grid`, the same recipe) on the demo U-Net's middle
 block at a small t and pool 1, against the same architecture untrained (random weights,
 seed 0). At pool 2 and above even random features of 16-px digits probe to about 90%
 (guided-diffusion's blocks start as identities, so an untrained U-Net passes the image
@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import record  # noqa: E402
-from difftune.trainables.probe import probe_grid  # noqa: E402
-from difftune.trainables.unet import load_unet, model_fingerprint  # noqa: E402
+from difftune.trainables.model.unet import load_unet, model_fingerprint  # noqa: E402
+from difftune.trainables.train.probe import probe_grid  # noqa: E402
 
 logger = logging.getLogger("demo_probe")
 

@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import record  # noqa: E402
-from difftune.trainables.features import Extractor  # noqa: E402
-from difftune.trainables.unet import load_unet  # noqa: E402
+from difftune.trainables.model.features import Extractor  # noqa: E402
+from difftune.trainables.model.unet import load_unet  # noqa: E402
 
 logger = logging.getLogger("early_exit")
 

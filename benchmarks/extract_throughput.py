@@ -20,14 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import record  # noqa: E402
-from difftune.trainables.cost import (  # noqa: E402
+from difftune.trainables.model.cost import (  # noqa: E402
     activation_bytes_per_image,
     batch_for_memory,
     free_memory,
     model_costs,
 )
-from difftune.trainables.features import Extractor  # noqa: E402
-from difftune.trainables.unet import PAPER256_FLAGS, load_unet  # noqa: E402
+from difftune.trainables.model.features import Extractor  # noqa: E402
+from difftune.trainables.model.unet import PAPER256_FLAGS, load_unet  # noqa: E402
 
 logger = logging.getLogger("extract_throughput")
 

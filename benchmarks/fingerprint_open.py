@@ -39,10 +39,10 @@ OPEN = r"""
 import json, sys, time
 spec = json.loads(sys.argv[1])
 import pandas, torchvision.datasets, torchvision.transforms
-from difftune.trainables.cache import FeatureCache, model_key
+from difftune.trainables.cache.feature_cache import FeatureCache, model_key
 from difftune.trainables.config import TrialConfig
-from difftune.trainables.features import block_sizes
-from difftune.trainables.unet import shared_unet
+from difftune.trainables.model.features import block_sizes
+from difftune.trainables.model.unet import shared_unet
 block_sizes(shared_unet("demo", None, "cpu")[0])
 model_key("demo", None)
 start = time.perf_counter()
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="generate into this folder and keep it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from difftune.trainables.data import files_fingerprint
+    from difftune.trainables.data.datasets import files_fingerprint
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="difftune-fp-"))
     values: dict[str, object] = {}

@@ -15,7 +15,7 @@ Each search of budget N (5, 10, 20, 40 trials) asks its sampler for N configs ex
 sampler, and ``max_concurrent`` trials in flight: the sampler is asked for a trial while
 the others still run, as OptunaSearch under Ray Tune is; trials finish in the order they
 started, since every config trains the same epochs), replays their val scores, and picks
-the best by :mod:`difftune.search.best`'s rule. Its regret is the grid's best test score
+the best by :mod:`difftune.search.records.best`'s rule. Its regret is the grid's best test score
 minus the test score of its pick. Over ``--seeds`` seeds (the same seeds for every method):
 the mean regret and its 95 % bootstrap interval (10,000 resamples). ASHA is not modelled
 (the grid holds final scores only).
@@ -67,8 +67,8 @@ Grid = dict[tuple[int, int, int], dict[str, float]]
 
 def compute_grid() -> Grid:
     """Val and test top-1 of every (block, t, pool) of the grid."""
-    from difftune.trainables.probe import probe_grid
-    from difftune.trainables.unet import load_unet
+    from difftune.trainables.model.unet import load_unet
+    from difftune.trainables.train.probe import probe_grid
 
     grid = probe_grid(load_unet("demo"), data="digits", blocks=BLOCKS, timesteps=TIMESTEPS,
                       pools=POOLS, epochs=4, lr=0.05, progress=True, test=True)
@@ -88,7 +88,7 @@ def load_grid(recompute: bool) -> Grid:
 
 def search(space, grid: Grid, sampler, budget: int) -> tuple[int, int, int]:
     """The config a search of ``budget`` trials picks by val (difftune's rule for "best")."""
-    from difftune.search.best import Candidate, best_trial
+    from difftune.search.records.best import Candidate, best_trial
     from difftune.trainables.params import decode
 
     study = optuna.create_study(direction="maximize", sampler=sampler)
@@ -132,8 +132,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    from difftune.search.space import load_space
-    from difftune.search.tuner import sampler_for
+    from difftune.search.run.tuner import sampler_for
+    from difftune.search.space.spec import load_space
 
     grid = load_grid(args.recompute)
     best_test = max(v["test"] for v in grid.values())

@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import record  # noqa: E402
-from difftune.search.plan import DataSize, make_plan  # noqa: E402
-from difftune.search.sizes import format_size, parse_size  # noqa: E402
-from difftune.search.space import load_space  # noqa: E402
+from difftune.search.plan.estimate import DataSize, make_plan  # noqa: E402
+from difftune.search.plan.sizes import format_size, parse_size  # noqa: E402
+from difftune.search.space.spec import load_space  # noqa: E402
 
 IMAGENET = DataSize(train_all=1_281_167, val=50_000, classes=1000, source="ImageNet-1k")
 

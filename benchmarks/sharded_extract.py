@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import record  # noqa: E402
-from difftune.search.extract_cluster import Workers, ray_runner  # noqa: E402
-from difftune.trainables.cache import FeatureCache  # noqa: E402
-from difftune.trainables.cache_shard import extract_sharded  # noqa: E402
+from difftune.search.run.extract import Workers, ray_runner  # noqa: E402
+from difftune.trainables.cache.feature_cache import FeatureCache  # noqa: E402
+from difftune.trainables.cache.shard import extract_sharded  # noqa: E402
 from difftune.trainables.config import TrialConfig  # noqa: E402
 
 BLOCKS = range(1, 20)  # the demo space's block set

@@ -1,2 +1,2 @@
 """Search spaces as YAML presets (``demo``, ``linear``, ``attention``, ``difformer``,
-``diffeed``); :func:`difftune.search.space.load_space` reads them by name."""
+``diffeed``); :func:`difftune.search.space.spec.load_space` reads them by name."""

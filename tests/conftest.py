@@ -58,7 +58,7 @@ def tiny_flags() -> dict:
 @pytest.fixture(scope="session")
 def demo_unet():
     """``(model, diffusion)`` of the shipped demo U-Net (``load_unet("demo")``)."""
-    from difftune.trainables.unet import load_unet
+    from difftune.trainables.model.unet import load_unet
 
     return load_unet("demo")
 
@@ -68,7 +68,7 @@ def demo_unet_untrained():
     """The demo architecture with random weights (``load_unet("demo", random_init=True)``)."""
     import torch
 
-    from difftune.trainables.unet import load_unet
+    from difftune.trainables.model.unet import load_unet
 
     torch.manual_seed(0)
     return load_unet("demo", random_init=True)
@@ -80,7 +80,7 @@ def paper256():
     CPU costs several seconds and ~2.2 GB, so it is built once per session."""
     import torch
 
-    from difftune.trainables.unet import load_unet
+    from difftune.trainables.model.unet import load_unet
 
     torch.manual_seed(0)
     return load_unet("paper256", random_init=True)

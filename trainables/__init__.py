@@ -8,34 +8,34 @@ imported on first use.
 
 from __future__ import annotations
 
-from .lazy import lazy_exports
+from difftune.trainables.lazy import lazy_exports
 
 #: public name -> module (below this package) defining it
 _EXPORTS = {
     "UserError": "errors", "ConfigError": "errors", "SearchFailed": "errors",
     "TrialConfig": "config",
     "decode": "params", "trial_config": "params",
-    "Geometry": "geometry", "geometry_of_flags": "geometry", "geometry_of_model": "geometry",
-    "load_unet": "unet", "model_fingerprint": "unet",
-    "Extractor": "features", "block_shapes": "features",
-    "BlockCost": "cost", "model_costs": "cost", "unet_costs": "cost", "trial_gflops": "cost",
-    "activation_bytes_per_image": "cost", "batch_for_memory": "cost", "entry_bytes": "cost",
-    "load_dataset": "data", "load_image": "data", "class_names": "data",
-    "files_fingerprint": "fingerprint", "data_fingerprint": "fingerprint",
-    "DataError": "data", "CorruptImage": "data",
-    "ViewCycle": "views", "crop_flip": "views",
+    "Geometry": "model.geometry", "geometry_of_flags": "model.geometry", "geometry_of_model": "model.geometry",
+    "load_unet": "model.unet", "model_fingerprint": "model.unet",
+    "Extractor": "model.features", "block_shapes": "model.features",
+    "BlockCost": "model.cost", "model_costs": "model.cost", "unet_costs": "model.cost", "trial_gflops": "model.cost",
+    "activation_bytes_per_image": "model.cost", "batch_for_memory": "model.cost", "entry_bytes": "model.cost",
+    "load_dataset": "data.datasets", "load_image": "data.datasets", "class_names": "data.datasets",
+    "files_fingerprint": "data.fingerprint", "data_fingerprint": "data.fingerprint",
+    "DataError": "data.datasets", "CorruptImage": "data.datasets",
+    "ViewCycle": "data.views", "crop_flip": "data.views",
     "check_setting": "config", "LIMITS": "config",
-    "classify": "classify", "image_keys": "classify",
+    "classify": "model.classify", "image_keys": "model.classify",
     "HEAD_TYPES": "heads", "KINDS": "heads", "HeadKind": "heads", "build_head": "heads",
     "head_kind": "heads",
-    "train_head": "train", "evaluate": "train",
+    "train_head": "train.loop", "evaluate": "train.loop",
     "run_trial": "pipeline", "DirectFeatures": "pipeline", "evaluate_on": "pipeline",
-    "FeatureCache": "cache", "OnlineFeatures": "online",
-    "extract_sharded": "cache_shard", "ShardJob": "cache_shard",
-    "save_head": "checkpoint", "load_head": "checkpoint",
-    "probe_grid": "probe",
-    "Grid": "grid", "GridError": "grid", "HeadGrid": "grid_heads", "build_grid": "grid_heads",
-    "run_grid_trial": "grid_train", "train_grid": "grid_train",
+    "FeatureCache": "cache.feature_cache", "OnlineFeatures": "model.online",
+    "extract_sharded": "cache.shard", "ShardJob": "cache.shard",
+    "save_head": "heads.checkpoint", "load_head": "heads.checkpoint",
+    "probe_grid": "train.probe",
+    "Grid": "train.grid", "GridError": "train.grid", "HeadGrid": "train.grid_heads", "build_grid": "train.grid_heads",
+    "run_grid_trial": "train.grid_train", "train_grid": "train.grid_train",
     "Progress": "progress",
 }
 

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .data import BAD_IMAGES
-from .errors import ConfigError
-from .heads import HEAD_TYPES, head_kind
+from difftune.trainables.data.datasets import BAD_IMAGES
+from difftune.trainables.errors import ConfigError
+from difftune.trainables.heads import HEAD_TYPES, head_kind
 
 OPTIMIZERS = ("sgd", "adamw")
 

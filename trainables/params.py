@@ -66,6 +66,6 @@ def decode(raw: dict[str, Any]) -> dict[str, Any]:
 
 def trial_config(raw: dict[str, Any]):
     """A trial's flat config (as Ray Tune holds it) -> :class:`TrialConfig`."""
-    from .config import TrialConfig
+    from difftune.trainables.config import TrialConfig
 
     return TrialConfig.from_dict(decode(raw))

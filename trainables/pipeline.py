@@ -18,14 +18,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import TrialConfig
-from .cost import trial_gflops
-from .data import ImageItems, SplitPart, dataset_indices, shared_dataset, targets_of
-from .features import Extractor, block_sizes
-from .heads import Request, build_head, head_kind
-from .train import FeatureTensors, evaluate, train_head
-from .unet import shared_unet
-from .views import ViewCycle, view_batch
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.data.datasets import (
+    ImageItems,
+    SplitPart,
+    dataset_indices,
+    shared_dataset,
+    targets_of,
+)
+from difftune.trainables.data.views import ViewCycle, view_batch
+from difftune.trainables.heads import Request, build_head, head_kind
+from difftune.trainables.model.cost import trial_gflops
+from difftune.trainables.model.features import Extractor, block_sizes
+from difftune.trainables.model.unet import shared_unet
+from difftune.trainables.train.loop import FeatureTensors, evaluate, train_head
 
 logger = logging.getLogger(__name__)
 

@@ -30,16 +30,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import HEAD_FILE, META_FILE, load_head, read_checkpoint, save_head
-from .data import DataError
-from .errors import UserError
-from .grid import GRID_BEST, GRID_INDEX, Grid
-from .params import trial_config
-from .progress import DEFAULT_EVERY_S, PROGRESS_BOARD
-from .train import TrainingDiverged
+from difftune.trainables.data.datasets import DataError
+from difftune.trainables.errors import UserError
+from difftune.trainables.heads.checkpoint import (
+    HEAD_FILE,
+    META_FILE,
+    load_head,
+    read_checkpoint,
+    save_head,
+)
+from difftune.trainables.params import trial_config
+from difftune.trainables.progress import DEFAULT_EVERY_S, PROGRESS_BOARD
+from difftune.trainables.train.grid import GRID_BEST, GRID_INDEX, Grid
+from difftune.trainables.train.loop import TrainingDiverged
 
 if TYPE_CHECKING:
-    from .grid_train import GridEpoch
+    from difftune.trainables.train.grid_train import GridEpoch
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +124,18 @@ def make_source(runtime: RuntimeOptions, device: str,
     """The feature source for ``runtime``; ``on_progress`` takes the progress lines of long
     extractions."""
     if runtime.online:
-        from .online import OnlineFeatures
+        from difftune.trainables.model.online import OnlineFeatures
 
         return OnlineFeatures(device=device)
     if runtime.cache:
-        from .cache import FeatureCache
+        from difftune.trainables.cache.feature_cache import FeatureCache
 
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,
                             extra_blocks=runtime.extra_blocks, budget=runtime.cache_budget,
                             data_files=dict(runtime.data_files), data_hash=runtime.data_hash,
                             batch_size=runtime.extract_batch, on_progress=on_progress,
                             progress_s=runtime.progress_s)
-    from .pipeline import DirectFeatures
+    from difftune.trainables.pipeline import DirectFeatures
 
     return DirectFeatures(device=device, batch_size=runtime.extract_batch or 256)
 
@@ -180,8 +186,8 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
     import ray
     from ray import tune
 
-    from .grid_train import GRID_FILE, read_resume_state, run_grid_trial
-    from .pipeline import run_trial
+    from difftune.trainables.pipeline import run_trial
+    from difftune.trainables.train.grid_train import GRID_FILE, read_resume_state, run_grid_trial
 
     cfg = trial_config(config)
     if runtime.threads > 0:
@@ -244,7 +250,7 @@ def evaluate_checkpoint(checkpoint: Any, runtime: RuntimeOptions | dict[str, Any
     :param checkpoint: a ``tune.Checkpoint`` or a checkpoint folder.
     """
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
-    from .pipeline import evaluate_on
+    from difftune.trainables.pipeline import evaluate_on
 
     if isinstance(runtime, dict):
         runtime = RuntimeOptions.from_dict(runtime)

@@ -26,7 +26,7 @@ def cache_get(root: str) -> dict:
 
     import torch
 
-    from difftune.trainables.cache import FeatureCache
+    from difftune.trainables.cache.feature_cache import FeatureCache
     from difftune.trainables.config import TrialConfig
 
     cache = FeatureCache(root)
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--tracking-uri", required=True)
     args = ap.parse_args()
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
-    from difftune.search.cluster import ClusterError, check_addressable, check_inputs_on_nodes
+    from difftune.search.run.cluster import ClusterError, check_addressable, check_inputs_on_nodes
 
     out: dict = {"nodes": len([n for n in ray.nodes() if n["Alive"]])}
     writer = ray.get(cache_get.options(resources={"worker_node": 0.01}).remote(args.cache))

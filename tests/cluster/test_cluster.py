@@ -61,8 +61,8 @@ def rejected(stand_ins, probe: dict) -> subprocess.CompletedProcess:
 def resume_rejected(stand_ins, probe: dict) -> tuple[str, subprocess.CompletedProcess]:
     """``difftune search --resume`` joining the cluster for a search whose Ray Tune storage
     is a folder only this driver has (as when a laptop's search is resumed on a cluster)."""
-    from difftune.search.space import load_space
-    from difftune.search.tracking import start_parent_run
+    from difftune.search.records.tracking import start_parent_run
+    from difftune.search.space.spec import load_space
 
     s = stand_ins
     parent = start_parent_run(MlflowClient(s.tracking_uri), "cluster-resume-rejected",
@@ -275,7 +275,7 @@ def test_champion_is_registered(search: dict):
 def test_search_cache_lives_in_the_object_store(search: dict, stand_ins):
     import pyarrow.fs as pafs
 
-    from difftune.trainables.cache_admin import list_entries
+    from difftune.trainables.cache.admin import list_entries
 
     fs = pafs.S3FileSystem(endpoint_override=stand_ins.s3_endpoint, scheme="http",
                            access_key="testing", secret_key="testing", region="us-east-1")

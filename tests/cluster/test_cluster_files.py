@@ -292,7 +292,7 @@ def test_the_rayjob_entrypoint_is_a_difftune_search_that_reaches_everything():
     assert args.tracking_uri == "http://mlflow:5000"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert env["DIFFTUNE_SHARED_PATHS"] == SHARED["kuberay"]
-    from difftune.search.space import preset_names
+    from difftune.search.space.spec import preset_names
 
     assert args.space in preset_names()
 
@@ -317,7 +317,7 @@ def test_mlflow_server_is_reachable_by_its_service_name():
 
 
 def test_standin_space_loads_and_allows_retries():
-    from difftune.search.space import load_space
+    from difftune.search.space.spec import load_space
 
     space = load_space(str(CLUSTER / "standin-space.yaml"))
     s = space.search

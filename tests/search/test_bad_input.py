@@ -206,7 +206,7 @@ def test_a_space_number_written_without_a_dot_is_a_number(tmp_path):
     """PyYAML reads 1e-3 as a string; a space file reads it as the number it is."""
     import optuna
 
-    from difftune.search.space import load_space, parse_set
+    from difftune.search.space.spec import load_space, parse_set
 
     path = tmp_path / "lr.yaml"
     path.write_text("model: demo\nsearch: {trials: 1e1}\n"

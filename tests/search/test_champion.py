@@ -8,9 +8,9 @@ from __future__ import annotations
 import yaml
 from mlflow.tracking import MlflowClient
 
-from difftune.search.best import best_trial
 from difftune.search.cli import main
-from difftune.search.export import trial_candidates
+from difftune.search.records.best import best_trial
+from difftune.search.records.export import trial_candidates
 
 SPACE = """
 model: demo

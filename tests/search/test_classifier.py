@@ -13,16 +13,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from difftune.search.champion import log_champion
 from difftune.search.cli import main
-from difftune.trainables.checkpoint import save_head
-from difftune.trainables.classify import classify
+from difftune.search.records.champion import log_champion
 from difftune.trainables.config import TrialConfig
-from difftune.trainables.data import load_dataset, load_image
-from difftune.trainables.features import block_shapes
+from difftune.trainables.data.datasets import load_dataset, load_image
 from difftune.trainables.heads import build_head, head_kind
+from difftune.trainables.heads.checkpoint import save_head
+from difftune.trainables.model.classify import classify
+from difftune.trainables.model.features import block_shapes
+from difftune.trainables.model.unet import build, shared_unet
 from difftune.trainables.pipeline import clamp_requests, run_trial
-from difftune.trainables.unet import build, shared_unet
 
 LINEAR = TrialConfig(head="linear", block=10, t=30, pool=2, epochs=2, lr=0.05, momentum=0.9,
                      batch_size=64)

@@ -1,4 +1,4 @@
-"""difftune.search.cluster without a cluster: which settings a multi-node search rejects, how a folder
+"""difftune.search.run.cluster without a cluster: which settings a multi-node search rejects, how a folder
 is declared shared, and the GPU fraction each head type gets (the real cluster is in
 tests/cluster)."""
 
@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from difftune.search import cluster
-from difftune.search.cluster import (
+from difftune.search.run import cluster
+from difftune.search.run.cluster import (
     ClusterError,
     check_addressable,
     is_shared_path,
@@ -215,7 +215,7 @@ PER_HEAD_TRIALS = """
 import json, sys
 import ray
 from ray import tune
-from difftune.search.cluster import trial_resources
+from difftune.search.run.cluster import trial_resources
 
 def trainable(config):
     got = ray.get_runtime_context().get_assigned_resources()

@@ -10,9 +10,9 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from difftune.search.best import Candidate, rank_trials
 from difftune.search.cli import main
-from difftune.search.confirm import spearman
+from difftune.search.records.best import Candidate, rank_trials
+from difftune.search.run.confirm import spearman
 
 SPACE = """
 model: demo

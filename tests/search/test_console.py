@@ -8,7 +8,7 @@ import logging
 
 import ray  # noqa: F401  (its logger with its own handler exists, as in a search)
 
-from difftune.search.console import SearchConsole, out
+from difftune.search.report.console import SearchConsole, out
 
 SNAPSHOT = "Experiment state snapshotting has been triggered multiple times"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from difftune.search.extract_cluster import Workers, ray_runner
-from difftune.trainables.cache import FeatureCache
-from difftune.trainables.cache_shard import extract_sharded
+from difftune.search.run.extract import Workers, ray_runner
+from difftune.trainables.cache.feature_cache import FeatureCache
+from difftune.trainables.cache.shard import extract_sharded
 from difftune.trainables.config import TrialConfig
 
 

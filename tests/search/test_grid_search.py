@@ -14,8 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
-from difftune.trainables.checkpoint import load_head
-from difftune.trainables.grid_train import GRID_FILE, read_resume_state
+from difftune.trainables.heads.checkpoint import load_head
+from difftune.trainables.train.grid_train import GRID_FILE, read_resume_state
 
 LRS = [0.001, 0.003, 0.01, 0.03, 0.1]
 TRIALS = 2
@@ -77,7 +77,7 @@ def test_checkpoints_and_the_champion_hold_the_best_head_alone(searched, tmp_pat
     assert torch.equal(champion(x), head(x))
     # evaluated once on test as that plain head (what the checkpoint holds), on its run and
     # the parent's
-    from difftune.trainables.cache import FeatureCache
+    from difftune.trainables.cache.feature_cache import FeatureCache
     from difftune.trainables.pipeline import evaluate_on
 
     tested = client.get_run(best.info.run_id).data.metrics

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from difftune.search.cli import main
-from difftune.search.optuna_store import (
+from difftune.search.records.optuna_store import (
     OptunaStorageError,
     check_storage,
     close_orphans,

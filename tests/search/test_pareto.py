@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
-from difftune.search.pareto import dominates, front_rows, pareto_front
+from difftune.search.records.pareto import dominates, front_rows, pareto_front
 
 OBJECTIVES = [{"metric": "val_top1", "mode": "max"}, {"metric": "gflops", "mode": "min"}]
 SPACE = """

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from difftune.search.cli import main
-from difftune.search.plan import DataSize, make_plan
-from difftune.search.sizes import format_size, parse_size
-from difftune.search.space import load_space
+from difftune.search.plan.estimate import DataSize, make_plan
+from difftune.search.plan.sizes import format_size, parse_size
+from difftune.search.space.spec import load_space
 from difftune.trainables.errors import UserError
 
 IMAGENET = ["--images", "1281167", "--classes", "1000"]
@@ -161,9 +161,9 @@ def test_search_over_budget_is_refused_before_anything_is_written(tmp_path, caps
 def test_planned_entries_are_what_the_cache_writes(tmp_path):
     """The demo plan (block-set, cache_pool 4) at one timestep against a real miss: the same
     19 entries, of the planned sizes (the Arrow file adds under 1%)."""
-    from difftune.search.plan import data_size
-    from difftune.trainables.cache import FeatureCache
-    from difftune.trainables.cache_admin import list_entries
+    from difftune.search.plan.estimate import data_size
+    from difftune.trainables.cache.admin import list_entries
+    from difftune.trainables.cache.feature_cache import FeatureCache
     from difftune.trainables.config import TrialConfig
 
     space = load_space("demo", overrides={"t": 90, "head": "linear", "label_fraction": 0.3})
@@ -181,8 +181,8 @@ def test_planned_entries_are_what_the_cache_writes(tmp_path):
 
 
 def test_a_search_extracts_first_only_when_its_trials_may_ask_every_timestep():
-    from difftune.search.extract_cluster import Workers, why_not
-    from difftune.search.plan import extraction
+    from difftune.search.plan.estimate import extraction
+    from difftune.search.run.extract import Workers, why_not
 
     data = DataSize(train_all=TRAIN, val=VAL, classes=1000, source="imagenet")
     two = Workers(2, {"num_gpus": 1}, "gpu")

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from difftune.search.cli import main
-from difftune.trainables.data import load_dataset
+from difftune.trainables.data.datasets import load_dataset
 
 CLASSES = ("0", "1", "2")
 EXPERIMENT = "difftune-tiny-digits3"  # difftune-SPACE-DATA

@@ -16,13 +16,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
-from difftune.search.figures import grid_cells
-from difftune.search.figures_optuna import importance_params, paper_trial_number, study_of
-from difftune.search.pareto import dominates, front_of
-from difftune.search.report import gather, trial_label, write_figures
-from difftune.search.run_note import NOTE_TAG, note
-from difftune.search.space import load_space
-from difftune.search.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL, start_parent_run
+from difftune.search.records.pareto import dominates, front_of
+from difftune.search.records.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL, start_parent_run
+from difftune.search.report.description import NOTE_TAG, note
+from difftune.search.report.figures import grid_cells
+from difftune.search.report.gather import gather, trial_label, write_figures
+from difftune.search.report.optuna_figures import importance_params, paper_trial_number, study_of
+from difftune.search.space.spec import load_space
 
 FIGURES = ["block_timestep", "slices", "importances", "history", "cost", "curves"]
 BASE = {"model": "demo", "data": "digits", "checkpoint": None, "label_fraction": None,
@@ -264,7 +264,7 @@ def test_cmd_report_of_unknown_experiment_or_run_is_one_clear_error(store, tmp_p
 def test_live_report_redraws_in_the_background_at_a_bounded_rate(store):
     import pickle
 
-    from difftune.search.publish import LiveReport
+    from difftune.search.report.publish import LiveReport
 
     client, parent = store["client"], store["running"]
     report = LiveReport(store["uri"], parent, min_s=3600)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from difftune.search.best import best_trial
 from difftune.search.cli import main
-from difftune.search.export import trial_candidates
+from difftune.search.records.best import best_trial
+from difftune.search.records.export import trial_candidates
 
 TRIALS = 3
 EPOCHS = 2
@@ -196,7 +196,7 @@ def test_the_closing_export_command_runs_as_printed(searched, tmp_path):
     import subprocess
     import sys
 
-    from difftune.search.cmd_search import follow_up
+    from difftune.search.cli.search import follow_up
 
     line = follow_up(searched["uri"], "e2e").splitlines()[1]
     command = line.split(":", 1)[1].strip()

@@ -15,10 +15,10 @@ from helpers import free_port
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
-from difftune.search.cmd_search import follow_up
-from difftune.search.space import load_space
-from difftune.search.tracking import TAG_RUNTIME, start_parent_run
-from difftune.search.uris import redact, redact_text
+from difftune.search.cli.search import follow_up
+from difftune.search.records.tracking import TAG_RUNTIME, start_parent_run
+from difftune.search.records.uris import redact, redact_text
+from difftune.search.space.spec import load_space
 
 
 def test_redact_masks_userinfo_and_secret_query_values():
@@ -50,8 +50,8 @@ def test_a_password_is_kept_in_memory_and_saved_nowhere(monkeypatch):
     password; the driver puts it back at run time, from memory or $MLFLOW_TRACKING_URI."""
     import pickle
 
-    from difftune.search import uris
-    from difftune.search.mlflow_trials import MLflowTrials
+    from difftune.search.records import uris
+    from difftune.search.records.trials import MLflowTrials
 
     monkeypatch.setattr(uris, "_SECRETS", {})
     monkeypatch.delenv(uris.TRACKING_URI_ENV, raising=False)

@@ -7,7 +7,7 @@ import re
 import optuna
 import pytest
 
-from difftune.search.space import SpaceError, load_space, parse_set, preset_names
+from difftune.search.space.spec import SpaceError, load_space, parse_set, preset_names
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.params import decode as decode_config
 
@@ -220,7 +220,7 @@ params:
 
 
 def test_default_experiment_comes_from_the_space_and_the_data(tmp_path):
-    from difftune.search.tracking import default_experiment
+    from difftune.search.records.tracking import default_experiment
 
     assert default_experiment(load_space("demo")) == "difftune-demo"
     flowers = tmp_path / "Oxford Flowers"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from difftune.search.cli import main
-from difftune.search.space import SpaceError, load_space
+from difftune.search.space.spec import SpaceError, load_space
 
 BASE = """
 model: demo

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from difftune.search.cli import main
-from difftune.search.uris import storage_join
+from difftune.search.records.uris import storage_join
 
 BUCKET = "difftune-runs"
 

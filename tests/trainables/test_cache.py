@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftune.trainables import cache_store
-from difftune.trainables.cache import FeatureCache
-from difftune.trainables.cache_admin import list_entries, remove, total_bytes
+from difftune.trainables.cache import store as cache_store
+from difftune.trainables.cache.admin import list_entries, remove, total_bytes
+from difftune.trainables.cache.feature_cache import FeatureCache
 from difftune.trainables.config import TrialConfig
-from difftune.trainables.data import dataset_indices, shared_dataset
-from difftune.trainables.features import Extractor
+from difftune.trainables.data.datasets import dataset_indices, shared_dataset
 from difftune.trainables.heads import build_head
-from difftune.trainables.online import OnlineFeatures
+from difftune.trainables.model.features import Extractor
+from difftune.trainables.model.online import OnlineFeatures
+from difftune.trainables.model.unet import DEMO_CHECKPOINT, shared_unet
 from difftune.trainables.pipeline import run_trial
-from difftune.trainables.unet import DEMO_CHECKPOINT, shared_unet
 
 REPO = Path(__file__).resolve().parents[2]
 FRACTION = 0.04  # 40 digits training images: one forward batch per extraction
@@ -172,7 +172,7 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
     cache_store.forget_verified()  # checked earlier by this process and node: trusted by mtime
 
     c = FeatureCache(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="difftune.trainables.cache"):
+    with caplog.at_level(logging.WARNING, logger="difftune.trainables.cache.feature_cache"):
         ds = c.get(cfg, "train", [(90, 2, 2)])
     assert any("corrupt" in r.getMessage() for r in caplog.records)
     assert c.stats.entries_corrupt == 1 and c.stats.entries_written == 1
@@ -185,7 +185,7 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
 CHILD = r"""
 import json, os, sys, time
 spec = json.loads(sys.argv[1])
-from difftune.trainables import cache
+from difftune.trainables.cache import feature_cache as cache
 from difftune.trainables.config import TrialConfig
 if spec.get("pause_dir"):  # freeze after the first written batch, to be killed
     real = cache.EntryWriter.write
@@ -390,7 +390,8 @@ def test_an_entry_is_read_whole_once_per_node(tmp_path, monkeypatch):
 
 
 def test_a_fingerprint_handed_by_the_driver_spares_the_walk(tmp_path, monkeypatch):
-    from difftune.trainables import data, fingerprint
+    from difftune.trainables.data import datasets as data
+    from difftune.trainables.data import fingerprint
 
     cfg = cfg_()
     files = {s: data.files_fingerprint("digits", s) for s in ("train", "val")}
@@ -403,7 +404,7 @@ def test_a_fingerprint_handed_by_the_driver_spares_the_walk(tmp_path, monkeypatc
 
 
 def test_budget_evicts_the_least_recently_used_entries(tmp_path):
-    from difftune.trainables.cache_policy import usage
+    from difftune.trainables.cache.policy import usage
 
     cfg = cfg_()
     root = str(tmp_path / "cache")
@@ -425,7 +426,7 @@ def test_budget_evicts_the_least_recently_used_entries(tmp_path):
 
 
 def test_make_room_spares_groups_being_written(tmp_path):
-    from difftune.trainables.cache_policy import make_room, usage
+    from difftune.trainables.cache.policy import make_room, usage
 
     cfg = cfg_()
     root = str(tmp_path)
@@ -439,7 +440,7 @@ def test_make_room_spares_groups_being_written(tmp_path):
 
 
 def test_stored_pool_rule():
-    from difftune.trainables.cache_policy import stored_pool
+    from difftune.trainables.cache.policy import stored_pool
 
     assert stored_pool(2, 16, 8) == 8  # 2 | 8 | 16: stored at 8, serves 1, 2, 4, 8
     assert stored_pool(2, 8, 16) == 8  # clamped to the map
@@ -449,9 +450,9 @@ def test_stored_pool_rule():
 
 
 def test_a_miss_extracts_as_many_images_per_pass_as_fit_free_memory(tmp_path, monkeypatch):
-    from difftune.trainables import cache as cache_module
-    from difftune.trainables.cost import activation_bytes_per_image
-    from difftune.trainables.unet import resolve
+    from difftune.trainables.cache import feature_cache as cache_module
+    from difftune.trainables.model.cost import activation_bytes_per_image
+    from difftune.trainables.model.unet import resolve
 
     per_image, fixed = activation_bytes_per_image(resolve("demo")[0], 2)
     free = int((fixed + 16 * per_image) / 0.7) + 1  # room for 16 images of activations
@@ -481,7 +482,7 @@ def test_the_three_splits_are_three_entries(tmp_path):
 
 
 def test_views_are_seeded_crops_with_their_own_noise_and_cycle_by_epoch(tmp_path):
-    from difftune.trainables.views import ViewCycle
+    from difftune.trainables.data.views import ViewCycle
 
     cfg = cfg_(views=3)
     c = FeatureCache(str(tmp_path))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from difftune.trainables.cache_lock import CacheLock, FileLock
-from difftune.trainables.cache_lock_backends import S3Lock
-from difftune.trainables.cache_store import Store
+from difftune.trainables.cache.lock import CacheLock, FileLock
+from difftune.trainables.cache.lock_backends import S3Lock
+from difftune.trainables.cache.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 REL = "group/.lock"
@@ -25,8 +25,8 @@ REL = "group/.lock"
 #: (through the lock's own "waiting" log line) that it waits.
 RACER = r"""
 import json, logging, os, sys, time
-from difftune.trainables.cache_lock import CacheLock
-from difftune.trainables.cache_store import Store
+from difftune.trainables.cache.lock import CacheLock
+from difftune.trainables.cache.store import Store
 spec = json.loads(sys.argv[1])
 me, peer, flags = spec["me"], 1 - spec["me"], spec["barrier"]
 
@@ -41,7 +41,7 @@ class Waiting(logging.Handler):
         if record.getMessage().startswith("waiting for another process"):
             flag(f"waiting-{me}")
 
-log = logging.getLogger("difftune.trainables.cache_lock")
+log = logging.getLogger("difftune.trainables.cache.lock")
 log.setLevel(logging.INFO)
 log.addHandler(Waiting())
 store = Store(spec["root"])

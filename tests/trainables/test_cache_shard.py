@@ -10,18 +10,18 @@ import json
 import numpy as np
 import pytest
 
-from difftune.trainables import throughput
-from difftune.trainables.cache import FeatureCache
-from difftune.trainables.cache_admin import remove
-from difftune.trainables.cache_parts import PART_NAME
-from difftune.trainables.cache_policy import usage
-from difftune.trainables.cache_shard import (
+from difftune.trainables.cache import throughput
+from difftune.trainables.cache.admin import remove
+from difftune.trainables.cache.feature_cache import FeatureCache
+from difftune.trainables.cache.parts import PART_NAME
+from difftune.trainables.cache.policy import usage
+from difftune.trainables.cache.shard import (
     extract_sharded,
     local_runner,
     run_shard,
     shard_ranges,
 )
-from difftune.trainables.cache_store import MappedEntry
+from difftune.trainables.cache.store import MappedEntry
 from difftune.trainables.config import TrialConfig
 
 CFG = TrialConfig(label_fraction=0.05)  # 51 digits training images: shards of 32 and 19

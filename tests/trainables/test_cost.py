@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from difftune.trainables.cost import (
+from difftune.trainables.model.cost import (
     batch_for_memory,
     entry_bytes,
     gflops_to,
     model_costs,
     module_gflops,
 )
-from difftune.trainables.features import Extractor
+from difftune.trainables.model.features import Extractor
 
 
 def test_paper256_costs_follow_its_block_table():
@@ -56,7 +56,7 @@ def test_module_gflops_of_a_linear_layer():
 def test_trial_gflops_counts_the_passes_and_the_head():
     """What a trial reports as ``gflops``: one early-exit pass per timestep + the head."""
     from difftune.trainables.config import TrialConfig
-    from difftune.trainables.cost import trial_gflops
+    from difftune.trainables.model.cost import trial_gflops
 
     costs = model_costs("demo")
     linear = TrialConfig(head="linear", block=10, t=90, pool=2)
@@ -86,8 +86,8 @@ def test_trial_gflops_counts_the_passes_and_the_head():
 
 MEASURE = r"""
 import json, sys, torch
-from difftune.trainables.features import Extractor
-from difftune.trainables.unet import load_unet
+from difftune.trainables.model.features import Extractor
+from difftune.trainables.model.unet import load_unet
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -112,8 +112,8 @@ print(json.dumps({"peak": status("VmHWM:") - before}))
 def test_activation_estimate_matches_the_measured_peak_of_an_extraction():
     """Block 24 of paper256 (random weights, 256 px, 2 images on the CPU): the process's peak
     resident memory during the pass, above what the weights hold, is the plan's estimate."""
-    from difftune.trainables.cost import activation_bytes_per_image
-    from difftune.trainables.unet import PAPER256_FLAGS
+    from difftune.trainables.model.cost import activation_bytes_per_image
+    from difftune.trainables.model.unet import PAPER256_FLAGS
 
     per_image, fixed = activation_bytes_per_image(PAPER256_FLAGS, 24)
     estimate = fixed + 2 * per_image
@@ -127,8 +127,8 @@ def test_activation_estimate_matches_the_measured_peak_of_an_extraction():
 
 
 def test_activation_bytes_scale_with_the_batch_and_shrink_in_bf16():
-    from difftune.trainables.cost import activation_bytes, activation_bytes_per_image
-    from difftune.trainables.unet import PAPER256_FLAGS
+    from difftune.trainables.model.cost import activation_bytes, activation_bytes_per_image
+    from difftune.trainables.model.unet import PAPER256_FLAGS
 
     one = activation_bytes(PAPER256_FLAGS, 19, batch=1)
     four = activation_bytes(PAPER256_FLAGS, 19, batch=4)

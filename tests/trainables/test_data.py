@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftune.trainables.data import (
+from difftune.trainables.data.datasets import (
     CorruptImage,
     DataError,
     class_counts,
@@ -389,7 +389,7 @@ def test_fingerprint_keys_on_relative_paths_and_sizes_never_mtimes(tmp_path):
 
 
 def test_a_fingerprint_handed_over_is_used_without_walking(tmp_path, monkeypatch):
-    from difftune.trainables import data
+    from difftune.trainables.data import datasets as data
 
     make_tree(tmp_path)
     kw = dict(split="train", image_size=6, label_fraction=0.5, seed=1)
@@ -403,7 +403,7 @@ def test_the_driver_walks_each_folder_once_and_splits_never_share_a_fingerprint(
         tmp_path, monkeypatch):
     import os
 
-    from difftune.trainables import data
+    from difftune.trainables.data import datasets as data
 
     make_tree(tmp_path)
     walked = []

@@ -7,16 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difftune.trainables import features
 from difftune.trainables.errors import UserError
-from difftune.trainables.features import (
+from difftune.trainables.model import features
+from difftune.trainables.model.features import (
     ExtractionError,
     Extractor,
     block_modules,
     block_sizes,
     seeded_noise,
 )
-from difftune.trainables.unet import build
+from difftune.trainables.model.unet import build
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from difftune.search import space_optuna
+from difftune.search.space import distributions as space_optuna
 from difftune.trainables.errors import ConfigError
 from difftune.trainables.params import (
     decode,

@@ -12,7 +12,7 @@ from torch import nn
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.heads import LinearHead, MLPHead, build_head
 from difftune.trainables.pipeline import run_trial
-from difftune.trainables.train import FeatureTensors, TrainingDiverged, evaluate, train_head
+from difftune.trainables.train.loop import FeatureTensors, TrainingDiverged, evaluate, train_head
 
 KEY = (90, 10)
 
@@ -216,7 +216,7 @@ def test_mlp_hidden_sizes():
 def test_epoch_e_reads_view_e_mod_k():
     """A training set of K views (the cache's ``views: K``) is told each epoch before it is
     read: epoch e trains on view e mod K."""
-    from difftune.trainables.views import ViewCycle
+    from difftune.trainables.data.views import ViewCycle
 
     views = [random_features(seed=s) for s in range(3)]
     cycle = ViewCycle(views)

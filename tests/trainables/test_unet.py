@@ -17,16 +17,16 @@ import yaml
 
 import difftune.trainables as trainables
 from difftune.trainables.errors import UserError
-from difftune.trainables.features import Extractor, block_modules
-from difftune.trainables.geometry import geometry_of_model
-from difftune.trainables.probe import probe_grid
-from difftune.trainables.unet import (
+from difftune.trainables.model.features import Extractor, block_modules
+from difftune.trainables.model.geometry import geometry_of_model
+from difftune.trainables.model.unet import (
     DEMO_CHECKPOINT,
     PAPER_CHECKPOINT_URL,
     ModelError,
     build,
     load_unet,
 )
+from difftune.trainables.train.probe import probe_grid
 
 # --------------------------------------------------------------------------------------
 # paper256: the paper's block table (random init, one 256 px image, one full extraction)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import HeadKind, Key, Request, Shape, UNet
-from .diffeed import DIFFEED, DifFeed, build_diffeed
-from .difformer import ATTENTION, DIFFORMER, AttentionHead, DifFormer
-from .linear import LINEAR, LinearHead
-from .mlp import MLP, MLPHead
+from difftune.trainables.errors import ConfigError
+from difftune.trainables.heads.base import HeadKind, Key, Request, Shape, UNet
+from difftune.trainables.heads.diffeed import DIFFEED, DifFeed, build_diffeed
+from difftune.trainables.heads.difformer import ATTENTION, DIFFORMER, AttentionHead, DifFormer
+from difftune.trainables.heads.linear import LINEAR, LinearHead
+from difftune.trainables.heads.mlp import MLP, MLPHead
 
 #: every head kind by its ``head`` setting, in the order help texts list them
 KINDS: dict[str, HeadKind] = {k.name: k for k in (LINEAR, MLP, ATTENTION, DIFFORMER, DIFFEED)}

@@ -10,8 +10,8 @@ classes]`` logits:
 - a *live head* (``live_unet`` True, DifFeed) reads images ``{"image": [N x 3 x H x W],
   "index": [N]}`` and runs the frozen U-Net itself, which it gets at build time.
 
-All heads are trained by :func:`difftune.trainables.train.train_head` and saved in one format
-(:mod:`difftune.trainables.checkpoint`): ``state_dict()`` holds the trainable head only, never
+All heads are trained by :func:`difftune.trainables.train.loop.train_head` and saved in one format
+(:mod:`difftune.trainables.heads.checkpoint`): ``state_dict()`` holds the trainable head only, never
 the U-Net.
 """
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..config import TrialConfig
+    from difftune.trainables.config import TrialConfig
 
 Key = tuple[int, int]  # (t, block)
 Shape = tuple[int, int, int]  # (C, h, w)

@@ -45,8 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..features import (
+from difftune.trainables.errors import ConfigError
+from difftune.trainables.heads.base import HeadKind
+from difftune.trainables.heads.difformer import AttentionHead
+from difftune.trainables.heads.transformer import (
+    TRANSFORMER_SETTINGS,
+    check_transformer_settings,
+    transformer_kwargs,
+)
+from difftune.trainables.model.features import (
     ExtractionError,
     Extractor,
     autocast_for,
@@ -55,10 +62,7 @@ from ..features import (
     model_timesteps,
     run_blocks,
 )
-from ..geometry import geometry_of_model
-from .base import HeadKind
-from .difformer import AttentionHead
-from .transformer import TRANSFORMER_SETTINGS, check_transformer_settings, transformer_kwargs
+from difftune.trainables.model.geometry import geometry_of_model
 
 logger = logging.getLogger(__name__)
 

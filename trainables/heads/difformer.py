@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import HeadKind, Key, Shape
-from .transformer import (
+from difftune.trainables.errors import ConfigError
+from difftune.trainables.heads.base import HeadKind, Key, Shape
+from difftune.trainables.heads.transformer import (
     TRANSFORMER_SETTINGS,
     CLSTransformer,
     PreLayer,

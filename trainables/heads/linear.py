@@ -2,7 +2,7 @@
 the pooled, flattened map of one ``(t, block)``.
 
 The linear layer runs through :func:`linear_heads`, the batched matmul a grid of linear heads
-on the same input shares (:mod:`difftune.trainables.grid_heads`): a head alone is the case of
+on the same input shares (:mod:`difftune.trainables.train.grid_heads`): a head alone is the case of
 one, so a head trained alone and the same head trained in a grid compute the same numbers.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import HeadKind, Key, Shape
+from difftune.trainables.heads.base import HeadKind, Key, Shape
 
 
 def linear_heads(x: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import HeadKind, Key, Shape
-from .linear import single_request
+from difftune.trainables.errors import ConfigError
+from difftune.trainables.heads.base import HeadKind, Key, Shape
+from difftune.trainables.heads.linear import single_request
 
 
 class MLPHead(nn.Module):

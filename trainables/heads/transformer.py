@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Shape
+from difftune.trainables.errors import ConfigError
+from difftune.trainables.heads.base import Shape
 
 NORMS = ("layernorm", "batchnorm")
 #: the trial settings a transformer head reads

@@ -11,10 +11,10 @@ import torch
 
 from difftune.trainables import heads
 from difftune.trainables.config import TrialConfig
-from difftune.trainables.features import Extractor
 from difftune.trainables.heads import DifFeed
+from difftune.trainables.model.features import Extractor
+from difftune.trainables.model.unet import load_unet
 from difftune.trainables.pipeline import clamp_requests
-from difftune.trainables.unet import load_unet
 
 N, CLASSES = 6, 10
 TINY = dict(dim=32, heads=2, depth=1, mlp_ratio=2.0, pre_pool=4)
@@ -125,7 +125,7 @@ class TestHeadContract:
         assert not torch.allclose(outs[0], outs[2])
 
     def test_checkpoint_round_trip(self, name, unet, images, tmp_path):
-        from difftune.trainables.checkpoint import load_head, save_head
+        from difftune.trainables.heads.checkpoint import load_head, save_head
 
         head, inputs = make(name, unet, images, seed=2)
         cfg = TrialConfig.from_dict({**CONFIGS[name], "seed": 2})

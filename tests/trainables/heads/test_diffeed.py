@@ -10,14 +10,14 @@ from torch import nn
 from difftune.trainables import heads
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import UserError
-from difftune.trainables.features import block_shapes, run_blocks
 from difftune.trainables.heads.diffeed import (
     DifFeed,
     build_diffeed,
     make_feedback,
     mirror_block,
 )
-from difftune.trainables.unet import load_unet, shared_unet
+from difftune.trainables.model.features import block_shapes, run_blocks
+from difftune.trainables.model.unet import load_unet, shared_unet
 
 N = 4
 BASE = dict(head="diffeed", t=50, block=13, feedback_blocks=[11, 14, 17], dim=32, heads=2,
@@ -194,7 +194,7 @@ def test_tiny_trial_through_run_trial():
 
 
 def test_checkpoint_round_trip_through_trainable_files(tmp_path, batch):
-    from difftune.trainables.checkpoint import load_head, save_head
+    from difftune.trainables.heads.checkpoint import load_head, save_head
 
     model, diffusion = shared_unet("demo", None, "cpu")
     module = build_diffeed(cfg(seed=5), model, diffusion, 10)

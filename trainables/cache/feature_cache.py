@@ -1,0 +1,443 @@
+"""The Arrow feature cache: every (image, timestep) U-Net forward pass is paid for once.
+
+An *entry* holds the features of one (model, data split, image size, label-fraction subset,
+timestep t, noise seed, precision of the U-Net pass, block) pooled to P x P: an Arrow IPC
+file of rows ``(index, label, x)``, ``x`` the flattened ``[C x P x P]`` map (float16 by
+default), beside a JSON *marker* (key, shape, rows, bytes, sha256). Layout under the root (a
+folder or a pyarrow URI)::
+
+    <model fp>/<data fp>/t<t>-s<noise seed>-<precision>[-v<view>]/b<block>-p<P>-<dtype>.arrow
+                                                             /b<block>-p<P>-<dtype>.json
+                                                             /.lock
+
+A trial with ``views: K`` reads K views of every train image (:mod:`.views`: view 0 is the
+image itself, views 1..K-1 seeded crops + flips with their own noise; epoch e reads view
+e mod K); val and test are read as view 0.
+
+Fingerprints are content hashes (checkpoint bytes + flags; the data files' relative paths and
+sizes, or bytes, + transform + subset), so a changed model or data never hits a stale entry
+and a copy of the data elsewhere hits the same ones. Pool p is served by an entry at p, or
+derived exactly from one at P when p | P and P | the native map size (average pooling then
+composes). Publishing: data under a temporary name then renamed (object stores: one atomic
+PUT), marker last; readers trust only entries whose marker exists and whose checksum matches
+(checked once per node; a mismatch is logged and re-extracted). One process per group
+directory extracts at a time, under :class:`~.cache_lock.CacheLock`. What a miss stores, and
+the storage budget: :mod:`.cache_policy`. Listing and pruning: :mod:`.cache_admin`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pyarrow.fs as pafs
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from difftune.trainables.cache import throughput
+from difftune.trainables.cache.lock import CacheLock
+from difftune.trainables.cache.parts import check_entry, delete_entry, entry_paths
+from difftune.trainables.cache.policy import make_room, stored_pool, touch
+from difftune.trainables.cache.store import (
+    ENTRY_NAME,
+    CachedFeatures,
+    CacheStats,
+    EntryKey,
+    EntryWriter,
+    Store,
+)
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.data.datasets import data_fingerprint, dataset_indices
+from difftune.trainables.data.views import ViewCycle, view_batch
+from difftune.trainables.heads import Request
+from difftune.trainables.model import unet
+from difftune.trainables.model.cost import (
+    activation_bytes_per_image,
+    batch_for_memory,
+    entry_bytes,
+    free_memory,
+    unet_costs,
+)
+from difftune.trainables.model.features import (
+    PRECISIONS,
+    ExtractionError,
+    Extractor,
+    block_sizes,
+    check_blocks,
+    check_pool,
+    check_timestep,
+    precision_for,
+)
+from difftune.trainables.model.unet import shared_unet
+from difftune.trainables.pipeline import SPLITS, TrialData, split_views, trial_dataset
+from difftune.trainables.progress import DEFAULT_EVERY_S, Progress
+
+logger = logging.getLogger(__name__)
+
+#: Where the cache lives unless ``--cache`` or ``$DIFFTUNE_CACHE`` says otherwise.
+DEFAULT_CACHE = "./difftune_cache"
+
+
+def default_root() -> str:
+    """``$DIFFTUNE_CACHE`` if set, else :data:`DEFAULT_CACHE`."""
+    return os.environ.get("DIFFTUNE_CACHE") or DEFAULT_CACHE
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(model: str, checkpoint: str | None, stamp: tuple) -> str:
+    return unet.model_fingerprint(model, checkpoint=checkpoint)
+
+
+def model_key(model: str, checkpoint: str | None) -> str:
+    """``unet.model_fingerprint``, memoised per process for an unchanged checkpoint file
+    (hashing a 2 GB checkpoint once per trial would cost more than a cache hit saves)."""
+    flags, ckpt = unet.resolve(model, checkpoint=checkpoint)
+    st = os.stat(ckpt) if ckpt is not None and os.path.isfile(ckpt) else None
+    stamp = (json.dumps(flags, sort_keys=True, default=str), str(ckpt),
+             st.st_size if st else None, st.st_mtime_ns if st else None)
+    return _fingerprint(model, checkpoint, stamp)
+
+
+class FeatureCache:
+    """A :class:`~.pipeline.FeatureSource` serving features from Arrow entries.
+
+    The policy (:mod:`.cache_policy`) follows from ``extra_blocks`` and ``store_pool``:
+    ``block-set`` gives both, ``per-request`` neither.
+
+    :param root: a local folder or a pyarrow filesystem URI (``s3://bucket/prefix?...``);
+        None means :func:`default_root`.
+    :param batch_size: images per U-Net pass on a miss; None: as many as fit the device's
+        free memory (:func:`~.cost.batch_for_memory`), at most 256.
+    :param store_pool: store misses at this pool size (clamped to the block's map) when the
+        requested p divides it, so that later trials with smaller pools hit.
+    :param extra_blocks: the search space's blocks; a miss extracts all of them in the same
+        forward pass (it runs up to the deepest of them).
+    :param budget: bytes everything under the root may take; before a miss writes, least
+        recently used entries are evicted to make room. None: no limit.
+    :param data_files: split -> :func:`~.fingerprint.files_fingerprint` of the data, computed once
+        by the search's driver (None: walked here at each lookup).
+    :param data_hash: how the data files are fingerprinted when ``data_files`` lacks a split.
+    :param precision: the U-Net's precision on a miss (default: the device's, see
+        :func:`~.features.precision_for`); part of every entry's key.
+    :param record_throughput: remember the measured extraction rate in the root (what
+        ``difftune plan`` reads).
+    :param lock_stale_s: a lock untouched this long belongs to a dead process.
+    :param mirror: local folder that entries of a remote root are copied into and mapped from.
+    :param on_progress: takes progress lines of long extractions (:class:`~.progress.Progress`:
+        images/s, time left), e.g. to show them on a search's console.
+    :param progress_s: seconds between those lines.
+    """
+
+    def __init__(self, root: str | None = None, *, device: str = "cpu",
+                 batch_size: int | None = None, store_pool: int | None = None,
+                 extra_blocks: Sequence[int] = (), budget: int | None = None,
+                 data_files: Mapping[str, str] | None = None, data_hash: str = "size",
+                 precision: str | None = None, channels_last: bool = False,
+                 record_throughput: bool = False, progress: bool = False,
+                 dtype: str = "float16", lock_stale_s: float = 120.0,
+                 mirror: str | None = None, filesystem: pafs.FileSystem | None = None,
+                 on_progress: Callable[[str], None] | None = None,
+                 progress_s: float = DEFAULT_EVERY_S):
+        self.root = root or default_root()
+        self.store = Store(self.root, filesystem)
+        self.device, self.batch_size, self.progress = device, batch_size, progress
+        self.store_pool, self.extra_blocks = store_pool, sorted(set(extra_blocks))
+        self.budget, self.data_files = budget, dict(data_files or {})
+        self.data_hash, self.record_throughput = data_hash, record_throughput
+        if precision is not None and precision not in PRECISIONS:
+            raise ExtractionError(f"precision={precision!r} is unknown; allowed: "
+                                  f"{list(PRECISIONS)}")
+        self.precision = precision or precision_for(device)
+        self.channels_last = channels_last
+        self.dtype, self.lock_stale_s = np.dtype(dtype).name, lock_stale_s
+        self.mirror = mirror or os.path.join(tempfile.gettempdir(), "difftune-mirror")
+        self.stats = CacheStats()
+        self.on_progress, self.progress_s = on_progress, progress_s
+        self._extractor: Extractor | None = None
+        self._serving: set[str] = set()  # entries this process serves (never evicted by it)
+
+    @property
+    def unet_images(self) -> int:
+        """Images this cache has passed through the U-Net (on misses) in this process."""
+        return self.stats.forward_images
+
+    # -- FeatureSource
+    def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
+                splits: Sequence[str] = SPLITS) -> TrialData:
+        out = {}
+        for split in splits:
+            views = [self.get(cfg, split, requests, view=v)
+                     for v in range(split_views(cfg, split))]
+            out[split] = views[0] if len(views) == 1 else ViewCycle(views)
+        first = next(iter(out.values()))
+        return TrialData(out, first.shapes(), len(first.classes))
+
+    def get(self, cfg: TrialConfig, split: str, requests: Sequence[Request], *, view: int = 0
+            ) -> CachedFeatures:
+        """The features of ``requests`` ((t, block, pool)) for one split of ``cfg``'s data
+        (view ``view`` of its images, :mod:`.views`), extracting and storing the missing
+        ones."""
+        try:
+            return self._get(cfg, split, requests, view)
+        except FileNotFoundError:  # evicted by another process between lookup and open
+            logger.info("a cache entry went away while opening it; looking up again")
+            return self._get(cfg, split, requests, view)
+
+    def resolve(self, cfg: TrialConfig, split: str, requests: Sequence[Request], view: int = 0
+                ) -> tuple:
+        """``(model, diffusion, dataset, base key, {t: {block: pool}}, model flags)`` of
+        ``requests`` on one split of ``cfg``'s data, view ``view`` (checked against the
+        model)."""
+        model, diffusion = shared_unet(cfg.model, cfg.checkpoint, self.device)
+        ds, _ = trial_dataset(cfg, split, model.image_size)
+        # val and test are never subsampled, and without a fraction the subset seed is moot
+        frac = None if split != "train" or cfg.label_fraction in (None, 1, 1.0) \
+            else cfg.label_fraction
+        base = EntryKey(model=cfg.model, model_fp=model_key(cfg.model, cfg.checkpoint),
+                        data=cfg.data, split=split, image_size=model.image_size,
+                        data_fp=data_fingerprint(cfg.data, split=split,
+                                                 image_size=model.image_size,
+                                                 label_fraction=frac,
+                                                 seed=cfg.seed if frac is not None else 0,
+                                                 holdout=cfg.holdout,
+                                                 bad_images=cfg.bad_images,
+                                                 files=self.data_files.get(split),
+                                                 data_hash=self.data_hash),
+                        t=0, seed=cfg.noise_seed, block=0, pool=0, dtype=self.dtype,
+                        precision=self.precision, view=view)
+        by_t: dict[int, dict[int, int]] = {}
+        for t, b, p in requests:
+            check_timestep(diffusion, t)
+            check_blocks(model, [b])
+            if check_pool(p) is None:
+                raise ExtractionError("the feature cache stores pooled maps; pool=None is "
+                                      "not allowed (give a positive int)")
+            by_t.setdefault(t, {})[b] = p
+        flags = unet.resolve(cfg.model, checkpoint=cfg.checkpoint)[0]
+        return model, diffusion, ds, base, by_t, flags
+
+    def _get(self, cfg: TrialConfig, split: str, requests: Sequence[Request], view: int
+             ) -> CachedFeatures:
+        model, diffusion, ds, base, by_t, flags = self.resolve(cfg, split, requests, view)
+        classes = trial_dataset(cfg, split, model.image_size)[1]
+        served: dict[tuple[int, int], tuple[str, int]] = {}
+        for t, wanted in by_t.items():
+            group = dataclasses.replace(base, t=t)
+            for b, path in self._ensure(model, diffusion, ds, group, wanted, flags).items():
+                served[(t, b)] = (path, wanted[b])
+        out = _dataset(served)
+        expected = np.asarray(dataset_indices(ds), dtype=np.int64)
+        for key, m in out.maps().items():
+            if not np.array_equal(m.column(0), expected):
+                raise RuntimeError(f"cache entry {served[key][0]} holds other images than "
+                                   f"{cfg.data} {split}")
+        out.classes = list(classes)
+        return out
+
+    def writer(self, key: EntryKey, shape: tuple[int, int, int], native: int | None = None
+               ) -> EntryWriter:
+        """A streaming writer of one entry (``write`` record batches, then ``commit``)."""
+        return EntryWriter(self.store, key, shape, native or shape[-1])
+
+    def open(self, entries: dict[tuple[int, int], tuple[EntryKey, int]]) -> CachedFeatures:
+        """A dataset over stored entries: (t, block) -> (key at its stored P, pool served)."""
+        served = {}
+        for name, (key, p) in entries.items():
+            marker = self.store.read_json(f"{key.group}/{key.name}.json")
+            path = self._local_copy(key, marker) if marker else None
+            if path is None or not check_entry(path, marker):
+                raise FileNotFoundError(f"no valid cache entry {key.group}/{key.name}")
+            served[name] = (path, p)
+        return _dataset(served)
+
+    # -- internals
+    def _stored_pool(self, p: int, native: int) -> int:
+        return stored_pool(p, native, self.store_pool)
+
+    def _extractor_for(self, model, diffusion) -> Extractor:
+        if self._extractor is None or self._extractor.model is not model:
+            self._extractor = Extractor(model, diffusion, precision=self.precision,
+                                        channels_last=self.channels_last)
+        return self._extractor
+
+    def _batch_for(self, flags: dict, upto: int) -> int:
+        """The configured batch, or as many images as fit the device's free memory."""
+        if self.batch_size:
+            return self.batch_size
+        per_image, fixed = activation_bytes_per_image(flags, upto, precision=self.precision)
+        batch = batch_for_memory(free_memory(self.device), per_image, fixed)
+        logger.info("extraction batch %d: %.3g MB of activations per image to block %d (%s)",
+                    batch, per_image / 1e6, upto, self.precision)
+        return batch
+
+    def _local_copy(self, key: EntryKey, marker: dict) -> str | tuple[str, ...] | None:
+        return entry_paths(self.store, f"{key.group}/{key.name}", marker, self.mirror)
+
+    def _lookup(self, key: EntryKey, p: int, native: int, *, purge: bool = False
+                ) -> str | None:
+        """A verified local path of a stored entry serving ``key`` at pool p, or None.
+        With ``purge`` (only under the lock) a corrupt entry is counted, logged, deleted."""
+        sizes = []
+        for info in self.store.files(key.group):
+            m = ENTRY_NAME.match(info.base_name)
+            if m and int(m[1]) == key.block and m[3] == key.dtype:
+                big = int(m[2])
+                if big == p or (big % p == 0 and native % big == 0):
+                    sizes.append(big)
+        for big in sorted(sizes, key=lambda s: (s != p, s)):
+            k = dataclasses.replace(key, pool=big)
+            marker = self.store.read_json(f"{k.group}/{k.name}.json") or {}
+            stored = {n: v for n, v in marker.get("key", {}).items() if n not in ("model", "data")}
+            if stored != k.content():
+                continue
+            path = self._local_copy(k, marker)
+            if path is not None and check_entry(path, marker):
+                self.stats.entries_derived += big != p
+                touch(self.store, f"{k.group}/{k.name}")
+                self._serving.add(f"{k.group}/{k.name}")
+                return path
+            if purge:
+                self.stats.entries_corrupt += 1
+                logger.warning("cache entry %s/%s is corrupt (checksum or size mismatch); "
+                               "re-extracting it", self.store.path(k.group), k.name)
+                delete_entry(self.store, f"{k.group}/{k.name}")
+                for local in ((path,) if isinstance(path, str) else path or ()):
+                    if not self.store.local and os.path.isfile(local):
+                        os.remove(local)
+        return None
+
+    def miss_plan(self, group: EntryKey, missing: dict[int, int], native: dict[int, int]
+                  ) -> dict[int, int]:
+        """block -> stored pool of what a miss of ``missing`` at ``group`` writes: the
+        missing entries and every ``extra_blocks`` entry not stored yet (the policy)."""
+        plan = {b: self._stored_pool(p, native[b]) for b, p in missing.items()}
+        default = max(missing.values())
+        for b in self.extra_blocks:
+            if b not in plan and b in native:
+                k = dataclasses.replace(group, block=b,
+                                        pool=self._stored_pool(min(default, native[b]), native[b]))
+                if self.store.info(f"{k.group}/{k.name}.json").type == pafs.FileType.NotFound:
+                    plan[b] = k.pool
+        return plan
+
+    def room_for(self, flags: dict, rows: int, plan: dict[int, int]) -> None:
+        """Under a budget, evict least recently used entries for ``plan``'s entries."""
+        if self.budget is not None:
+            costs = unet_costs(flags)
+            need = sum(entry_bytes(rows, costs[b].channels, p, self.dtype)
+                       for b, p in plan.items())
+            make_room(self.store, need, self.budget, keep=self._serving)
+
+    def _ensure(self, model, diffusion, ds: Dataset, group: EntryKey, wanted: dict[int, int],
+                flags: dict) -> dict[int, str]:
+        native = block_sizes(model)
+        found: dict[int, str] = {}
+        for b, p in wanted.items():
+            path = self._lookup(dataclasses.replace(group, block=b), p, native[b])
+            if path is not None:
+                found[b] = path
+        missing = {b: p for b, p in wanted.items() if b not in found}
+        if missing:
+            lock = CacheLock(self.store, f"{group.group}/.lock", self.lock_stale_s)
+            with lock:
+                self.stats.lock_waits += lock.waited
+                if self.store.local:  # debris of writers that died (we hold the lock)
+                    for info in self.store.files(group.group):
+                        if info.base_name.endswith(".tmp"):
+                            self.store.delete(info.path[len(self.store.base) + 1:])
+                for b, p in list(missing.items()):
+                    path = self._lookup(dataclasses.replace(group, block=b), p, native[b],
+                                        purge=True)
+                    if path is not None:
+                        found[b] = path
+                        del missing[b]
+                if missing:
+                    found.update(self._extract(model, diffusion, ds, group, missing, native,
+                                               flags))
+        self.stats.entries_reused += len(wanted) - len(missing)
+        return found
+
+    def _extract(self, model, diffusion, ds: Dataset, group: EntryKey, missing: dict[int, int],
+                 native: dict[int, int], flags: dict) -> dict[int, str]:
+        """One forward pass per image batch at ``group.t`` writing the missing entries and
+        every ``extra_blocks`` entry (the search space's block set) not stored yet, so that a
+        search pays one U-Net pass per image and timestep."""
+        plan = self.miss_plan(group, missing, native)
+        extractor = self._extractor_for(model, diffusion)
+        indices = dataset_indices(ds)
+        if not indices:
+            raise ValueError(f"no images to extract for {group.data} {group.split}")
+        self.room_for(flags, len(indices), plan)
+        upto = max(plan)
+        loader = DataLoader(ds, batch_size=self._batch_for(flags, upto), shuffle=False)
+        writers: dict[int, EntryWriter] = {}
+        bar = tqdm(total=len(loader), desc=f"extract {group.split} t={group.t} view {group.view}",
+                   unit="batch",
+                   disable=not self.progress, leave=False)
+        timed = [0, 0.0]  # images, seconds: every batch but the first (warm-up)
+        view = f" view {group.view}" if group.view else ""
+        progress = Progress(f"extract {group.split} t={group.t}{view} ({len(plan)} blocks)",
+                            len(indices), self.on_progress, self.progress_s)
+        try:
+            start = 0
+            for i, (x0, labels) in enumerate(loader):
+                idx = indices[start:start + len(x0)]
+                start += len(x0)
+                began = time.perf_counter()
+                x, noise = view_batch(x0, idx, t=group.t, seed=group.seed, view=group.view)
+                feats = extractor.extract(x, group.t, plan, indices=idx, seed=group.seed,
+                                          noise=noise)
+                feats = {b: f.cpu() for b, f in feats.items()}  # waits for the device
+                if i > 0 or len(loader) == 1:
+                    timed[0] += len(x0)
+                    timed[1] += time.perf_counter() - began
+                self.stats.forward_batches += 1
+                self.stats.forward_images += len(x0)
+                for b, f in feats.items():
+                    if b not in writers:
+                        key = dataclasses.replace(group, block=b, pool=plan[b])
+                        writers[b] = EntryWriter(self.store, key, tuple(f.shape[1:]), native[b])
+                    writers[b].write(idx, labels, f)
+                bar.update(1)
+                progress.update(len(x0))
+            markers = {b: w.commit() for b, w in writers.items()}
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        finally:
+            bar.close()
+        progress.close()
+        self.stats.entries_written += len(markers)
+        self.stats.forward_seconds += timed[1]
+        self.stats.timed_images += timed[0]
+        logger.info("cache: wrote %d entries for %s %s t=%d (blocks %s)", len(markers),
+                    group.data, group.split, group.t, sorted(markers))
+        if self.record_throughput:  # what this process measured so far
+            throughput.record(self.store, model=group.model, flags=flags,
+                              device=throughput.device_kind(extractor.device),
+                              precision=self.precision, images=self.stats.timed_images,
+                              seconds=self.stats.forward_seconds,
+                              gflops_per_image=unet_costs(flags)[upto].gflops_to, upto=upto)
+        out = {}
+        for b in missing:
+            key = dataclasses.replace(group, block=b, pool=plan[b])
+            path = self._local_copy(key, markers[b])
+            if path is None or not check_entry(path, markers[b]):
+                raise OSError(f"cache entry {key.group}/{key.name} vanished after writing it")
+            self._serving.add(f"{key.group}/{key.name}")
+            out[b] = path
+        return out
+
+
+def _dataset(served: dict[tuple[int, int], tuple[str, int]]) -> CachedFeatures:
+    out = CachedFeatures(served, np.zeros(0))
+    out.labels = next(iter(out.maps().values())).column(1)
+    return out

@@ -1,0 +1,120 @@
+"""The three splits and which images each holds: ``train`` fits heads, ``val`` selects
+(ASHA, Optuna, the champion), ``test`` is reported and never seen by a search.
+
+- digits: a fixed stratified 60/20/20 split of the 1797 images (:func:`digits_positions`).
+- An ImageFolder with ``train/`` and ``val/`` (ImageNet's layout): ``test`` is ``val/``, and
+  ``val`` is a seeded stratified holdout of ``train/`` (:func:`holdout_positions`), which
+  ``train`` then lacks; with a ``test/`` folder too, one folder per split
+  (:func:`split_source`).
+
+A split is a :class:`SplitPart` of a base set (all digits, or one folder): its items keep their
+positions in that set (:func:`dataset_indices`), the keys of their seeded noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from difftune.trainables.errors import DataError
+
+SPLITS = ("train", "val", "test")
+#: the seed of the holdout of ``train/`` that becomes the selection split: fixed, so that every
+#: trial (whatever its own seed) selects on the same images
+HOLDOUT_SEED = 0
+DEFAULT_HOLDOUT = 0.1
+#: the split definitions (part of every data fingerprint: entries of another scheme never hit)
+SPLIT_SCHEME = "splits-v2:digits-60/20/20:folder-holdout"
+
+
+class SplitPart(Dataset):
+    """The items of ``base`` at ``positions``: one split of a larger set of images.
+
+    ``positions`` index ``base`` (the whole digits set, or one folder of an ImageFolder
+    tree), so an image keeps one index whichever split, holdout or label subset it lands in:
+    the key of its seeded noise (:func:`dataset_indices`).
+    """
+
+    def __init__(self, base: Dataset, positions: Sequence[int]):
+        self.base, self.positions = base, [int(p) for p in positions]
+        self.classes = list(base.classes)
+        base_targets = list(base.targets)
+        self.targets = [base_targets[p] for p in self.positions]
+        base_samples = getattr(base, "samples", None)
+        self.samples = [base_samples[p] for p in self.positions] if base_samples else None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base[self.positions[i]]
+
+
+
+def digits_positions(split: str) -> list[int]:
+    """Positions in the 1797 digits of ``split``: a fixed stratified 60/20/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    target = load_digits().target
+    idx = np.arange(len(target))
+    train, rest = train_test_split(idx, test_size=0.4, stratify=target, random_state=0)
+    val, test = train_test_split(rest, test_size=0.5, stratify=target[rest], random_state=0)
+    return sorted({"train": train, "val": val, "test": test}[split].tolist())
+
+
+def holdout_positions(targets: Sequence[int], fraction: float, *, seed: int = HOLDOUT_SEED
+                      ) -> tuple[list[int], list[int]]:
+    """``(fit, holdout)`` positions of a seeded stratified holdout of ``targets``: about
+    ``fraction`` of every class (at least one image) is held out, at least one is kept."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction < 1:
+        raise DataError(f"holdout={fraction!r} is invalid; allowed: a fraction in (0, 1), "
+                        "e.g. 0.1 (the share of train/ held out as the selection split)")
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(targets)
+    held: list[int] = []
+    for c in np.unique(arr):
+        members = np.flatnonzero(arr == c)
+        if len(members) < 2:
+            raise DataError(f"class {int(c)} has {len(members)} image in train/: the holdout "
+                            "(the selection split) needs at least 2 images per class")
+        k = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        held.extend(rng.choice(members, size=k, replace=False).tolist())
+    held_set = set(held)
+    return [i for i in range(len(arr)) if i not in held_set], sorted(held)
+
+
+def split_source(root: Path, split: str) -> tuple[str, str]:
+    """``(folder, part)`` an ImageFolder split is read from: ``part`` is ``all``, or ``fit``
+    / ``holdout`` of a seeded holdout of ``train/``.
+
+    With ``train/``, ``val/`` and ``test/``: one folder per split. With ``train/`` and
+    ``val/`` only (ImageNet's layout): ``test`` is ``val/`` and the selection split ``val``
+    is a holdout of ``train/``."""
+    if (root / "test").is_dir():
+        return split, "all"
+    return {"train": ("train", "fit"), "val": ("train", "holdout"),
+            "test": ("val", "all")}[split]
+
+
+def dataset_indices(ds: Dataset) -> list[int]:
+    """Positions of ``ds``'s items in their base set (the keys of their seeded noise)."""
+    if isinstance(ds, SplitPart):
+        return list(ds.positions)
+    if isinstance(ds, Subset):
+        base = dataset_indices(ds.dataset)
+        return [base[i] for i in ds.indices]
+    return list(range(len(ds)))
+
+
+def targets_of(ds: Dataset) -> list[int]:
+    """Labels of every item of ``ds`` without loading images."""
+    if isinstance(ds, Subset):
+        base = targets_of(ds.dataset)
+        return [base[i] for i in ds.indices]
+    return list(ds.targets)
