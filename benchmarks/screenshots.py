@@ -35,7 +35,7 @@ SIDEBAR_TOGGLE = '[data-component-id="mlflow_header.toggle_sidebar_button"]'
 def cli(*args: str, cwd: Path) -> tuple[str, float]:
     """Run ``difftune ARGS`` as a user would; (everything it printed, seconds)."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "difftune.search.cli", *args], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "difftune", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=3600)
     took = time.monotonic() - start
     if done.returncode != 0:

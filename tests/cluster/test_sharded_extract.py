@@ -39,7 +39,7 @@ def extract(two_nodes, tmp_path: Path, t: int, batch: int, lf: float = 0.3
     space = tmp_path / f"space{t}.yaml"
     space.write_text(SPACE.format(t=t, lf=lf))
     log = open(tmp_path / f"extract{t}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "extract", "--space",
+    return subprocess.Popen([sys.executable, "-m", "difftune", "extract", "--space",
                              str(space), "--address", two_nodes.address, "--cache",
                              str(tmp_path / "cache"), "--batch", str(batch)],
                             env=two_nodes.env, stdout=log, stderr=subprocess.STDOUT)
@@ -99,7 +99,7 @@ def test_a_search_extracts_its_planned_entries_on_both_nodes_before_its_trials(t
     space = tmp_path / "space.yaml"
     space.write_text(SPACE.format(t=70, lf=0.3))
     out = subprocess.run(
-        [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space),
+        [sys.executable, "-m", "difftune", "search", "--space", str(space),
          "--address", two_nodes.address, "--cache", str(tmp_path / "cache"),
          "--storage", str(tmp_path / "runs"), "--experiment", "extract-first",
          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],

@@ -303,7 +303,7 @@ def test_tracking_server_away_mid_search_records_arrive_when_back(ray_session, t
     space = tmp_path / "s.yaml"
     space.write_text(OUTAGE_SPACE.format(trials=4, seed=1))
     search = subprocess.Popen(
-        [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space), "--experiment",
+        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
          "outage", "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
          "--cache", str(tmp_path / "cache"),
          "--address", ray_session.get_runtime_context().gcs_address],
@@ -346,7 +346,7 @@ def test_driver_killed_during_an_outage_loses_no_record_after_resume(ray_session
     common = ["--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space),
+        [sys.executable, "-m", "difftune", "search", "--space", str(space),
          "--experiment", "outbox", "--storage", str(tmp_path / "runs"),
          "--cache", str(tmp_path / "cache"), *common],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -373,7 +373,7 @@ def test_driver_killed_during_an_outage_loses_no_record_after_resume(ray_session
     finished_then = {r["trial"] for r in waiting if r["op"] == "complete"}
     server = start_server(tmp_path, port)
     try:
-        resumed = subprocess.run([sys.executable, "-m", "difftune.search.cli", "search",
+        resumed = subprocess.run([sys.executable, "-m", "difftune", "search",
                                   "--resume", "outbox", *common], capture_output=True,
                                  text=True, timeout=600, env=env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -43,7 +43,7 @@ def test_resume_after_sigkill_records_every_trial_once(ray_session, tmp_path):
     space.write_text(SPACE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--tracking-uri", uri, "--address", address]
-    cmd = [sys.executable, "-m", "difftune.search.cli", "search", "--space", str(space),
+    cmd = [sys.executable, "-m", "difftune", "search", "--space", str(space),
            "--experiment", "resume", "--storage", str(tmp_path / "runs"),
            "--cache", str(tmp_path / "cache"), *common]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -70,7 +70,7 @@ def test_resume_after_sigkill_records_every_trial_once(ray_session, tmp_path):
                  for rid in before}
     assert len(before) >= 2
 
-    resumed = subprocess.run([sys.executable, "-m", "difftune.search.cli", "search", "--resume", "resume",
+    resumed = subprocess.run([sys.executable, "-m", "difftune", "search", "--resume", "resume",
                               *common], capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
@@ -107,12 +107,12 @@ def test_resume_of_unknown_experiment_is_one_clear_error(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_experiments()  # an existing store without that experiment
-    r = subprocess.run([sys.executable, "-m", "difftune.search.cli", "search", "--resume", "nope",
+    r = subprocess.run([sys.executable, "-m", "difftune", "search", "--resume", "nope",
                         "--tracking-uri", uri], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--resume 'nope': no such experiment" in lines[0]
-    missing = subprocess.run([sys.executable, "-m", "difftune.search.cli", "search", "--resume", "x",
+    missing = subprocess.run([sys.executable, "-m", "difftune", "search", "--resume", "x",
                               "--tracking-uri", f"sqlite:///{tmp_path}/none.db"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "there is no MLflow store" in missing.stderr

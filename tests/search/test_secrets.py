@@ -105,7 +105,7 @@ def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path
     """The store (here from $MLFLOW_TRACKING_URI) reaches `mlflow ui` through its
     environment, not its command line (which every user of the machine can read in ps)."""
     secret = "postgresql://mlflow:S3CRET@127.0.0.1:9/mlflow"  # nothing listens: it stays up
-    proc = subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "ui",
+    proc = subprocess.Popen([sys.executable, "-m", "difftune", "ui",
                              "--port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True,

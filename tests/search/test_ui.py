@@ -35,7 +35,7 @@ def listening_addresses(port: int) -> set[str]:
 def test_ui_binds_to_loopback_only(tmp_path):
     port = free_port()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "ui", "--tracking-uri", uri,
+    proc = subprocess.Popen([sys.executable, "-m", "difftune", "ui", "--tracking-uri", uri,
                              "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -89,7 +89,7 @@ def test_a_local_search_listens_on_loopback_only(tmp_path):
            if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env.update({"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "difftune.search.cli", "search", "--trials", "1",
+        [sys.executable, "-m", "difftune", "search", "--trials", "1",
          "--set", "epochs=1", "--experiment", "lo", "--tracking-uri",
          f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "runs"),
          "--cache", str(tmp_path / "cache")],
