@@ -4,9 +4,11 @@
 - no import cycle among difftune's modules, counting every import anywhere in a module
   (module level, inside functions, under ``if TYPE_CHECKING:``);
 - modules under ``search/``, ``trainables/`` and ``benchmarks/`` stay under 400 lines;
-- a folder of ``search/`` or ``trainables/`` holds at most 12 modules directly;
+- a folder of ``search/`` or ``trainables/`` holds at most 12 modules directly (its
+  ``__init__.py`` not counted);
 - nothing under ``trainables/`` imports ``difftune.search``;
-- among ``trainables/``, only ``trainables/trainable.py`` imports Ray.
+- among ``trainables/``, only ``trainables/trainable.py`` imports Ray;
+- ``benchmarks/`` run as modules (``python -m benchmarks.NAME``) and never edit ``sys.path``.
 """
 
 from __future__ import annotations
@@ -305,3 +307,28 @@ def test_only_the_trainable_module_imports_ray():
 
 def test_the_ray_rule_sees_an_import_inside_a_function():
     assert "ray.tune" in _imported_names("def f():\n    if True:\n        import ray.tune\n")
+
+
+def _edits_sys_path(source: str) -> bool:
+    """Whether ``source`` calls a method of ``sys.path`` or assigns to it."""
+    def is_sys_path(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "path"
+                and isinstance(node.value, ast.Name) and node.value.id == "sys")
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and is_sys_path(node.func.value):
+            return True
+        if isinstance(node, (ast.Assign, ast.AugAssign)) and any(
+                is_sys_path(t) for t in getattr(node, "targets", [getattr(node, "target", None)])):
+            return True
+    return False
+
+
+def test_benchmarks_are_a_package_that_never_edits_sys_path():
+    assert (ROOT / "benchmarks" / "__init__.py").is_file()
+    bad = [p.name for p in _python_files("benchmarks") if _edits_sys_path(p.read_text("utf-8"))]
+    assert not bad, f"benchmarks editing sys.path (run them as python -m benchmarks.NAME): {bad}"
+    assert _edits_sys_path("import sys\nsys.path.insert(0, 'x')\n")
+    assert _edits_sys_path("import sys\nsys.path += ['x']\n")
+    assert not _edits_sys_path("import sys\nprint(sys.path[0])\n")
