@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import platform
 import sys
 from datetime import datetime, timezone
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -66,3 +69,21 @@ def record(name: str, **values: object) -> str:
         f.write(f"| {date} | {machine()} | `{line}` |\n")
     print(line, flush=True)
     return line
+
+
+def arguments(spec: ModuleSpec | None, doc: str | None) -> argparse.ArgumentParser:
+    """The command line of the benchmark whose module has ``spec`` and docstring ``doc``:
+    its usage names ``python -m benchmarks.NAME``, its description is the docstring's first
+    paragraph."""
+    prog = f"python -m {spec.name}" if spec is not None else None
+    return argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+
+
+def configure(*, verbose: bool = False) -> None:
+    """Logging for a run (INFO with times when ``verbose``, else warnings only); Ray, if the
+    benchmark starts it, sends no usage statistics."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -15,23 +15,19 @@ separate trial's mean epoch (train, evaluate, checkpoint, report; its first epoc
 holds the trial's start-up, left out) over the grid trial's: what batching saves once the
 fixed costs of a search (Ray, imports, loading the U-Net and the data) are amortised.
 
-    python benchmarks/batched_heads.py [--epochs 28]
+    python -m benchmarks.batched_heads [--epochs 28]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
+from benchmarks._results import arguments, configure, record
 
 logger = logging.getLogger("batched_heads")
 
@@ -110,11 +106,10 @@ def warm_cache(root: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__spec__, __doc__)
     ap.add_argument("--epochs", type=int, default=28)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    configure()
     import ray
 
     load_start = os.getloadavg()[0]

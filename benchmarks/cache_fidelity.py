@@ -11,21 +11,16 @@ top-1 of each (the test split, evaluated once per trained head). The last line g
 mean with its 95 % bootstrap interval over the 18 runs, and the paired differences of the
 cached ways to the paper's way.
 
-    python benchmarks/cache_fidelity.py [--seeds 3] [--epochs 4]
+    python -m benchmarks.cache_fidelity [--seeds 3] [--epochs 4]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import mean_ci, record  # noqa: E402
+from benchmarks._results import arguments, configure, mean_ci, record
 
 logger = logging.getLogger("cache_fidelity")
 
@@ -48,11 +43,11 @@ def score(cfg, way: str, cache_root: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__spec__, __doc__)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure()
     from difftune.trainables.config import TrialConfig
 
     scores: dict[str, list[float]] = {w: [] for w in WAYS}

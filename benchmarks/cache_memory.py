@@ -4,12 +4,11 @@ chunks, so writing needs no such RAM either), then trains a linear head on it th
 cache's reading path (memory-mapped Arrow, float16 -> float32 per item) with
 ``trainables.train.train_head``, sampling the process's RSS. Goal: peak RSS < 1.5 GB.
 
-    python benchmarks/cache_memory.py [--gb 4] [--root /tmp/difftune-bench-cache] [--keep]
+    python -m benchmarks.cache_memory [--gb 4] [--root /tmp/difftune-bench-cache] [--keep]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import resource
 import shutil
@@ -20,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
-from difftune.trainables.cache.feature_cache import FeatureCache  # noqa: E402
-from difftune.trainables.cache.store import EntryKey  # noqa: E402
-from difftune.trainables.config import TrialConfig  # noqa: E402
-from difftune.trainables.heads import LinearHead  # noqa: E402
-from difftune.trainables.train.loop import train_head  # noqa: E402
+from benchmarks._results import arguments, configure, record
+from difftune.trainables.cache.feature_cache import FeatureCache
+from difftune.trainables.cache.store import EntryKey
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.heads import LinearHead
+from difftune.trainables.train.loop import train_head
 
 logger = logging.getLogger("cache_memory")
 GB = 1e9
@@ -83,7 +80,7 @@ def write_entry(cache: FeatureCache, key: EntryKey, rows: int, shape: tuple[int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--gb", type=float, default=4.0, help="size of the training entry")
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--pool", type=int, default=2)
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="/tmp/difftune-bench-cache")
     parser.add_argument("--keep", action="store_true", help="keep the entry afterwards")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure(verbose=True)
 
     shape = (args.channels, args.pool, args.pool)
     row_bytes = 2 * int(np.prod(shape))

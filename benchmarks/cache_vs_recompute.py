@@ -6,22 +6,17 @@ instrumented count as ``unet_images``) and the wall time of each search, in one 
 Early stopping is off (ASHA's grace period = epochs) so that both searches train exactly the
 same number of epochs; one trial runs at a time so that both see the same trial sequence.
 
-    python benchmarks/cache_vs_recompute.py [--trials 12] [--epochs 28]
+    python -m benchmarks.cache_vs_recompute [--trials 12] [--epochs 28]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
+from benchmarks._results import arguments, configure, record
 
 logger = logging.getLogger("cache_vs_recompute")
 
@@ -67,12 +62,11 @@ def run(space_path: str, work: Path, *, no_cache: bool) -> tuple[int, float, int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__spec__, __doc__)
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--epochs", type=int, default=28)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    configure()
     import ray
 
     from difftune.trainables.data.datasets import load_dataset

@@ -3,14 +3,12 @@ top 5 configs are then retrained on all of them (``confirm_top: 5``,
 ``confirm_label_fraction: 1.0``). Reports the Spearman correlation between the configs'
 scores in the search and their confirmed scores, and whether the champion changed.
 
-    python benchmarks/confirm_spearman.py [--trials 20] [--top 5]
+    python -m benchmarks.confirm_spearman [--trials 20] [--top 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -18,21 +16,18 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
+from benchmarks._results import arguments, configure, record
 
 logger = logging.getLogger("confirm_spearman")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.2)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    configure()
     from difftune.search.cli import main as cli
     from difftune.search.run.confirm import spearman
     from difftune.search.space.spec import read_space_file

@@ -5,23 +5,19 @@ seed 0). At pool 2 and above even random features of 16-px digits probe to about
 (guided-diffusion's blocks start as identities, so an untrained U-Net passes the image
 through): pool 1 is where the trained features show.
 
-    python benchmarks/demo_probe.py [--block 10] [--t 30] [--pool 1] [--epochs 10]
+    python -m benchmarks.demo_probe [--block 10] [--t 30] [--pool 1] [--epochs 10]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
-from difftune.trainables.model.unet import load_unet, model_fingerprint  # noqa: E402
-from difftune.trainables.train.probe import probe_grid  # noqa: E402
+from benchmarks._results import arguments, configure, record
+from difftune.trainables.model.unet import load_unet, model_fingerprint
+from difftune.trainables.train.probe import probe_grid
 
 logger = logging.getLogger("demo_probe")
 
@@ -36,14 +32,14 @@ def probe(random_init: bool, *, block: int, t: int, pool: int, epochs: int, lr: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--block", type=int, default=10, help="the demo's middle block")
     parser.add_argument("--t", type=int, default=30)
     parser.add_argument("--pool", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=10, help="difftune probe's default")
     parser.add_argument("--lr", type=float, default=0.05, help="difftune probe's default")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure(verbose=True)
     settings = dict(block=args.block, t=args.t, pool=args.pool, epochs=args.epochs, lr=args.lr)
     trained = probe(False, **settings)
     logger.info("demo U-Net: val top-1 %.2f", trained)

@@ -2,25 +2,21 @@
 against a full forward pass through all blocks, on the demo model and on the paper's
 256x256 model (random weights, 1 image). Goal: ratio <= 0.6.
 
-    python benchmarks/early_exit.py [--repeats 5] [--models demo,paper256] [--device cpu]
+    python -m benchmarks.early_exit [--repeats 5] [--models demo,paper256] [--device cpu]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
-from difftune.trainables.model.features import Extractor  # noqa: E402
-from difftune.trainables.model.unet import load_unet  # noqa: E402
+from benchmarks._results import arguments, configure, record
+from difftune.trainables.model.features import Extractor
+from difftune.trainables.model.unet import load_unet
 
 logger = logging.getLogger("early_exit")
 
@@ -67,12 +63,12 @@ def measure(name: str, repeats: int, device: str, t: int = 90) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="demo,paper256")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure(verbose=True)
     values: dict[str, object] = {}
     for name in args.models.split(","):
         r = measure(name, args.repeats, args.device)

@@ -3,31 +3,27 @@ runs on: images per second of an extraction to block 24 (early exit) and of a fu
 pass (block 37), in fp32 and under bf16 autocast (on a GPU also bf16 with channels_last),
 with the batch the activation estimate says fits the device (``--batch`` to force one).
 
-On a GPU: ``python benchmarks/extract_throughput.py --device cuda``. Without one it runs on
+On a GPU: ``python -m benchmarks.extract_throughput --device cuda``. Without one it runs on
 the CPU with a couple of images and says so in its row (``--images 2``, the default there).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
-from difftune.trainables.model.cost import (  # noqa: E402
+from benchmarks._results import arguments, configure, record
+from difftune.trainables.model.cost import (
     activation_bytes_per_image,
     batch_for_memory,
     free_memory,
     model_costs,
 )
-from difftune.trainables.model.features import Extractor  # noqa: E402
-from difftune.trainables.model.unet import PAPER256_FLAGS, load_unet  # noqa: E402
+from difftune.trainables.model.features import Extractor
+from difftune.trainables.model.unet import PAPER256_FLAGS, load_unet
 
 logger = logging.getLogger("extract_throughput")
 
@@ -53,14 +49,14 @@ def rate(ex: Extractor, x: torch.Tensor, block: int, batch: int, repeats: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, help="images per measurement (default: 2 on "
                         "the CPU, 4 batches on a GPU)")
     parser.add_argument("--batch", type=int, help="images per pass (default: what fits)")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure(verbose=True)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, diffusion = load_unet("paper256", random_init=True, device=device)

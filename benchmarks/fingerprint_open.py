@@ -6,7 +6,7 @@ over, the first open on a node (which reads the entry whole to verify its checks
 later one (verified already on this node), against the old way (the data walked at every
 lookup, the entry read whole by every process).
 
-    python benchmarks/fingerprint_open.py [--sizes 10000,100000] [--keep DIR]
+    python -m benchmarks.fingerprint_open [--sizes 10000,100000] [--keep DIR]
 
 The images are generated in a temporary folder (about 400 MB on disk at 100,000) and deleted
 afterwards.
@@ -14,7 +14,6 @@ afterwards.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -26,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
+from benchmarks._results import arguments, configure, record
 
 logger = logging.getLogger("fingerprint_open")
 CLASSES = 100
@@ -87,11 +84,11 @@ def open_entry(cache: str, data: str, files: dict | None, env: dict | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--keep", help="generate into this folder and keep it")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure(verbose=True)
     from difftune.trainables.data.datasets import files_fingerprint
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="difftune-fp-"))

@@ -25,24 +25,20 @@ val ranking and draws its N trials from the 40 configs best by val (then picks b
 the others): what any sampler could reach by val alone, the floor set by the noise of the
 small val and test splits.
 
-    python benchmarks/optuna_vs_random.py [--seeds 100] [--first-seed 0] [--max-concurrent N]
+    python -m benchmarks.optuna_vs_random [--seeds 100] [--first-seed 0] [--max-concurrent N]
         [--recompute]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import optuna
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import mean_ci, record  # noqa: E402
+from benchmarks._results import arguments, configure, mean_ci, record
 
 logger = logging.getLogger("optuna_vs_random")
 
@@ -122,7 +118,7 @@ def informed(grid: Grid, budget: int, seed: int, top: int = 40) -> tuple[int, in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__spec__, __doc__)
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds first-seed .. first-seed + seeds - 1 (default 0)")
@@ -130,7 +126,7 @@ def main() -> None:
                     help="trials in flight (default: the space's search.max_concurrent, 2)")
     ap.add_argument("--recompute", action="store_true", help="rebuild the grid")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     from difftune.search.run.tuner import sampler_for
     from difftune.search.space.spec import load_space

@@ -4,33 +4,28 @@ against measured runs (tests/search/test_plan.py: entry sizes against written en
 tests/trainables/test_cost.py: activation bytes against a measured peak). No checkpoint, no
 data. The rate is ``--img-per-s`` if given, else the plan's default (40 TFLOP/s effective).
 
-    python benchmarks/paper_scale.py [--spaces linear,difformer] [--budget 2TB]
+    python -m benchmarks.paper_scale [--spaces linear,difformer] [--budget 2TB]
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
-from difftune.search.plan.estimate import DataSize, make_plan  # noqa: E402
-from difftune.search.plan.sizes import format_size, parse_size  # noqa: E402
-from difftune.search.space.spec import load_space  # noqa: E402
+from benchmarks._results import arguments, configure, record
+from difftune.search.plan.estimate import DataSize, make_plan
+from difftune.search.plan.sizes import format_size, parse_size
+from difftune.search.space.spec import load_space
 
 IMAGENET = DataSize(train_all=1_281_167, val=50_000, classes=1000, source="ImageNet-1k")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__spec__, __doc__)
     parser.add_argument("--spaces", default="linear,difformer")
     parser.add_argument("--budget", default="2TB")
     parser.add_argument("--img-per-s", type=float)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    configure()
     budget = parse_size(args.budget)
     values: dict[str, object] = {"budget": args.budget}
     for name in args.spaces.split(","):

@@ -6,12 +6,12 @@ columns shown) and on the block x timestep figure among the search run's artifac
 Measured on the way: the lines the demo search prints on its console, its wall time, and the
 time `difftune report` takes to draw the six figures of the finished search into a folder.
 
-    python benchmarks/screenshots.py [--trials 20] [--out benchmarks/screenshots] [--keep DIR]
+    python -m benchmarks.screenshots [--trials 20] [--out benchmarks/screenshots] [--keep DIR]
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -19,14 +19,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+
+from benchmarks._results import arguments, record
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # helpers: the mlflow server and Chromium of the tests
 
-from helpers import chromium_page, mlflow_server  # noqa: E402
 
-from benchmarks._results import record  # noqa: E402
+def tests_helpers() -> ModuleType:
+    """The tests' ``helpers`` module (the mlflow server and Chromium the browser test uses),
+    loaded from its file: ``tests/`` is not a package, and the screenshots are made exactly
+    as that test makes its pages, with its code, not a copy of it."""
+    name = "difftune_tests_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "helpers.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it, as an import would
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 ASSISTANT_CLOSE = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 SIDEBAR_TOGGLE = '[data-component-id="mlflow_header.toggle_sidebar_button"]'
@@ -56,7 +66,7 @@ def tidy(page) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__spec__, __doc__)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "screenshots"))
     ap.add_argument("--keep", help="keep the store, runs and figures in this folder")
@@ -65,8 +75,9 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    helpers = tests_helpers()
     try:
-        with mlflow_server(root / "server") as uri:
+        with helpers.mlflow_server(root / "server") as uri:
             printed, wall = cli("search", "--trials", str(args.trials), "--tracking-uri", uri,
                                 "--storage", str(root / "runs"), "--cache",
                                 str(root / "cache"), cwd=root)
@@ -82,7 +93,7 @@ def main() -> None:
             exp = client.get_experiment_by_name("difftune-demo")
             run = next(r for r in client.search_runs([exp.experiment_id])
                        if r.info.run_id.startswith(parent))
-            with chromium_page(root / "chromium-profile", width=1400, height=860) as page:
+            with helpers.chromium_page(root / "chromium-profile", width=1400, height=860) as page:
                 page.set_default_timeout(60_000)
                 page.goto(links["every search"])
                 row = page.locator('[role="row"]', has_text=run.info.run_name).first

@@ -3,27 +3,22 @@ cache_pool) on the demo U-Net and digits, as Ray tasks on 1 worker and on 2 work
 shard each, 1 CPU per worker), on a local Ray of 2 CPUs. Each run writes a fresh cache; a
 warm-up run first starts the Ray workers and loads the model in them.
 
-    python benchmarks/sharded_extract.py [--t 90] [--batch 64]
+    python -m benchmarks.sharded_extract [--t 90] [--batch 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._results import record  # noqa: E402
-from difftune.search.run.extract import Workers, ray_runner  # noqa: E402
-from difftune.trainables.cache.feature_cache import FeatureCache  # noqa: E402
-from difftune.trainables.cache.shard import extract_sharded  # noqa: E402
-from difftune.trainables.config import TrialConfig  # noqa: E402
+from benchmarks._results import arguments, configure, record
+from difftune.search.run.extract import Workers, ray_runner
+from difftune.trainables.cache.feature_cache import FeatureCache
+from difftune.trainables.cache.shard import extract_sharded
+from difftune.trainables.config import TrialConfig
 
 BLOCKS = range(1, 20)  # the demo space's block set
 POOL = 4  # its cache_pool
@@ -41,12 +36,11 @@ def once(root: str, workers: int, t: int, batch: int, cfg: TrialConfig) -> tuple
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__spec__, __doc__)
     ap.add_argument("--t", type=int, default=90)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    configure()
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from difftune.trainables.cache.entry import MappedEntry
 from difftune.trainables.cache.feature_cache import FeatureCache
-from difftune.trainables.cache.store import MappedEntry
 from difftune.trainables.config import TrialConfig
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The Arrow feature cache (trainables.cache*) and the no-cache source (trainables.online):
+"""The Arrow feature cache (trainables/cache/) and the no-cache source (trainables.online):
 hits equal fresh extraction, keys miss when their content changes, derived pools are exact,
 publishing is atomic across killed writers and concurrent processes, corruption is caught,
 and an S3-compatible store works across processes."""
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from difftune.trainables.cache import entry as cache_entry
 from difftune.trainables.cache import store as cache_store
 from difftune.trainables.cache.admin import list_entries, remove, total_bytes
 from difftune.trainables.cache.feature_cache import FeatureCache
@@ -169,7 +170,7 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
     else:
         data = data[: len(data) - 100]
     path.write_bytes(bytes(data))
-    cache_store.forget_verified()  # checked earlier by this process and node: trusted by mtime
+    cache_entry.forget_verified()  # checked earlier by this process and node: trusted by mtime
 
     c = FeatureCache(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="difftune.trainables.cache.feature_cache"):
@@ -185,15 +186,15 @@ def test_corrupt_entry_is_detected_and_reextracted(tmp_path, caplog, damage):
 CHILD = r"""
 import json, os, sys, time
 spec = json.loads(sys.argv[1])
-from difftune.trainables.cache import feature_cache as cache
+from difftune.trainables.cache import entry, feature_cache as cache
 from difftune.trainables.config import TrialConfig
 if spec.get("pause_dir"):  # freeze after the first written batch, to be killed
-    real = cache.EntryWriter.write
+    real = entry.EntryWriter.write
     def write(self, *a, **k):
         real(self, *a, **k)
         open(os.path.join(spec["pause_dir"], "paused"), "w").close()
         time.sleep(600)
-    cache.EntryWriter.write = write
+    entry.EntryWriter.write = write
 if spec.get("barrier"):  # start extracting together
     open(os.path.join(spec["barrier"], str(spec["me"])), "w").close()
     while len(os.listdir(spec["barrier"])) < spec["n"]:
@@ -375,15 +376,15 @@ def test_an_entry_is_read_whole_once_per_node(tmp_path, monkeypatch):
     cfg = cfg_()
     FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])  # writes and verifies it
     reads = []
-    real = cache_store.MappedEntry.checksum
-    monkeypatch.setattr(cache_store.MappedEntry, "checksum",
+    real = cache_entry.MappedEntry.checksum
+    monkeypatch.setattr(cache_entry.MappedEntry, "checksum",
                         lambda self: reads.append(1) or real(self))
-    cache_store.VERIFIED.clear()  # another process of this node
+    cache_entry.VERIFIED.clear()  # another process of this node
     FeatureCache(str(tmp_path)).get(cfg, "train", [(90, 2, 2)])
     assert reads == []  # trusted: this node verified it
-    markers = list(Path(cache_store.verified_dir()).glob("*.json"))
+    markers = list(Path(cache_entry.verified_dir()).glob("*.json"))
     assert markers
-    cache_store.forget_verified()  # another node
+    cache_entry.forget_verified()  # another node
     c = FeatureCache(str(tmp_path))
     c.get(cfg, "train", [(90, 2, 2)])
     assert reads == [1] and c.stats.entries_reused == 1
@@ -450,7 +451,7 @@ def test_stored_pool_rule():
 
 
 def test_a_miss_extracts_as_many_images_per_pass_as_fit_free_memory(tmp_path, monkeypatch):
-    from difftune.trainables.cache import feature_cache as cache_module
+    from difftune.trainables.cache import extract as cache_module
     from difftune.trainables.model.cost import activation_bytes_per_image
     from difftune.trainables.model.unet import resolve
 

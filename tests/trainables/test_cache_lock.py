@@ -1,4 +1,4 @@
-"""The feature cache's cross-process lock (trainables.cache_lock) on a local folder and on
+"""The feature cache's cross-process lock (trainables/cache/lock.py) on a local folder and on
 S3 (moto): an exclusive create that two racing processes cannot both win, a heartbeat that
 never writes over a lock its holder no longer holds, and stale locks taken over once."""
 

@@ -1,4 +1,4 @@
-"""Sharded cache entries (trainables.cache_shard, cache_parts) without Ray: shards in this
+"""Sharded cache entries (trainables/cache/shard.py, parts.py) without Ray: shards in this
 process read back row for row as the unsharded entry; a half-written part is never read and
 an entry without all its parts is not visible; what a failed extraction left is swept."""
 
@@ -12,6 +12,7 @@ import pytest
 
 from difftune.trainables.cache import throughput
 from difftune.trainables.cache.admin import remove
+from difftune.trainables.cache.entry import MappedEntry
 from difftune.trainables.cache.feature_cache import FeatureCache
 from difftune.trainables.cache.parts import PART_NAME
 from difftune.trainables.cache.policy import usage
@@ -21,7 +22,6 @@ from difftune.trainables.cache.shard import (
     run_shard,
     shard_ranges,
 )
-from difftune.trainables.cache.store import MappedEntry
 from difftune.trainables.config import TrialConfig
 
 CFG = TrialConfig(label_fraction=0.05)  # 51 digits training images: shards of 32 and 19
@@ -89,7 +89,7 @@ def test_half_written_parts_and_incomplete_entries_are_never_read(tmp_path):
     # too: a reader finds no entry, so a trial would extract it itself
     _, _, ds, base, _, _ = cache.resolve(CFG, "train", REQUESTS[:1])
     key = dataclasses.replace(base, t=30, block=4)
-    assert cache._lookup(key, 2, 8) is None
+    assert cache.lookup(key, 2, 8) is None
     group = next(p.parent for p in tmp_path.rglob("*.arrow"))
     (group / "b4-p2-float16.part0001-deadbeef.arrow.0123.tmp").write_bytes(b"ARROW1\0\0half")
 
@@ -108,4 +108,4 @@ def test_half_written_parts_and_incomplete_entries_are_never_read(tmp_path):
                                 *manifest["parts"][1:]])
     (group / "b4-p2-float16.json").write_text(json.dumps(bad))
     fresh = FeatureCache(root, batch_size=BATCH)
-    assert fresh._lookup(key, 2, 8) is None
+    assert fresh.lookup(key, 2, 8) is None

@@ -6,9 +6,8 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from difftune.trainables.cache.feature_cache import default_root
 from difftune.trainables.cache.parts import delete_entry
-from difftune.trainables.cache.store import ENTRY_NAME, Store
+from difftune.trainables.cache.store import ENTRY_NAME, Store, default_root
 
 
 def _entries(store: Store) -> Iterator[tuple[str, dict]]:

@@ -21,50 +21,39 @@ derived exactly from one at P when p | P and P | the native map size (average po
 composes). Publishing: data under a temporary name then renamed (object stores: one atomic
 PUT), marker last; readers trust only entries whose marker exists and whose checksum matches
 (checked once per node; a mismatch is logged and re-extracted). One process per group
-directory extracts at a time, under :class:`~.cache_lock.CacheLock`. What a miss stores, and
-the storage budget: :mod:`.cache_policy`. Listing and pruning: :mod:`.cache_admin`.
+directory extracts at a time, under :class:`~.lock.CacheLock`. What a miss stores, and
+the storage budget: :mod:`.policy`; the miss's forward passes: :mod:`.extract`; keys and the
+root: :mod:`.store`; the entry files: :mod:`.entry`. Listing and pruning: :mod:`.admin`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from difftune.trainables.cache import throughput
+from difftune.trainables.cache.entry import CachedFeatures, EntryWriter
+from difftune.trainables.cache.extract import CacheStats, batch_to_fit, extract_entries, record_rate
 from difftune.trainables.cache.lock import CacheLock
-from difftune.trainables.cache.parts import check_entry, delete_entry, entry_paths
+from difftune.trainables.cache.parts import EntryPath, check_entry, delete_entry, entry_paths
 from difftune.trainables.cache.policy import make_room, stored_pool, touch
-from difftune.trainables.cache.store import (
-    ENTRY_NAME,
-    CachedFeatures,
-    CacheStats,
-    EntryKey,
-    EntryWriter,
-    Store,
-)
+from difftune.trainables.cache.store import ENTRY_NAME, EntryKey, Store, default_root, sweep_tmp
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import data_fingerprint, dataset_indices
-from difftune.trainables.data.views import ViewCycle, view_batch
+from difftune.trainables.data.views import ViewCycle
 from difftune.trainables.heads import Request
 from difftune.trainables.model import unet
-from difftune.trainables.model.cost import (
-    activation_bytes_per_image,
-    batch_for_memory,
-    entry_bytes,
-    free_memory,
-    unet_costs,
-)
+from difftune.trainables.model.cost import entry_bytes, unet_costs
 from difftune.trainables.model.features import (
     PRECISIONS,
     ExtractionError,
@@ -77,17 +66,9 @@ from difftune.trainables.model.features import (
 )
 from difftune.trainables.model.unet import shared_unet
 from difftune.trainables.pipeline import SPLITS, TrialData, split_views, trial_dataset
-from difftune.trainables.progress import DEFAULT_EVERY_S, Progress
+from difftune.trainables.progress import DEFAULT_EVERY_S
 
 logger = logging.getLogger(__name__)
-
-#: Where the cache lives unless ``--cache`` or ``$DIFFTUNE_CACHE`` says otherwise.
-DEFAULT_CACHE = "./difftune_cache"
-
-
-def default_root() -> str:
-    """``$DIFFTUNE_CACHE`` if set, else :data:`DEFAULT_CACHE`."""
-    return os.environ.get("DIFFTUNE_CACHE") or DEFAULT_CACHE
 
 
 @functools.lru_cache(maxsize=32)
@@ -108,7 +89,7 @@ def model_key(model: str, checkpoint: str | None) -> str:
 class FeatureCache:
     """A :class:`~.pipeline.FeatureSource` serving features from Arrow entries.
 
-    The policy (:mod:`.cache_policy`) follows from ``extra_blocks`` and ``store_pool``:
+    The policy (:mod:`.policy`) follows from ``extra_blocks`` and ``store_pool``:
     ``block-set`` gives both, ``per-request`` neither.
 
     :param root: a local folder or a pyarrow filesystem URI (``s3://bucket/prefix?...``);
@@ -227,12 +208,12 @@ class FeatureCache:
              ) -> CachedFeatures:
         model, diffusion, ds, base, by_t, flags = self.resolve(cfg, split, requests, view)
         classes = trial_dataset(cfg, split, model.image_size)[1]
-        served: dict[tuple[int, int], tuple[str, int]] = {}
+        served: dict[tuple[int, int], tuple[EntryPath, int]] = {}
         for t, wanted in by_t.items():
             group = dataclasses.replace(base, t=t)
             for b, path in self._ensure(model, diffusion, ds, group, wanted, flags).items():
                 served[(t, b)] = (path, wanted[b])
-        out = _dataset(served)
+        out = CachedFeatures.of(served)
         expected = np.asarray(dataset_indices(ds), dtype=np.int64)
         for key, m in out.maps().items():
             if not np.array_equal(m.column(0), expected):
@@ -255,33 +236,25 @@ class FeatureCache:
             if path is None or not check_entry(path, marker):
                 raise FileNotFoundError(f"no valid cache entry {key.group}/{key.name}")
             served[name] = (path, p)
-        return _dataset(served)
+        return CachedFeatures.of(served)
 
-    # -- internals
-    def _stored_pool(self, p: int, native: int) -> int:
-        return stored_pool(p, native, self.store_pool)
-
+    # -- lookup and the miss path (also used by :func:`~.shard.extract_sharded`)
     def _extractor_for(self, model, diffusion) -> Extractor:
         if self._extractor is None or self._extractor.model is not model:
             self._extractor = Extractor(model, diffusion, precision=self.precision,
                                         channels_last=self.channels_last)
         return self._extractor
 
-    def _batch_for(self, flags: dict, upto: int) -> int:
+    def batch_for(self, flags: dict, upto: int) -> int:
         """The configured batch, or as many images as fit the device's free memory."""
-        if self.batch_size:
-            return self.batch_size
-        per_image, fixed = activation_bytes_per_image(flags, upto, precision=self.precision)
-        batch = batch_for_memory(free_memory(self.device), per_image, fixed)
-        logger.info("extraction batch %d: %.3g MB of activations per image to block %d (%s)",
-                    batch, per_image / 1e6, upto, self.precision)
-        return batch
+        return self.batch_size or batch_to_fit(flags, upto, precision=self.precision,
+                                               device=self.device)
 
-    def _local_copy(self, key: EntryKey, marker: dict) -> str | tuple[str, ...] | None:
+    def _local_copy(self, key: EntryKey, marker: dict) -> EntryPath | None:
         return entry_paths(self.store, f"{key.group}/{key.name}", marker, self.mirror)
 
-    def _lookup(self, key: EntryKey, p: int, native: int, *, purge: bool = False
-                ) -> str | None:
+    def lookup(self, key: EntryKey, p: int, native: int, *, purge: bool = False
+               ) -> EntryPath | None:
         """A verified local path of a stored entry serving ``key`` at pool p, or None.
         With ``purge`` (only under the lock) a corrupt entry is counted, logged, deleted."""
         sizes = []
@@ -313,16 +286,40 @@ class FeatureCache:
                         os.remove(local)
         return None
 
+    def find(self, group: EntryKey, wanted: Mapping[int, int], native: Mapping[int, int],
+             found: dict[int, EntryPath], *, purge: bool = False) -> dict[int, int]:
+        """Look up ``wanted`` (block -> pool) at ``group``: what a stored entry serves goes
+        into ``found`` (block -> path). :return: the rest (block -> pool), the misses."""
+        missing = {}
+        for b, p in wanted.items():
+            path = self.lookup(dataclasses.replace(group, block=b), p, native[b], purge=purge)
+            if path is None:
+                missing[b] = p
+            else:
+                found[b] = path
+        return missing
+
+    @contextlib.contextmanager
+    def locked(self, group: EntryKey) -> Iterator[None]:
+        """Hold ``group``'s lock (one extracting process per group), the debris of writers
+        that died swept away."""
+        lock = CacheLock(self.store, f"{group.group}/.lock", self.lock_stale_s)
+        with lock:
+            self.stats.lock_waits += lock.waited
+            sweep_tmp(self.store, group.group)
+            yield
+
     def miss_plan(self, group: EntryKey, missing: dict[int, int], native: dict[int, int]
                   ) -> dict[int, int]:
         """block -> stored pool of what a miss of ``missing`` at ``group`` writes: the
         missing entries and every ``extra_blocks`` entry not stored yet (the policy)."""
-        plan = {b: self._stored_pool(p, native[b]) for b, p in missing.items()}
+        plan = {b: stored_pool(p, native[b], self.store_pool) for b, p in missing.items()}
         default = max(missing.values())
         for b in self.extra_blocks:
             if b not in plan and b in native:
                 k = dataclasses.replace(group, block=b,
-                                        pool=self._stored_pool(min(default, native[b]), native[b]))
+                                        pool=stored_pool(min(default, native[b]), native[b],
+                                                             self.store_pool))
                 if self.store.info(f"{k.group}/{k.name}.json").type == pafs.FileType.NotFound:
                     plan[b] = k.pool
         return plan
@@ -336,28 +333,13 @@ class FeatureCache:
             make_room(self.store, need, self.budget, keep=self._serving)
 
     def _ensure(self, model, diffusion, ds: Dataset, group: EntryKey, wanted: dict[int, int],
-                flags: dict) -> dict[int, str]:
+                flags: dict) -> dict[int, EntryPath]:
         native = block_sizes(model)
-        found: dict[int, str] = {}
-        for b, p in wanted.items():
-            path = self._lookup(dataclasses.replace(group, block=b), p, native[b])
-            if path is not None:
-                found[b] = path
-        missing = {b: p for b, p in wanted.items() if b not in found}
+        found: dict[int, EntryPath] = {}
+        missing = self.find(group, wanted, native, found)
         if missing:
-            lock = CacheLock(self.store, f"{group.group}/.lock", self.lock_stale_s)
-            with lock:
-                self.stats.lock_waits += lock.waited
-                if self.store.local:  # debris of writers that died (we hold the lock)
-                    for info in self.store.files(group.group):
-                        if info.base_name.endswith(".tmp"):
-                            self.store.delete(info.path[len(self.store.base) + 1:])
-                for b, p in list(missing.items()):
-                    path = self._lookup(dataclasses.replace(group, block=b), p, native[b],
-                                        purge=True)
-                    if path is not None:
-                        found[b] = path
-                        del missing[b]
+            with self.locked(group):
+                missing = self.find(group, missing, native, found, purge=True)
                 if missing:
                     found.update(self._extract(model, diffusion, ds, group, missing, native,
                                                flags))
@@ -365,79 +347,32 @@ class FeatureCache:
         return found
 
     def _extract(self, model, diffusion, ds: Dataset, group: EntryKey, missing: dict[int, int],
-                 native: dict[int, int], flags: dict) -> dict[int, str]:
+                 native: dict[int, int], flags: dict) -> dict[int, EntryPath]:
         """One forward pass per image batch at ``group.t`` writing the missing entries and
         every ``extra_blocks`` entry (the search space's block set) not stored yet, so that a
         search pays one U-Net pass per image and timestep."""
         plan = self.miss_plan(group, missing, native)
-        extractor = self._extractor_for(model, diffusion)
         indices = dataset_indices(ds)
         if not indices:
             raise ValueError(f"no images to extract for {group.data} {group.split}")
         self.room_for(flags, len(indices), plan)
-        upto = max(plan)
-        loader = DataLoader(ds, batch_size=self._batch_for(flags, upto), shuffle=False)
-        writers: dict[int, EntryWriter] = {}
-        bar = tqdm(total=len(loader), desc=f"extract {group.split} t={group.t} view {group.view}",
-                   unit="batch",
-                   disable=not self.progress, leave=False)
-        timed = [0, 0.0]  # images, seconds: every batch but the first (warm-up)
-        view = f" view {group.view}" if group.view else ""
-        progress = Progress(f"extract {group.split} t={group.t}{view} ({len(plan)} blocks)",
-                            len(indices), self.on_progress, self.progress_s)
-        try:
-            start = 0
-            for i, (x0, labels) in enumerate(loader):
-                idx = indices[start:start + len(x0)]
-                start += len(x0)
-                began = time.perf_counter()
-                x, noise = view_batch(x0, idx, t=group.t, seed=group.seed, view=group.view)
-                feats = extractor.extract(x, group.t, plan, indices=idx, seed=group.seed,
-                                          noise=noise)
-                feats = {b: f.cpu() for b, f in feats.items()}  # waits for the device
-                if i > 0 or len(loader) == 1:
-                    timed[0] += len(x0)
-                    timed[1] += time.perf_counter() - began
-                self.stats.forward_batches += 1
-                self.stats.forward_images += len(x0)
-                for b, f in feats.items():
-                    if b not in writers:
-                        key = dataclasses.replace(group, block=b, pool=plan[b])
-                        writers[b] = EntryWriter(self.store, key, tuple(f.shape[1:]), native[b])
-                    writers[b].write(idx, labels, f)
-                bar.update(1)
-                progress.update(len(x0))
-            markers = {b: w.commit() for b, w in writers.items()}
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-        finally:
-            bar.close()
-        progress.close()
-        self.stats.entries_written += len(markers)
-        self.stats.forward_seconds += timed[1]
-        self.stats.timed_images += timed[0]
-        logger.info("cache: wrote %d entries for %s %s t=%d (blocks %s)", len(markers),
-                    group.data, group.split, group.t, sorted(markers))
+        extractor = self._extractor_for(model, diffusion)
+        done = extract_entries(extractor, ds, indices, self.store, group, plan, native,
+                               batch=self.batch_for(flags, max(plan)), bar=self.progress,
+                               on_progress=self.on_progress, progress_s=self.progress_s)
+        self.stats.add(done)
+        logger.info("cache: wrote %d entries for %s %s t=%d (blocks %s)", len(done.done),
+                    group.data, group.split, group.t, sorted(done.done))
         if self.record_throughput:  # what this process measured so far
-            throughput.record(self.store, model=group.model, flags=flags,
-                              device=throughput.device_kind(extractor.device),
-                              precision=self.precision, images=self.stats.timed_images,
-                              seconds=self.stats.forward_seconds,
-                              gflops_per_image=unet_costs(flags)[upto].gflops_to, upto=upto)
+            record_rate(self.store, group, flags, throughput.device_kind(extractor.device),
+                        max(plan),
+                        images=self.stats.timed_images, seconds=self.stats.forward_seconds)
         out = {}
         for b in missing:
             key = dataclasses.replace(group, block=b, pool=plan[b])
-            path = self._local_copy(key, markers[b])
-            if path is None or not check_entry(path, markers[b]):
+            path = self._local_copy(key, done.done[b])
+            if path is None or not check_entry(path, done.done[b]):
                 raise OSError(f"cache entry {key.group}/{key.name} vanished after writing it")
             self._serving.add(f"{key.group}/{key.name}")
             out[b] = path
         return out
-
-
-def _dataset(served: dict[tuple[int, int], tuple[str, int]]) -> CachedFeatures:
-    out = CachedFeatures(served, np.zeros(0))
-    out.labels = next(iter(out.maps().values())).column(1)
-    return out

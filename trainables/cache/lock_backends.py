@@ -1,4 +1,4 @@
-"""How the feature cache's lock is stored (:mod:`.cache_lock` describes the protocol):
+"""How the feature cache's lock is stored (:mod:`.lock` describes the protocol):
 ``FileLock`` on local and network filesystems, ``S3Lock`` with S3's conditional writes
 (through boto3: pyarrow does not expose ``If-None-Match`` / ``If-Match``), ``BestEffortLock``
 on other object stores. Each creates, reads, refreshes, takes over and releases ``.lock``."""
@@ -32,7 +32,7 @@ class Held:
 
 
 class FileLock:
-    """``.lock`` on a local or network filesystem (see :mod:`.cache_lock`)."""
+    """``.lock`` on a local or network filesystem (see :mod:`.lock`)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -131,7 +131,7 @@ class FileLock:
 
 
 class S3Lock:
-    """``.lock`` as an S3 object, with conditional writes (see :mod:`.cache_lock`)."""
+    """``.lock`` as an S3 object, with conditional writes (see :mod:`.lock`)."""
 
     #: error codes that mean "the condition did not hold": someone else has (or took) the lock
     LOST = {"PreconditionFailed", "NoSuchKey", "404", "412"}
@@ -144,7 +144,7 @@ class S3Lock:
         return str(exc.response.get("Error", {}).get("Code", ""))
 
     def _put(self, data: bytes, **cond) -> str | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # boto3 loads only for an S3 root
 
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data,
@@ -158,7 +158,7 @@ class S3Lock:
         return self._put(data, IfNoneMatch="*")
 
     def read(self) -> Held | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # boto3 loads only for an S3 root
 
         try:
             got = self.client.get_object(Bucket=self.bucket, Key=self.key)
@@ -178,7 +178,7 @@ class S3Lock:
         return self._put(data, IfMatch=held.version)
 
     def release(self, etag: str) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # boto3 loads only for an S3 root
 
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
@@ -192,7 +192,7 @@ class S3Lock:
 
 
 class BestEffortLock:
-    """``.lock`` on an object store without conditional writes (see :mod:`.cache_lock`)."""
+    """``.lock`` on an object store without conditional writes (see :mod:`.lock`)."""
 
     def __init__(self, store: Store, rel: str, settle: float):
         self.store, self.rel, self.settle = store, rel, settle
@@ -238,7 +238,7 @@ def s3_client(fs: pafs.S3FileSystem):
     ``S3FileSystem`` (read from its pickling state, the settings pyarrow itself restores);
     credentials it does not hold come from boto3's usual chain (environment, profile,
     instance role), as they do for pyarrow."""
-    import boto3
+    import boto3  # here, not at the top: a local root never loads boto3 (slow to import)
     from botocore import UNSIGNED
     from botocore.config import Config
 

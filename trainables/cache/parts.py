@@ -3,7 +3,7 @@ published by a *manifest* once every part is in.
 
 A part is ``<group>/<entry name>.part<k>-<tag>.arrow`` (``b24-p4-float16.part0001-3fa2c1d0.arrow``):
 an Arrow IPC file of the entry's schema holding one contiguous run of the entry's rows, written
-under a temporary name and renamed (:class:`~.cache_store.EntryWriter`), so a half-written part
+under a temporary name and renamed (:class:`~.entry.EntryWriter`), so a half-written part
 is never read. The entry's marker (``<entry name>.json``, written last and atomically) is then
 the manifest: the usual key, shape, rows and bytes, plus ``parts`` (file, rows, sha256, bytes,
 first row, the host and Ray node that wrote it) in row order; its ``sha256`` is the sha256 of the
@@ -11,7 +11,7 @@ parts' sha256s, one per line. Until the manifest exists the entry is not visible
 manifest lists (a shard's failed attempt) is debris the next extraction removes.
 
 Readers get a tuple of the parts' local paths where an unsharded entry has one path:
-:class:`~.cache_store.MappedEntry` reads them as one file, row for row.
+:class:`~.entry.MappedEntry` reads them as one file, row for row.
 """
 
 from __future__ import annotations
@@ -26,19 +26,13 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from difftune.trainables.cache.store import (
-    FORMAT,
-    EntryKey,
-    EntryWriter,
-    Store,
-    check_entry_file,
-    local_copy,
-)
+from difftune.trainables.cache.entry import EntryWriter, check_entry_file
+from difftune.trainables.cache.store import FORMAT, EntryKey, Store, local_copy
 
 #: a part file: group 1 is its entry's name (``b24-p4-float16``)
 PART_NAME = re.compile(r"^(b\d+-p\d+-[A-Za-z0-9_]+)\.part(\d+)-([0-9a-f]+)\.arrow$")
 
-Path = str | tuple[str, ...]  # one entry's local data: a file, or its parts in row order
+EntryPath = str | tuple[str, ...]  # one entry's local data: a file, or its parts in row order
 
 
 def part_writer(store: Store, key: EntryKey, shape: tuple[int, int, int], native: int,
@@ -83,7 +77,7 @@ def _part_marker(manifest: dict, part: dict) -> dict:
             "bytes": part["bytes"]}
 
 
-def entry_paths(store: Store, rel: str, marker: dict, mirror: str) -> Path | None:
+def entry_paths(store: Store, rel: str, marker: dict, mirror: str) -> EntryPath | None:
     """Local path(s) of entry ``rel`` (below the root, without extension): its file, or its
     parts in row order (copied into ``mirror`` from a remote root). None if unreadable."""
     if "parts" not in marker:
@@ -98,8 +92,8 @@ def entry_paths(store: Store, rel: str, marker: dict, mirror: str) -> Path | Non
     return tuple(paths)
 
 
-def check_entry(path: Path, marker: dict) -> bool:
-    """:func:`~.cache_store.check_entry_file` of an entry or of every part of a sharded one
+def check_entry(path: EntryPath, marker: dict) -> bool:
+    """:func:`~.entry.check_entry_file` of an entry or of every part of a sharded one
     (each part checked once per node), and the parts make the manifest's rows and sha256."""
     if isinstance(path, str):
         return "parts" not in marker and check_entry_file(path, marker)

@@ -12,8 +12,8 @@ budget.
   budget, provided the entries of the trials running at once fit in it (``difftune plan``
   checks that before a search starts).
 
-The plan (:mod:`difftune.search.plan.estimate`) and the cache (:mod:`.cache`) share the arithmetic
-here so that what is planned is what is stored.
+The plan (:mod:`difftune.search.plan.estimate`) and the cache (:mod:`.feature_cache`) share
+the arithmetic here so that what is planned is what is stored.
 """
 
 from __future__ import annotations

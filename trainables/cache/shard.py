@@ -1,15 +1,16 @@
 """Extracting one cache group (a split's entries at one timestep) in shards: each shard is a
 contiguous run of the split's images, extracted by whatever runs it (a Ray task on some node:
 :mod:`difftune.search.run.extract`; or this process) into part files, and the entries are
-published with their manifests once every part is in (:mod:`.cache_parts`).
+published with their manifests once every part is in (:mod:`.parts`).
 
-The entries are the ones a trial's miss would write (:meth:`~.cache.FeatureCache.miss_plan`:
+The entries are the ones a trial's miss would write (:meth:`~.feature_cache.FeatureCache.miss_plan`:
 the policy's block set at its stored pool), keyed as the trial keys them, so trials read them.
-The group's lock (:class:`~.cache_lock.CacheLock`) is held by the driver while the shards run:
+The group's lock (:class:`~.lock.CacheLock`) is held by the driver while the shards run:
 a trial that needs the group meanwhile waits for it, then reads what was published.
 
 Shard boundaries are multiples of the extraction batch, so every shard runs the same image
-batches an unsharded extraction runs: the rows are identical, in the same order.
+batches an unsharded extraction runs (:func:`~.extract.extract_rows`, the loop of both):
+the rows are identical, in the same order.
 """
 
 from __future__ import annotations
@@ -18,26 +19,18 @@ import dataclasses
 import logging
 import math
 import socket
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader, Subset
 
 from difftune.trainables.cache import throughput
-from difftune.trainables.cache.lock import CacheLock
-from difftune.trainables.cache.parts import part_record, part_writer, publish, sweep_parts
-from difftune.trainables.cache.store import EntryKey, EntryWriter, Store
+from difftune.trainables.cache.extract import batch_to_fit, extract_rows, record_rate
+from difftune.trainables.cache.parts import part_record, publish, sweep_parts
+from difftune.trainables.cache.store import EntryKey, Store, sweep_tmp
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import dataset_indices
-from difftune.trainables.data.views import view_batch
 from difftune.trainables.heads import Request
-from difftune.trainables.model.cost import (
-    activation_bytes_per_image,
-    batch_for_memory,
-    free_memory,
-    unet_costs,
-)
 from difftune.trainables.model.features import Extractor, block_sizes
 from difftune.trainables.model.unet import shared_unet
 from difftune.trainables.pipeline import trial_dataset
@@ -111,47 +104,23 @@ def run_shard(job: ShardJob, *, device: str = "cpu", node: str | None = None,
     indices = dataset_indices(ds)[job.start:job.stop]
     batch = job.batch
     if job.flags is not None:
-        per_image, fixed = activation_bytes_per_image(job.flags, max(job.plan),
-                                                      precision=job.group.precision)
-        batch = min(batch, batch_for_memory(free_memory(device), per_image, fixed))
+        batch = min(batch, batch_to_fit(job.flags, max(job.plan), precision=job.group.precision,
+                                        device=device))
     loader = DataLoader(Subset(ds, range(job.start, job.stop)), batch_size=batch,
                         shuffle=False)
     extractor = Extractor(model, diffusion, precision=job.group.precision,
                           channels_last=job.channels_last)
-    store, native = Store(job.root), block_sizes(model)
-    writers: dict[int, EntryWriter] = {}
-    done, timed, seconds = 0, 0, 0.0
-    try:
-        for i, (x0, labels) in enumerate(loader):
-            idx = indices[done:done + len(x0)]
-            began = time.perf_counter()
-            x, noise = view_batch(x0, idx, t=job.group.t, seed=job.group.seed,
-                                  view=job.group.view)
-            feats = extractor.extract(x, job.group.t, job.plan, indices=idx,
-                                      seed=job.group.seed, noise=noise)
-            feats = {b: f.cpu() for b, f in feats.items()}
-            if i > 0 or len(loader) == 1:
-                timed, seconds = timed + len(x0), seconds + time.perf_counter() - began
-            for b, f in feats.items():
-                if b not in writers:
-                    key = dataclasses.replace(job.group, block=b, pool=job.plan[b])
-                    writers[b] = part_writer(store, key, tuple(f.shape[1:]), native[b],
-                                             job.shard)
-                writers[b].write(idx, labels, f)
-            done += len(x0)
-            if on_batch is not None:
-                on_batch(done)
-        parts = {b: part_record(w, w.close(), shard=job.shard, start=job.start, node=node)
-                 for b, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    if done != job.images:
-        raise RuntimeError(f"shard {job.shard} of {job.label} read {done} images, "
+    done = extract_rows(
+        extractor, loader, indices, Store(job.root), job.group, job.plan, block_sizes(model),
+        shard=job.shard, on_batch=None if on_batch is None else lambda _n, d: on_batch(d),
+        finish=lambda w: part_record(w, w.close(), shard=job.shard, start=job.start,
+                                     node=node))
+    if done.images != job.images:
+        raise RuntimeError(f"shard {job.shard} of {job.label} read {done.images} images, "
                            f"expected {job.images}")
-    return ShardResult(parts, {b: w.shape for b, w in writers.items()},
-                       {b: native[b] for b in writers}, done, timed, seconds,
+    native = block_sizes(model)
+    return ShardResult(done.done, done.shapes, {b: native[b] for b in done.done}, done.images,
+                       done.timed_images, done.seconds,
                        throughput.device_kind(extractor.device), node)
 
 
@@ -164,7 +133,7 @@ def extract_sharded(cache, cfg: TrialConfig, split: str, requests: Sequence[Requ
                     shards: int, runner: Runner) -> dict[str, int]:
     """Extract what ``requests`` on ``split`` miss (and the policy's block set with them) as
     ``shards`` shards per timestep run by ``runner``, publishing each entry when every part
-    is in. ``cache`` is the :class:`~.cache.FeatureCache` whose keys and policy are used.
+    is in. ``cache`` is the :class:`~.feature_cache.FeatureCache` whose keys and policy are used.
     :return: counts: ``written`` (entries), ``reused``, ``images`` (U-Net image-passes),
     ``timed_images`` and ``seconds`` (the shards' own measure of their passes)."""
     model, diffusion, ds, base, by_t, flags = cache.resolve(cfg, split, requests)
@@ -173,17 +142,12 @@ def extract_sharded(cache, cfg: TrialConfig, split: str, requests: Sequence[Requ
     counts = {"written": 0, "reused": 0, "images": 0, "timed_images": 0, "seconds": 0.0}
     for t, wanted in sorted(by_t.items()):
         group = dataclasses.replace(base, t=t)
-        missing = {b: p for b, p in wanted.items()
-                   if cache._lookup(dataclasses.replace(group, block=b), p, native[b]) is None}
+        missing = cache.find(group, wanted, native, {})
         counts["reused"] += len(wanted) - len(missing)
         if not missing:
             continue
-        with CacheLock(cache.store, f"{group.group}/.lock", cache.lock_stale_s):
-            sweep_tmp(cache.store, group.group)
-            for b, p in list(missing.items()):
-                if cache._lookup(dataclasses.replace(group, block=b), p, native[b],
-                                 purge=True) is not None:
-                    del missing[b]
+        with cache.locked(group):
+            missing = cache.find(group, missing, native, {}, purge=True)
             if not missing:
                 continue
             plan = cache.miss_plan(group, missing, native)
@@ -191,7 +155,7 @@ def extract_sharded(cache, cfg: TrialConfig, split: str, requests: Sequence[Requ
                 key = dataclasses.replace(group, block=b, pool=p)
                 sweep_parts(cache.store, f"{key.group}/{key.name}")
             cache.room_for(flags, n, plan)
-            batch = cache._batch_for(flags, max(plan))
+            batch = cache.batch_for(flags, max(plan))
             jobs = [ShardJob(cfg, split, group, plan, cache.root, k, 0, lo, hi, batch,
                              cache.channels_last, None if cache.batch_size else flags)
                     for k, (lo, hi) in enumerate(shard_ranges(n, shards, batch))]
@@ -205,27 +169,15 @@ def extract_sharded(cache, cfg: TrialConfig, split: str, requests: Sequence[Requ
                 sweep_parts(cache.store, f"{key.group}/{key.name}",
                             keep=[p["file"] for p in parts])
             sweep_tmp(cache.store, group.group)  # parts of attempts lost with their node
+            images = sum(r.timed_images for r in results)
+            seconds = sum(r.seconds for r in results)
             counts["written"] += len(plan)
             counts["images"] += sum(r.images for r in results)
-            counts["timed_images"] += sum(r.timed_images for r in results)
-            counts["seconds"] += sum(r.seconds for r in results)
+            counts["timed_images"] += images
+            counts["seconds"] += seconds
             if cache.record_throughput:  # a shard's passes: one worker's rate, for the plan
-                upto = max(plan)
-                throughput.record(cache.store, model=group.model, flags=flags,
-                                  device=results[0].device,
-                                  precision=group.precision,
-                                  images=sum(r.timed_images for r in results),
-                                  seconds=sum(r.seconds for r in results),
-                                  gflops_per_image=unet_costs(flags)[upto].gflops_to,
-                                  upto=upto)
+                record_rate(cache.store, group, flags, results[0].device, max(plan),
+                            images=images, seconds=seconds)
             logger.info("cache: published %d entries of %s %s t=%d from %d parts (blocks %s)",
                         len(plan), group.data, split, t, len(results), sorted(plan))
     return counts
-
-
-def sweep_tmp(store: Store, group: str) -> None:
-    """Delete the debris (``*.tmp``) of writers that died, under the group's lock."""
-    if store.local:
-        for info in store.files(group):
-            if info.base_name.endswith(".tmp"):
-                store.delete(f"{group}/{info.base_name}")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from difftune.trainables.cache.store import Store
+from difftune.trainables.model.unet import full_flags
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ DEFAULT_GFLOPS_PER_S = 40_000.0
 
 def arch_key(flags: dict[str, Any]) -> str:
     """A short hash of a model's complete flags (its architecture; weights do not matter)."""
-    from difftune.trainables.model.unet import full_flags
-
     full = full_flags(flags)
     full["use_fp16"] = False
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:12]
