@@ -64,6 +64,41 @@ def has_secret(uri: str | None) -> bool:
     return redact(uri) != uri
 
 
+def has_password(uri: str | None) -> bool:
+    """Whether ``uri`` holds a password (``user:password@``) or a secret query value: what
+    must not be on a command line. A user name alone is no secret."""
+    if not uri or "://" not in uri:
+        return False
+    parts = urlsplit(uri)
+    try:
+        password = parts.password
+    except ValueError:  # an unparsable netloc: judge by its user info
+        password = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else None
+    return bool(password) or bool(_secret_keys(parse_qsl(parts.query, keep_blank_values=True)))
+
+
+def refuse_password_on_command_line(flag: str, uri: str) -> None:
+    """A password in a URI given on the command line (``--tracking-uri``,
+    ``--optuna-storage``) is refused: ``ps`` shows a command line to every user of the
+    machine and Ray records the driver's as its job's entrypoint. Raises ``ValueError``
+    naming where the password belongs instead."""
+    if not has_password(uri):
+        return
+    if scheme(uri) in ("http", "https"):
+        parts = urlsplit(uri)
+        bare = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path,
+                           parts.query, parts.fragment))
+        where = (f"{bare} with the user and password in $MLFLOW_TRACKING_USERNAME and "
+                 "$MLFLOW_TRACKING_PASSWORD")
+    else:
+        where = f"{public_uri(uri)} with the password in $PGPASSWORD or ~/.pgpass"
+    if flag == "--tracking-uri":
+        where += f", or the whole URI in ${TRACKING_URI_ENV} and --tracking-uri left out"
+    raise ValueError(f"{redact(uri)} holds a password, which every user of this machine can "
+                     "read on a command line (ps) and Ray records as the job's entrypoint; "
+                     f"allowed: {where}")
+
+
 def public_uri(uri: str) -> str:
     """``uri`` without its secrets (the password of ``user:password@``, secret query values):
     what may be saved. The user name stays, so libpq's ``$PGPASSWORD`` / ``~/.pgpass`` (or

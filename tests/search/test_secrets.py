@@ -94,8 +94,39 @@ def test_printed_follow_up_commands_can_be_pasted():
     assert "$MLFLOW_TRACKING_URI must hold" in secret
 
 
-def test_ui_of_a_server_is_one_line_naming_its_own_ui(capsys):
-    rc = main(["ui", "--tracking-uri", "http://alice:pw@127.0.0.1:5999"])
+@pytest.mark.parametrize("argv, uri, allowed", [
+    (["search"], "--tracking-uri postgresql://mlflow:S3CRET@db.example/mlflow",
+     "allowed: postgresql://mlflow@db.example/mlflow with the password in $PGPASSWORD or "
+     "~/.pgpass, or the whole URI in $MLFLOW_TRACKING_URI and --tracking-uri left out"),
+    (["export", "--experiment", "x"], "--tracking-uri http://alice:S3CRET@mlflow.example:5000",
+     "allowed: http://mlflow.example:5000 with the user and password in "
+     "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD"),
+    (["ui"], "--tracking-uri mysql+pymysql://root:S3CRET@db/mlflow", "$MLFLOW_TRACKING_URI"),
+    (["search"], "--optuna-storage postgresql://optuna:S3CRET@db.example/optuna",
+     "allowed: postgresql://optuna@db.example/optuna with the password in $PGPASSWORD or "
+     "~/.pgpass"),
+])
+def test_a_password_on_the_command_line_is_refused(tmp_path, capsys, monkeypatch, argv, uri,
+                                                   allowed):
+    """`ps` shows a command line to every user of the machine, and Ray records the driver's
+    as the job's entrypoint: a URI with a password given there is one line, exit 2, naming
+    where the password belongs; nothing starts."""
+    monkeypatch.chdir(tmp_path)
+    flag, value = uri.split(" ")
+    rc = main([*argv, flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"difftune {argv[0]}: error: argument {flag}: ")
+    assert "holds a password" in err[0] and allowed in err[0] and "S3CRET" not in err[0]
+    assert list(tmp_path.iterdir()) == []  # no store, no runs folder
+    # a user name alone is no secret: the same URI without its password passes the parser
+    bare = value.replace(":S3CRET", "")
+    assert main([*argv, flag, bare, "--help"]) == 0
+
+
+def test_ui_of_a_server_is_one_line_naming_its_own_ui(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw@127.0.0.1:5999")
+    rc = main(["ui"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pw" not in err[0].replace("open", "")
     assert "is an MLflow server" in err[0] and "open http://127.0.0.1:5999/" in err[0]
