@@ -201,6 +201,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False)
             raise TrackingError(f"--tracking-uri {redact(uri)} is unreachable "
                                 f"({exc.strerror or exc}); start the server or pass a "
                                 "reachable URI") from None
+        check_login(uri, timeout=timeout)
     elif parsed.scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
@@ -211,6 +212,54 @@ def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False)
                                 f"{db} (run a search first or pass the store's URI)")
     elif is_database(uri):
         check_database(uri, timeout=timeout)
+
+
+#: where MLflow's clients read the login of a tracking server that asks for one
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def check_login(uri: str, *, timeout: float = 5.0) -> None:
+    """One clear line when an MLflow server that asks for a login (``mlflow server
+    --app-name basic-auth``) refuses the one MLflow's clients will send (``$MLFLOW_TRACKING_
+    USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD``, else ``$MLFLOW_TRACKING_TOKEN``), or lets it
+    read no experiment: one request, before anything starts. Other answers are left to
+    MLflow."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(uri)
+    base = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path.rstrip("/"),
+                       "", ""))
+    user, password = (os.environ.get(k) for k in LOGIN_ENV)
+    if parts.username and not (user or password):  # MLflow sends a URI's own user info
+        user, password = parts.username, parts.password
+    headers = {}
+    if user or password:
+        pair = f"{user or ''}:{password or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):  # noqa: S310 - http(s) only
+            return
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (urllib.error.URLError, OSError, ValueError):  # MLflow's own errors say more
+        return
+    shown = f"--tracking-uri {redact(uri)}"
+    login = "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD in the environment"
+    if code == 401 and not (user or password):
+        raise TrackingError(f"{shown} asks for a user and password (HTTP 401); allowed: "
+                            f"{login} (never on the command line)")
+    if code == 401:
+        raise TrackingError(f"{shown} refused the password of user {user!r} (HTTP 401); "
+                            f"allowed: the user's password in {login}")
+    if code == 403:
+        raise TrackingError(f"{shown}: user {user!r} may not read experiments (HTTP 403); "
+                            "allowed: a user the server's admin gave READ or EDIT")
 
 
 def check_database(uri: str, *, timeout: float = 5.0) -> None:

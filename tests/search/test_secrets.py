@@ -161,3 +161,67 @@ def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture
+def login_server():
+    """An HTTP server that, like `mlflow server --app-name basic-auth`, answers 401 to a
+    request without the right basic-auth login (MLflow's auth app needs Flask-WTF, which
+    the test environment does not install)."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    right = "Basic " + base64.b64encode(b"difftune:right-password").decode()
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's hook
+            seen.append(self.path)
+            ok = self.headers.get("Authorization") == right
+            body = b'{"experiments": []}' if ok else b"You are not authenticated."
+            self.send_response(200 if ok else 401)
+            if not ok:
+                self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_asks_for_a_login_is_checked_before_anything_starts(
+        login_server, tmp_path, capsys, monkeypatch):
+    from difftune.search.records.uris import check_reachable
+
+    url, seen = login_server
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    cases = [
+        ({}, f"--tracking-uri {url} asks for a user and password (HTTP 401); allowed: "
+             "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD in the environment"),
+        ({"MLFLOW_TRACKING_USERNAME": "difftune", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+         f"--tracking-uri {url} refused the password of user 'difftune' (HTTP 401)"),
+    ]
+    for env, says in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        for argv in (["export", "--experiment", "x", "--out", str(tmp_path / "b.yaml")],
+                     ["search", "--storage", str(tmp_path / "runs")]):
+            rc = main([*argv, "--tracking-uri", url])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1, err
+            assert says in err[0] and "wrong" not in err[0], err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert seen and all(p.startswith("/api/2.0/mlflow/experiments/search") for p in seen)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password")
+    check_reachable(url)  # the login MLflow's client will send is accepted
