@@ -52,6 +52,7 @@ from difftune.search.space.checks import (
     check_label_fraction,
     check_objectives,
     check_params,
+    check_scheduler,
     check_search,
     safe_load,
     values_of,
@@ -321,6 +322,7 @@ def load_space(
         _apply_pins(space, overrides)
     _validate_against_model(space)
     check_grid(space, f"space {space.name}")
+    check_scheduler(space, overrides or {})
     return space
 
 
