@@ -203,7 +203,7 @@ def test_the_closing_export_command_runs_as_printed(searched, tmp_path):
     line = follow_up(searched["uri"], "e2e").splitlines()[1]
     command = line.split(":", 1)[1].strip()
     assert command.startswith("difftune export --experiment e2e --tracking-uri ")
-    python = f"{sys.executable} -m difftune.search.cli"  # `difftune` of this environment
+    python = f"{sys.executable} -m difftune"  # `difftune` of this environment
     done = subprocess.run(["bash", "-c", command.replace("difftune", python, 1)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -147,7 +147,7 @@ def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path
         deadline = time.monotonic() + 120
         def after_exec() -> str:  # /proc/PID/cmdline reads empty while execve swaps images
             line = " ".join(psutil.Process(proc.pid).cmdline())
-            return line if line and "difftune.search.cli" not in line else ""
+            return line if line and " -m difftune " not in f"{line} " else ""
 
         while not after_exec():
             assert proc.poll() is None, f"difftune ui exited: {proc.stdout.read()}"

@@ -140,7 +140,7 @@ def test_ui_prints_the_link_to_each_difftune_experiment(tmp_path):
         time.sleep(0.01)  # b's search starts later
     client.create_run(client.create_experiment("not-a-search"))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "difftune.search.cli", "ui", "--tracking-uri",
+    proc = subprocess.Popen([sys.executable, "-m", "difftune", "ui", "--tracking-uri",
                              uri, "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
