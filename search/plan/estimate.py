@@ -34,9 +34,9 @@ from difftune.search.plan.arithmetic import (
     gpu_hours,
     levers_of,
     model_flags,
-    space_asks,
     weights_bytes,
 )
+from difftune.search.plan.asks import space_asks
 from difftune.search.plan.data import DataSize
 from difftune.search.plan.sizes import format_size, parse_size
 from difftune.search.plan.stopping import early_stopping
