@@ -155,6 +155,8 @@ def test_plan_of_a_folder_counts_its_images_and_needs_no_checkpoint(tmp_path, ca
     (["--images", "100"], "--images and --classes go together"),
     (["--cache-budget", "lots"], "--cache-budget='lots' is not a size"),
     (["--data", "digits", "--images", "5", "--classes", "2"], "either --data or --images"),
+    (["--test-images", "50"], "--images and --classes go together"),
+    (["--images", "1000", "--classes", "1000"], "under 2 per class of --classes 1000"),
 ])
 def test_bad_plan_arguments_are_one_line(capsys, argv, message):
     capsys.readouterr()
