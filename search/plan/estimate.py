@@ -42,6 +42,8 @@ from difftune.search.plan.sizes import format_size, parse_size
 from difftune.search.plan.stopping import early_stopping
 from difftune.search.space.spec import Space
 from difftune.trainables.cache import throughput
+from difftune.trainables.cache.policy import usage
+from difftune.trainables.cache.store import Store
 from difftune.trainables.model.cost import activation_bytes_per_image, unet_costs
 
 logger = logging.getLogger(__name__)
@@ -162,16 +164,44 @@ def resolve_budget(cli: str | None, space: Space, cache: str | None
     space's ``cache_budget``, else the free space of a local cache's filesystem; unlimited
     for an object store or without a cache."""
     if cli is not None:
-        return parse_size(cli, what="--cache-budget"), "--cache-budget", True
+        budget = parse_size(cli, what="--cache-budget")
+        warn_over_disk(budget, "--cache-budget", cache)
+        return budget, "--cache-budget", True
     if space.search.get("cache_budget") is not None:
-        return (parse_size(space.search["cache_budget"], what="search.cache_budget"),
-                "search.cache_budget", True)
+        budget = parse_size(space.search["cache_budget"], what="search.cache_budget")
+        warn_over_disk(budget, "search.cache_budget", cache)
+        return budget, "search.cache_budget", True
     if not cache or "://" in cache:
         return None, "unlimited (object store)" if cache else "no cache", False
+    folder = _existing_folder(cache)
+    return shutil.disk_usage(folder).free, f"free space of {folder}", False
+
+
+def _existing_folder(cache: str) -> str:
     folder = os.path.abspath(cache)
     while not os.path.isdir(folder):
         folder = os.path.dirname(folder)
-    return shutil.disk_usage(folder).free, f"free space of {folder}", False
+    return folder
+
+
+def warn_over_disk(budget: int, setting: str, cache: str | None) -> bool:
+    """Warn (and return True) when a given budget exceeds what a local cache's disk can
+    hold (its free space plus what the cache holds already): the disk would fill before
+    the budget evicts anything, and a full disk stops the search."""
+    if not cache or "://" in cache:
+        return False
+    folder = _existing_folder(cache)
+    room = shutil.disk_usage(folder).free
+    if os.path.isdir(cache):
+        room += usage(Store(cache))[0]
+    if budget <= room:
+        return False
+    logger.warning("%s %s exceeds what the cache's disk can hold (%s: %s free plus what the "
+                   "cache holds): the disk fills before the budget evicts, and a full disk "
+                   "stops the search; give at most %s or --cache on a larger disk", setting,
+                   format_size(budget), folder, format_size(shutil.disk_usage(folder).free),
+                   format_size(room))
+    return True
 
 
 def resolve_rate(flags: dict[str, Any], gflops: float, *, img_per_s: float | None,
@@ -187,7 +217,6 @@ def resolve_rate(flags: dict[str, Any], gflops: float, *, img_per_s: float | Non
             "GFLOPs", None
     rec = None
     if cache:
-        from difftune.trainables.cache.store import Store
 
         try:
             rec = throughput.best_record(Store(cache), flags, device=device)
