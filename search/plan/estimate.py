@@ -217,7 +217,6 @@ def resolve_rate(flags: dict[str, Any], gflops: float, *, img_per_s: float | Non
             "GFLOPs", None
     rec = None
     if cache:
-
         try:
             rec = throughput.best_record(Store(cache), flags, device=device)
         except OSError:
