@@ -39,7 +39,7 @@ from difftune.search.report.console import ConsoleTable, SearchConsole, log_path
 from difftune.search.report.publish import LiveReport
 from difftune.search.run.cluster import ensure_ray
 from difftune.search.run.finish import SearchResult, finish_search, mark
-from difftune.search.run.tuner import DEFAULT_STORAGE, build_tuner, make_trainable
+from difftune.search.run.tuner import DEFAULT_STORAGE, build_tuner, restore_tuner
 from difftune.search.space.spec import Space
 from difftune.trainables.trainable import RuntimeOptions
 
@@ -75,11 +75,12 @@ def run_search(
     is given), trials, the confirm stage, champion, figures. Returns what the CLI prints.
 
     :param artifact_location: where a new experiment keeps its artifacts (None:
-        :func:`~.uris.artifact_root`).
+        :func:`~difftune.search.records.uris.artifact_root`).
     :param optuna_storage: where the Optuna study is kept (default:
-        :func:`~.optuna_store.default_storage`).
-    :param console: the terminal's :class:`~.console.SearchConsole` (a live trial table, the
-        rest in its log file); None leaves Ray Tune's own reporter at ``verbose``."""
+        :func:`~difftune.search.records.optuna_store.default_storage`).
+    :param console: the terminal's :class:`~difftune.search.report.console.SearchConsole` (a
+        live trial table, the rest in its log file); None leaves Ray Tune's own reporter at
+        ``verbose``."""
     storage_path = storage_path or DEFAULT_STORAGE
     if "://" not in storage_path:  # s3://, gs://: Ray Tune takes the URI as it is
         storage_path = str(Path(storage_path).resolve())
@@ -177,8 +178,7 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
     ensure_ray(address)
     client.update_run(plan.parent, status="RUNNING")
     logger.info("resuming %s from %s", plan.experiment, redact(plan.tune_path))
-    tuner = tune.Tuner.restore(plan.tune_path, trainable=make_trainable(plan.space, plan.runtime),
-                               resume_unfinished=True, resume_errored=True)
+    tuner = restore_tuner(plan.tune_path, plan.space, plan.runtime)
     if console is not None and not console.verbose:
         verbose = 0
     result = _fit_and_finish(tuner, plan.space, client=client, parent=plan.parent,

@@ -11,6 +11,7 @@ ends at once; a data error stops the whole search (:class:`StopOnDataError`).
 
 The confirm stage's Tuner runs given configs in order (:class:`FixedConfigs`), each for its
 full epochs: no Optuna, no ASHA. Both name their trials ``trial_ID`` and keep one checkpoint.
+A search whose driver died gets its Tuner back from Ray Tune's state (:func:`restore_tuner`).
 How a whole search runs (its MLflow records, the end) is :mod:`.search`'s.
 """
 
@@ -158,6 +159,14 @@ def build_tuner(
             verbose=verbose,
         ),
     )
+
+
+def restore_tuner(path: str, space: Space, runtime: RuntimeOptions) -> tune.Tuner:
+    """The Tuner of a search whose driver died, restored from its Ray Tune state at ``path``
+    (with its searcher and scheduler): finished trials stay as they are, unfinished and
+    errored ones continue."""
+    return tune.Tuner.restore(path, trainable=make_trainable(space, runtime),
+                              resume_unfinished=True, resume_errored=True)
 
 
 def _trial_name(trial) -> str:
