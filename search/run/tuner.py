@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from difftune.search.records.optuna_store import name_objectives
 from difftune.search.run.cluster import cluster_gpus, trial_resources
 from difftune.search.space.distributions import startup_trials
 from difftune.search.space.spec import Space
@@ -116,6 +117,8 @@ def build_tuner(
     if configs is None:
         objectives = space.objectives()
         multi = len(objectives) > 1
+        if study_storage is not None:  # optuna-dashboard shows val_top1, not "Objective 0"
+            name_objectives(study_storage, name, objectives)
         searcher: Searcher = OptunaSearch(
             space.define_by_run,
             # several objectives: Optuna's multi-objective TPE; ASHA below takes the first
