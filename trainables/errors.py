@@ -20,3 +20,12 @@ class ConfigError(UserError):
 class SearchFailed(RuntimeError):
     """A search ran but produced nothing to report (no trial finished); the CLI prints one
     line and exits with code 1."""
+
+
+class SearchInterrupted(RuntimeError):
+    """A search stopped by Ctrl-C (SIGINT) or SIGTERM (``ray job stop``): its state is saved
+    for ``--resume``; the CLI prints one line and exits with ``exit_code`` (128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

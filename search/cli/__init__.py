@@ -16,7 +16,7 @@ import warnings
 
 from difftune import __version__
 from difftune.search.cli.args import Parser
-from difftune.trainables.errors import SearchFailed, UserError
+from difftune.trainables.errors import SearchFailed, SearchInterrupted, UserError
 
 logger = logging.getLogger("difftune")
 
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except SearchFailed as exc:
         print(f"difftune {args.command}: failed: {exc}", file=sys.stderr)
         return 1
+    except SearchInterrupted as exc:
+        print(f"difftune {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"difftune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +34,16 @@ from difftune.search.records.tracking import (
     start_parent_run,
 )
 from difftune.search.records.trials import MLflowTrials
-from difftune.search.records.uris import TrackingError, redact, storage_join
+from difftune.search.records.uris import TrackingError, redact, resolve_uri, storage_join
 from difftune.search.report import ui_view
 from difftune.search.report.console import ConsoleTable, SearchConsole, log_path_for
 from difftune.search.report.publish import LiveReport
 from difftune.search.run.cluster import ensure_ray
 from difftune.search.run.finish import SearchResult, finish_search, mark
+from difftune.search.run.interrupt import StopSignals, finished_trials, interrupted
 from difftune.search.run.tuner import DEFAULT_STORAGE, build_tuner, restore_tuner
 from difftune.search.space.spec import Space
+from difftune.trainables.errors import SearchInterrupted
 from difftune.trainables.trainable import RuntimeOptions
 
 logger = logging.getLogger(__name__)
@@ -192,15 +195,36 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
 
 def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
                     console: SearchConsole | None = None, **finish: Any) -> SearchResult:
-    """Run the trials, then :func:`~.finish.finish_search` (``finish``: its arguments)."""
+    """Run the trials, then :func:`~.finish.finish_search` (``finish``: its arguments).
+
+    Stopped by Ctrl-C or SIGTERM (:mod:`.interrupt`), the search does not finish: its parent
+    run is ``KILLED``, no champion is chosen, and :class:`SearchInterrupted` says how many
+    trials ran and how to continue (``--resume``)."""
+    signals = StopSignals()
     try:
-        with console.library_stdout() if console is not None else contextlib.nullcontext():
+        with console.library_stdout() if console is not None else contextlib.nullcontext(), \
+                signals:
             results = tuner.fit()
+    except KeyboardInterrupt:
+        mark(client, parent, "KILLED")
+        raise _interrupted(space, None, signals.received or signal.SIGINT, finish) from None
     except BaseException:
         mark(client, parent, "FAILED")
         raise
+    if signals.received is not None:
+        mark(client, parent, "KILLED")
+        raise _interrupted(space, results, signals.received, finish)
     return finish_search(results, space, client=client, parent=parent, console=console,
                          **finish)
+
+
+def _interrupted(space: Space, results: Any, signum: int, finish: dict[str, Any]
+                 ) -> SearchInterrupted:
+    done, started = finished_trials(results)
+    total = max(int(space.search["trials"]), started)
+    return interrupted(done=done, total=total, experiment=finish["experiment"],
+                       tracking_uri=redact(finish["tracking_uri"]),
+                       default_uri=resolve_uri(None), signum=signum)
 
 
 def annotate(result: SearchResult, study_url: str | None, study_name: str | None,
