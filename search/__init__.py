@@ -12,7 +12,7 @@ from difftune.trainables.lazy import lazy_exports
 
 _EXPORTS = {
     "Space": "space.spec", "SpaceError": "space.spec", "load_space": "space.spec", "preset_names": "space.spec",
-    "build_tuner": "run.tuner", "run_search": "run.tuner", "resume_search": "run.tuner",
+    "build_tuner": "run.tuner", "run_search": "run.search", "resume_search": "run.search",
     "SearchResult": "run.finish", "finish_search": "run.finish",
     "Candidate": "records.best", "best_trial": "records.best", "rank_trials": "records.best",
     "export_best": "records.export", "export_pareto": "records.export",
@@ -23,8 +23,8 @@ _EXPORTS = {
     "Plan": "plan.estimate", "make_plan": "plan.estimate", "parse_size": "plan.sizes",
     "evaluate_on_test": "records.evaluation",
     "SearchData": "report.gather", "TrialRow": "report.gather", "gather": "report.gather",
-    "write_figures": "report.gather", "trial_label": "report.gather",
-    "Figure": "report.figures", "draw_all": "report.figures",
+    "write_figures": "report.draw", "trial_label": "report.gather",
+    "Figure": "report.figures", "draw_all": "report.draw",
     "publish": "report.publish", "LiveReport": "report.publish",
     "SearchConsole": "report.console",
     "default_storage": "records.optuna_store", "open_storage": "records.optuna_store",

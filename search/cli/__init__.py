@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from difftune import __version__
 from difftune.search.cli.args import Parser
 from difftune.trainables.errors import SearchFailed, UserError
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "with no arguments for the demo search."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"difftune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging; a search also shows Ray Tune's, MLflow's and "
                         "Optuna's own console output (by default kept in its log file)")

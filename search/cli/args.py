@@ -11,8 +11,12 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["HelpFormatter", "Parser", "check_env_number", "fraction", "integer", "int_list",
-           "number"]
+__all__ = ["NO_PASSWORD_FLAGS", "HelpFormatter", "Parser", "check_env_number", "fraction",
+           "integer", "int_list", "no_password", "number"]
+
+#: URI flags whose value must hold no password (every subcommand's: :class:`Parser` gives
+#: them the type :func:`no_password`)
+NO_PASSWORD_FLAGS = ("--tracking-uri", "--optuna-storage")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -39,6 +43,28 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args, **kwargs):  # noqa: D102 - argparse's
+        flag = next((a for a in args if a in NO_PASSWORD_FLAGS), None)
+        if flag is not None and "type" not in kwargs:
+            kwargs["type"] = no_password(flag)
+        return super().add_argument(*args, **kwargs)
+
+
+def no_password(flag: str) -> Callable[[str], str]:
+    """An argparse type: a URI without a password (a command line is readable by every user
+    of the machine, and Ray records the driver's); the error names where it belongs."""
+    def parse(text: str) -> str:
+        from difftune.search.records.uris import refuse_password_on_command_line
+
+        try:
+            refuse_password_on_command_line(flag, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    parse.__name__ = "uri"
+    return parse
 
 
 def _num(text: str, kind: type) -> float:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from difftune.search.cli.args import fraction, integer
+from difftune.search.records.uris import redact
+from difftune.trainables.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
 def _ints(text: str, what: str) -> list[int]:
-    from difftune.trainables.errors import UserError
-
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -77,20 +76,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     if args.space:
         return run_space(args)
     return run_entries(args)
 
 
 def run_entries(args: argparse.Namespace) -> int:
-    from difftune.trainables.cache.feature_cache import FeatureCache, default_root
-    from difftune.trainables.config import TrialConfig
+    # torch only once an extraction runs (not for `difftune --help`)
+    from difftune.search.run.prewarm import extract_entries
     from difftune.trainables.data.datasets import SPLITS
-    from difftune.trainables.errors import UserError
-    from difftune.trainables.model.features import check_blocks, check_pool, check_timestep
-    from difftune.trainables.model.unet import shared_unet
-    from difftune.trainables.pipeline import clamp_requests
 
     for name in ("model", "data", "timesteps", "blocks", "pool"):
         if getattr(args, name) is None:
@@ -104,23 +98,12 @@ def run_entries(args: argparse.Namespace) -> int:
         raise UserError(f"--splits {args.splits!r} is invalid; allowed: {','.join(SPLITS)}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UserError(f"--batch must be positive, got {args.batch_size}")
-    check_pool(args.pool)
-    model, diffusion = shared_unet(args.model, args.checkpoint, args.device)
-    blocks = check_blocks(model, blocks)
-    for t in timesteps:
-        check_timestep(diffusion, t)
-    cfg = TrialConfig.from_dict({"model": args.model, "checkpoint": args.checkpoint,
-                                 "data": args.data, "label_fraction": args.label_fraction,
-                                 "noise_seed": args.seed, "views": args.views,
-                                 "holdout": args.holdout})
-    requests = clamp_requests(model, [(t, b, args.pool) for t in timesteps for b in blocks])
-    cache = FeatureCache(args.cache or default_root(), device=args.device,
-                         batch_size=args.batch_size, extra_blocks=blocks, progress=True,
-                         channels_last=args.channels_last, data_hash=args.data_hash,
-                         record_throughput=True)
-    cache.prepare(cfg, requests, splits)
-    from difftune.search.records.uris import redact
-
+    cache = extract_entries(model=args.model, checkpoint=args.checkpoint, data=args.data,
+                            timesteps=timesteps, blocks=blocks, pool=args.pool, splits=splits,
+                            cache=args.cache, batch_size=args.batch_size, seed=args.seed,
+                            views=args.views, holdout=args.holdout,
+                            label_fraction=args.label_fraction, device=args.device,
+                            channels_last=args.channels_last, data_hash=args.data_hash)
     s = cache.stats
     rate = f", {s.timed_images / s.forward_seconds:.3g} img/s ({cache.precision})" \
         if s.forward_seconds > 0 else ""
@@ -132,44 +115,17 @@ def run_entries(args: argparse.Namespace) -> int:
 
 def run_space(args: argparse.Namespace) -> int:
     """``--space``: the plan's entries, sharded over the cluster's workers."""
-    from difftune.search.cli.search import cache_options
-    from difftune.search.plan.estimate import data_size, make_plan, refuse_if_over, resolve_budget
-    from difftune.search.records.uris import redact
-    from difftune.search.run.extract import cluster_workers, extract_plan, why_not
-    from difftune.search.space.spec import load_space
-    from difftune.trainables.cache.feature_cache import default_root
-    from difftune.trainables.errors import UserError
+    from difftune.search.run.prewarm import extract_space  # torch, Ray: not for --help
 
     for name in ("timesteps", "blocks", "pool", "label_fraction"):
         if getattr(args, name) is not None:
             raise UserError(f"--{name.replace('_', '-')} does not go with --space (the space "
                             "decides what is extracted)")
-    space = load_space(args.space, model=args.model, checkpoint=args.checkpoint, data=args.data)
-    cache = args.cache or default_root()
-    if "://" not in cache:
-        cache = os.path.abspath(cache)
-    budget, source, explicit = resolve_budget(args.cache_budget, space, cache)
-    plan = make_plan(space, data_size(space), budget=budget, budget_source=source, cache=cache)
-    print(plan.summary(), flush=True)
-    refuse_if_over(plan)
-    reason = why_not(plan, space, None)
-    if reason:
-        raise UserError(f"--space {args.space}: nothing to extract ahead ({reason}); trials "
-                        "extract what they ask")
-    workers = None
-    if args.address:
-        from difftune.search.run.tuner import ensure_ray
-
-        ensure_ray(args.address)
-        workers = cluster_workers()
-        print(f"extract: {workers.describe()} on the Ray cluster", flush=True)
-    opts = cache_options(plan, cache, explicit, args.data_hash, space.data)
-    counts = extract_plan(space, plan, cache=cache, workers=workers,
-                          store_pool=opts["store_pool"], extra_blocks=opts["extra_blocks"],
-                          budget=opts["cache_budget"], data_files=dict(opts["data_files"]),
-                          data_hash=args.data_hash,
-                          batch_size=args.batch_size or space.search.get("extract_batch"),
-                          record_throughput=True)  # a worker's rate, for difftune plan
+    plan, counts = extract_space(args.space, model=args.model, checkpoint=args.checkpoint,
+                                 data=args.data, cache=args.cache,
+                                 cache_budget=args.cache_budget, address=args.address,
+                                 data_hash=args.data_hash, batch_size=args.batch_size,
+                                 echo=lambda line: print(line, flush=True))
     rate = counts["images"] / counts["wall_s"] if counts["wall_s"] else 0.0
     print(f"extract: {counts['images']} images through the U-Net at {len(plan.timesteps)} "
           f"timesteps in {counts['wall_s']:.1f} s ({rate:.3g} img/s, {counts['shards']} "

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
+
+from difftune.search.records.uris import check_reachable, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    from pathlib import Path
-
+    os.environ.setdefault("MPLBACKEND", "Agg")  # before matplotlib is imported
+    # MLflow, torch and matplotlib only once a report is drawn (not for `difftune --help`)
     from mlflow.tracking import MlflowClient
 
-    from difftune.search.records.uris import check_reachable, resolve_uri
     from difftune.search.report.description import note
-    from difftune.search.report.gather import find_search, gather, write_figures
+    from difftune.search.report.draw import write_figures
+    from difftune.search.report.gather import find_search, gather
+    from difftune.search.report.publish import publish
 
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri, must_exist=True)
@@ -54,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
     names = write_figures(data, out_dir=out)
     (out / "report.md").write_text(note(data, names))
     if args.update_run:
-        from difftune.search.report.publish import publish
-
         publish(client, parent.info.run_id)
     done = sum(t.finished for t in data.trials)
     print(f"search {data.parent_name} ({data.parent_status.lower()}, {done} of "

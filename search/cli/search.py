@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import shlex
 
 from difftune.search.cli.args import check_env_number, integer, number
+from difftune.search.records.uris import TRACKING_URI_ENV, has_secret, paste_form, server_ui
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Ray, MLflow and torch only once a search runs (not for `difftune --help`)
     from difftune.search.run.cluster import local_ray_on_loopback
 
     if not args.address:
@@ -89,170 +93,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, console) -> int:
-    from difftune.search.plan.estimate import data_size, make_plan, refuse_if_over, resolve_budget
-    from difftune.search.records import optuna_store
-    from difftune.search.records.tracking import default_experiment
-    from difftune.search.records.uris import (
-        check_reachable,
-        check_storage,
-        redact,
-        refuse_secrets,
-        resolve_uri,
-    )
-    from difftune.search.run.cluster import check_addressable, check_inputs_on_nodes
-    from difftune.search.run.tuner import (
-        DEFAULT_STORAGE,
-        default_model_name,
-        ensure_ray,
-        plan_resume,
-        resume_search,
-        run_search,
-    )
-    from difftune.search.space.spec import load_space, parse_set
-    from difftune.trainables.cache.feature_cache import default_root
-    from difftune.trainables.data.datasets import check_data
-    from difftune.trainables.model.unet import check_model
-    from difftune.trainables.progress import DEFAULT_EVERY_S
-    from difftune.trainables.trainable import RuntimeOptions
+    from difftune.search.run.preflight import SearchRequest, prepare_search
 
-    if args.resume:
-        uri = resolve_uri(args.tracking_uri)
-        check_reachable(uri, must_exist=True)
-        plan = plan_resume(experiment=args.resume, tracking_uri=uri)
-        if plan.finished:
-            print(f"nothing to resume: the latest search of experiment {args.resume!r} (run "
-                  f"{plan.parent}) finished; its runs and champion stay as they are (start a "
-                  "new search without --resume)")
-            return 0
-        # the stores are checked again before anything restarts: the cluster may differ
-        ensure_ray(args.address)
-        check_addressable(storage_path=plan.storage_path, cache=plan.runtime.cache,
-                          tracking_uri=uri, artifact_location=experiment_artifacts(
-                              uri, args.resume, None))
-        check_inputs_on_nodes({"--checkpoint": plan.space.checkpoint,
-                               "--data": plan.space.data})
-        result = resume_search(plan, tracking_uri=uri, address=args.address, console=console)
-        print_summary(result, top=args.top, model_name=plan.model_name)
+    if not args.resume:
+        check_env_number("DIFFTUNE_MLFLOW_WAIT_S")  # read at the end of the search
+        check_env_number("DIFFTUNE_PROGRESS_S")
+    request = SearchRequest(**{f.name: getattr(args, f.name)
+                               for f in dataclasses.fields(SearchRequest)})
+    ready = prepare_search(request, echo=_echo)
+    if ready.nothing_to_resume:
+        print(f"nothing to resume: the latest search of experiment {args.resume!r} (run "
+              f"{ready.resume.parent}) finished; its runs and champion stay as they are (start "
+              "a new search without --resume)")
         return 0
-
-    space = load_space(
-        args.space, model=args.model, checkpoint=args.checkpoint, data=args.data,
-        overrides=parse_set(args.pins),
-        search_overrides={"trials": args.trials, "seed": args.seed,
-                          "gpus_per_trial": args.gpus_per_trial,
-                          "cpus_per_trial": args.cpus_per_trial,
-                          "max_concurrent": args.max_concurrent},
-    )
-    check_model(space.model, checkpoint=space.checkpoint)
-    check_data(space.data)
-    refuse_secrets("--storage", args.storage)
-    refuse_secrets("--cache", args.cache)
-    refuse_secrets("--artifact-location", args.artifact_location)
-    uri = resolve_uri(args.tracking_uri)
-    check_reachable(uri)
-    check_storage(args.storage)
-    check_env_number("DIFFTUNE_MLFLOW_WAIT_S")  # read at the end of the search
-    check_env_number("DIFFTUNE_PROGRESS_S")
-    study_url = args.optuna_storage or optuna_store.default_storage(uri, args.storage
-                                                                    or DEFAULT_STORAGE)
-    refuse_secrets("--optuna-storage", study_url)  # Tune's searcher state keeps it
-    optuna_store.check_storage(study_url)
-    cache = None if args.no_cache else (args.cache or default_root())
-    if cache and "://" not in cache:
-        cache = os.path.abspath(cache)  # trials run in other working directories
-    # the plan first: a search whose cache cannot fit stops here, before anything is written
-    budget, source, explicit = resolve_budget(args.cache_budget, space, cache)
-    cost = make_plan(space, data_size(space), budget=budget, budget_source=source,
-                     cache=cache, cached=cache is not None)
-    print(cost.summary(), flush=True)
-    refuse_if_over(cost)
-    experiment = args.experiment or default_experiment(space)
-    artifacts = experiment_artifacts(uri, experiment, args.artifact_location)
-    ensure_ray(args.address)
-    check_addressable(storage_path=args.storage, cache=cache, tracking_uri=uri,
-                      artifact_location=artifacts)
-    check_inputs_on_nodes({"--checkpoint": space.checkpoint, "--data": space.data})
-    runtime = RuntimeOptions(cache=cache, online=args.no_cache,
-                             threads=max(1, int(space.search["cpus_per_trial"])),
-                             extract_batch=space.search.get("extract_batch"),
-                             progress_s=float(os.environ.get("DIFFTUNE_PROGRESS_S",
-                                                             DEFAULT_EVERY_S)),
-                             **cache_options(cost, cache, explicit, args.data_hash, space.data))
-    extract_first(space, cost, runtime)
-    logger.info("search %s: %d trials on %s / %s, tracking %s", space.name,
-                space.search["trials"], space.model, space.data, redact(uri))
-    model_name = args.model_name or default_model_name(experiment)
-    result = run_search(space, experiment=experiment, tracking_uri=uri, runtime=runtime,
-                        storage_path=args.storage, address=args.address,
-                        model_name=model_name, artifact_location=artifacts,
-                        plan=cost.to_dict(), optuna_storage=study_url, console=console)
-    print_summary(result, top=args.top, model_name=model_name)
+    result = ready.start(console)
+    print_summary(result, top=args.top, model_name=ready.model_name)
     return 0
 
 
-def extract_first(space, plan, runtime) -> None:
-    """Extract what the plan foresees, sharded over the cluster, before the first trial
-    (when there is more than one worker; else trials extract on a miss, as they always do)."""
-    from difftune.search.run.extract import cluster_workers, extract_plan, why_not
-
-    if runtime.cache is None or runtime.cache_policy == "none":
-        return
-    cpu_trials = not float(space.search.get("gpus_per_trial") or 0)
-    workers = cluster_workers(gpus=not cpu_trials)
-    reason = why_not(plan, space, workers)
-    if reason:
-        logger.info("extraction: per trial (%s)", reason)
-        return
-    print(f"extracting the plan's entries first on {workers.describe()}", flush=True)
-    # progress lines (images/s, time left) on the search's console, as the trials' are
-    counts = extract_plan(space, plan, cache=runtime.cache, workers=workers, progress=False,
-                          lines_s=runtime.progress_s,
-                          store_pool=runtime.store_pool, extra_blocks=runtime.extra_blocks,
-                          budget=runtime.cache_budget, data_files=dict(runtime.data_files),
-                          data_hash=runtime.data_hash, batch_size=runtime.extract_batch)
-    print(f"extracted {counts['written']} entries ({counts['reused']} already stored, "
-          f"{counts['images']} images) in {counts['wall_s']:.1f} s", flush=True)
-
-
-def experiment_artifacts(uri: str, experiment: str, given: str | None) -> str | None:
-    """Where ``experiment``'s artifacts go: its own location if it exists (fixed when it was
-    made), else ``given`` or the store's default (:func:`~difftune.search.records.uris.artifact_root`).
-    """
-    from mlflow.tracking import MlflowClient
-
-    from difftune.search.records.uris import artifact_root, is_database
-
-    if given and "://" not in given:
-        given = os.path.abspath(given)
-    if not is_database(uri):
-        return given  # a server keeps its own; sqlite: beside its file (nothing to check)
-    exp = MlflowClient(uri).get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.artifact_location
-    return given or artifact_root(uri, experiment)
-
-
-def cache_options(plan, cache: str | None, explicit: bool, data_hash: str, data: str
-                  ) -> dict:
-    """The runtime options of the plan's cache policy: what a miss stores, the budget the
-    cache keeps (an explicit one; else, when entries must be evicted, the disk the cache is
-    on), and the data's fingerprint, computed here once for every trial."""
-    from difftune.trainables.cache.policy import usage
-    from difftune.trainables.cache.store import Store
-    from difftune.trainables.data.datasets import split_files_fingerprints
-
-    if cache is None or plan.policy == "none":
-        return {"cache_policy": "none"}
-    budget = plan.budget_bytes if explicit else None
-    if not explicit and plan.evicts and plan.budget_bytes is not None:
-        budget = plan.budget_bytes + usage(Store(cache))[0]  # free space + what is there
-    block_set = plan.policy == "block-set"
-    logger.info("fingerprinting the data files of %s (%s)", data, data_hash)
-    return {"cache_policy": plan.policy, "cache_budget": budget,
-            "store_pool": plan.store_pool if block_set else None,
-            "extra_blocks": tuple(plan.blocks) if block_set else (),
-            "data_hash": data_hash,
-            "data_files": tuple(split_files_fingerprints(data, data_hash=data_hash).items())}
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 def summary_table(rows: list[dict], cols: list[str]) -> list[str]:
@@ -318,10 +178,6 @@ def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = No
               pareto: bool = False) -> str:
     """The commands to look at a search's results, as a user can paste them: a server's own
     UI address, and a URI with a password spelled as the variable that should hold it."""
-    import shlex
-
-    from difftune.search.records.uris import TRACKING_URI_ENV, has_secret, paste_form, server_ui
-
     uri = paste_form(tracking_uri)
     ui = server_ui(tracking_uri)
     lines = [f"open the MLflow UI:  {ui}" if ui else
@@ -342,6 +198,7 @@ def follow_up(tracking_uri: str, experiment: str, *, model_name: str | None = No
 
 def print_pareto(front: list[dict]) -> None:
     """The Pareto front of a multi-objective search, best first by the first objective."""
+    # torch and MLflow only once a search ran (not for `difftune --help`)
     from difftune.search.records.pareto import TABLE, front_name, short
     from difftune.search.report.gather import FIGURES_DIR
 
@@ -356,10 +213,7 @@ def print_pareto(front: list[dict]) -> None:
 def seeing(result) -> str:
     """Where a search's figures, UI views, Optuna study and log are, and the commands that
     open them."""
-    import shlex
-
-    from difftune.search.records.optuna_store import dashboard_command
-    from difftune.search.records.uris import paste_form
+    from difftune.search.records.optuna_store import dashboard_command  # Optuna: not for --help
 
     rows = []
     if result.figures:

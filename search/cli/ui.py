@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from difftune.search.cli.args import integer
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="open the MLflow UI on the search's tracking store",
         description="Start `mlflow ui` on the tracking store (a sqlite file or a database; "
         "default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory), "
-        "bound to 127.0.0.1 unless --host says otherwise. An MLflow server serves its own UI.",
+        "bound to 127.0.0.1 unless --host says otherwise, and print the link to each difftune "
+        "experiment's runs (every search, trials nested, key columns shown). An MLflow server "
+        "serves its own UI.",
     )
     p.add_argument("--tracking-uri", help="MLflow tracking store: a sqlite file or a database "
                    "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working "
@@ -34,6 +40,26 @@ def ui_command(host: str, port: int) -> list[str]:
     return [*base, "ui", "--host", host, "--port", str(port)]
 
 
+def search_links(uri: str, address: str) -> list[tuple[str, str]]:
+    """``(experiment, link)`` to each difftune experiment's runs view, as a search prints
+    them (:func:`~difftune.search.report.ui_view.experiment_links`); none when the store
+    cannot be read yet (``mlflow ui`` says why)."""
+    from mlflow.tracking import MlflowClient
+
+    from difftune.search.records.uris import redact_text
+    from difftune.search.report.ui_view import experiment_links
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []  # reading must not create the store: mlflow ui does
+    try:
+        return experiment_links(MlflowClient(uri), address)
+    except Exception as exc:  # the links are a nicety; the UI shows every experiment
+        logger.warning("no links to the searches: %s",
+                       redact_text(str(exc).strip().splitlines()[0]) if str(exc).strip()
+                       else type(exc).__name__)
+        return []
+
+
 def run(args: argparse.Namespace) -> int:
     from difftune.search.records.uris import TrackingError, redact, resolve_uri, server_ui
 
@@ -43,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
                             f"its own UI: open {server_ui(uri)} (difftune ui serves a sqlite or "
                             "database store)")
     cmd = ui_command(args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port}  (mlflow ui on {redact(uri)})",
-          flush=True)
+    address = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {address}  (mlflow ui on {redact(uri)})", flush=True)
+    for name, link in search_links(uri, address):
+        print(f"  {name}: {link}", flush=True)
     os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
     return 0  # not reached

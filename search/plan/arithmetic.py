@@ -1,26 +1,43 @@
-"""The arithmetic of a plan (:mod:`.plan`): what the trials of a space can ask the cache
+"""The arithmetic of a plan (:mod:`.estimate`): what the trials of a space can ask the cache
 for, and what a set of :class:`Levers` (timesteps, cache pool, label fraction, policy,
-concurrency) costs in cache bytes and U-Net image-passes. Cheap enough to evaluate many
-times (:mod:`.plan_fit` does, to find changes that fit a budget).
+concurrency) costs in cache bytes, U-Net image-passes and GFLOPs. Cheap enough to evaluate
+many times (:mod:`.fit` does, to find changes that fit a budget).
 
-Bounds are worst cases: a trial that misses pays one pass per image and timestep it asks;
-with the ``block-set`` policy only the first trial at each timestep does. Which pool an
-entry is stored at is :func:`difftune.trainables.cache.policy.stored_pool`, as in the cache.
+Cache bytes are worst cases. Passes are priced on both sides of every comparison alike:
+
+- each U-Net pass at the GFLOPs of the deepest block that pass needs (a pass stops after
+  it): the block-set policy's passes to the deepest block of the set, a per-request miss and
+  the paper's way (``--no-cache``) to the trial's own deepest block at each of its
+  timesteps, a live head (DifFeed) to its deepest fed-back block and then to its own block;
+- a trial's cost is the mean over the space's settings (every (t, block, pool) set a trial
+  can read, as :func:`space_asks` lists them, equally likely);
+- epochs a trial runs are the expected epochs under the search's early stopping
+  (:mod:`.stopping`); every epoch (``max_t``) is the bound kept beside them. Confirm trials
+  run every epoch (no scheduler).
+
+A trial that misses pays one pass per image and timestep it asks; with the ``block-set``
+policy only the first trial at each timestep does. Which pool an entry is stored at is
+:func:`difftune.trainables.cache.policy.stored_pool`, as in the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from difftune.search.plan.asks import (
+    Asks,
+    TrialCost,
+    combo_cost,
+    live_cost,
+    mean_cost,
+)
+from difftune.search.plan.data import DataSize
 from difftune.search.space.spec import Space
 from difftune.trainables.cache.policy import stored_pool
-from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import UserError
-from difftune.trainables.heads import head_kind
 from difftune.trainables.model.cost import ROW_OVERHEAD, BlockCost
 from difftune.trainables.model.unet import full_flags, resolve
 
@@ -28,39 +45,10 @@ logger = logging.getLogger(__name__)
 
 DTYPE = "float16"
 DTYPE_BYTES = 2
-#: settings of one value per trial that decide what a feature head reads
-SCALAR_KEYS = ("block", "t", "pool", "pre_pool")
-#: passes a live head (DifFeed) runs per image and epoch: feedback pass + second pass
-LIVE_PASSES = 2
 
 
 class PlanError(UserError):
     """A search does not fit its budget (exit code 2, before anything is written)."""
-
-
-@dataclass(frozen=True)
-class DataSize:
-    """Images a search reads per split.
-
-    :param train_all: train images before any label fraction.
-    :param val: val images (never subsampled).
-    :param classes: classes (for a stratified fraction of a stand-in dataset).
-    :param per_class: train images per class (None: ``train_all / classes`` each).
-    """
-
-    train_all: int
-    val: int
-    classes: int
-    source: str
-    per_class: tuple[int, ...] | None = None
-
-    def train(self, fraction: float | str | None) -> int:
-        from difftune.trainables.data.datasets import subset_size
-
-        counts = list(self.per_class) if self.per_class else \
-            [self.train_all // self.classes + (i < self.train_all % self.classes)
-             for i in range(self.classes)]
-        return subset_size(counts, fraction)
 
 
 @dataclass(frozen=True)
@@ -76,45 +64,6 @@ class Levers:
     views: int = 1  # cached views of every train image (a trial's ``views``: K passes, K x bytes)
 
 
-@dataclass
-class Asks:
-    """What the trials of a space can ask the cache for (feature heads), and what runs the
-    U-Net itself (live heads)."""
-
-    combos: list[list[tuple[int, int, int]]]  # per trial setting: its (t, block, pool)s
-    live: bool  # a live head (DifFeed) can be chosen
-    live_blocks: tuple[int, ...] = ()
-
-
-# ------------------------------------------------------------------------------ the space
-
-
-def space_asks(space: Space, costs: dict[int, BlockCost]) -> Asks:
-    """Every (t, block, pool) set a trial of ``space`` can read, pools clamped to the maps."""
-    combos: list[list[tuple[int, int, int]]] = []
-    live, live_blocks = False, set()
-    for head in space.head_types():
-        kind = head_kind(head)
-        values = space.values(head)
-        base = TrialConfig(head=head)
-        lists = {k: sorted({m for v in values[k] for m in (v if isinstance(v, list) else [v])})
-                 for k in ("blocks", "timesteps") if k in values}
-        if kind.live_unet:
-            live = True
-            cfg = dataclasses.replace(base, **lists)
-            for b in values.get("block", [cfg.block]):
-                for fb in values.get("feedback_blocks", [cfg.feedback_blocks]):
-                    live_blocks.update([b, *(fb if isinstance(fb, list) else [fb])])
-            continue
-        scalars = {k: values[k] for k in SCALAR_KEYS if k in values and k in kind.settings}
-        names = list(scalars)
-        for combo in itertools.product(*(scalars[k] for k in names)):
-            cfg = dataclasses.replace(base, **lists, **dict(zip(names, combo, strict=True)))
-            combos.append(sorted({(t, b, min(p, costs[b].side))
-                                  for t, b, p in kind.requests(cfg)}))
-    return Asks(combos=combos, live=live, live_blocks=tuple(sorted(live_blocks)))
-
-
 def row_bytes(costs: dict[int, BlockCost], block: int, pool: int) -> int:
     """Bytes one image adds to an entry of ``block`` stored at ``pool``."""
     return costs[block].channels * pool * pool * DTYPE_BYTES + ROW_OVERHEAD
@@ -125,7 +74,13 @@ def row_bytes(costs: dict[int, BlockCost], block: int, pool: int) -> int:
 
 @dataclass
 class Numbers:
-    """What one set of :class:`Levers` costs (no entry list: cheap to evaluate often)."""
+    """What one set of :class:`Levers` costs (no entry list: cheap to evaluate often).
+
+    Passes and GFLOPs are expected values (see the module docstring); ``*_bound`` counts
+    every trial to its last epoch. ``policies``: what each caching policy would cost
+    (``fits``, ``cache_bytes``, ``image_passes``, ``gflops``), the comparison ``auto``
+    decides by.
+    """
 
     policy: str
     fits: bool
@@ -139,16 +94,41 @@ class Numbers:
     blocks: list[int]
     store_pool: int | None
     layout: dict[str, Any]
+    gflops: float = 0.0
+    gflops_paper: float = 0.0
+    passes_paper_bound: int = 0
+    gflops_paper_bound: float = 0.0
+    trial: TrialCost = TrialCost(0.0, 0.0)
+    policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    test_passes: int = 0
+    test_gflops: float = 0.0
+    test_evaluations: int = 0
+
+
+def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers, *,
              trials: int, epochs: int, budget: int | None, confirm_top: int,
-             confirm_fraction: float | None, cached: bool = True) -> Numbers:
+             confirm_fraction: float | None, cached: bool = True,
+             expected_epochs: float | None = None) -> Numbers:
     """The cost of a search under levers ``lv``: the policy it gets (``lv.policy`` or, for
-    ``auto``, block-set when it fits, else per-request), its cache bounds and passes."""
+    ``auto``, of the policies that fit the budget the one with fewer GFLOPs, i.e.
+    GPU-hours, then fewer bytes; per-request when none fits), its cache bounds, passes and
+    GFLOPs, and the paper's way's.
+
+    :param epochs: the most epochs a trial runs (``max_t``).
+    :param expected_epochs: the epochs a search trial runs in expectation under the early
+        stopping (:func:`.stopping.early_stopping`; default ``epochs``).
+    """
+    expected = float(epochs if expected_epochs is None else expected_epochs)
     allowed, top = set(lv.timesteps), lv.max_pool or 1 << 30
-    combos = [c for c in (sorted({(t, b, min(p, top)) for t, b, p in combo if t in allowed})
-                          for combo in asks.combos) if c]
+    weights = asks.weights or [1.0] * len(asks.combos)
+    kept = [(c, w) for c, w in ((sorted({(t, b, min(p, top)) for t, b, p in combo
+                                         if t in allowed}), w)
+                                for combo, w in zip(asks.combos, weights, strict=True)) if c]
+    combos = [c for c, _ in kept]
     requests = sorted({r for c in combos for r in c})
     timesteps = sorted({t for t, _, _ in requests})
     blocks = sorted({b for _, b, _ in requests})
@@ -162,10 +142,20 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
         confirm_fraction == lv.label_fraction
     r_conf = 0 if same or not confirm_k else data.train(confirm_fraction)
     per_trial = max((sum(row_bytes(costs, b, p) for _, b, p in c) for c in combos), default=0)
-    # the paper's way: every epoch of every trial reruns the U-Net (live heads: two passes)
-    per_pass = max(tpt, LIVE_PASSES if asks.live else 0)
-    paper = (trials * r_paper + confirm_k * ((r_conf or r_train) + r_val)) * epochs * per_pass
-    live_trial = epochs * LIVE_PASSES * r_paper if asks.live else 0
+    feature = mean_cost([(*combo_cost(costs, c), w) for c, w in kept])
+    live = live_cost(costs, asks) if asks.live else TrialCost(0.0, 0.0)
+    # the paper's way: every epoch a trial runs reruns the U-Net to the trial's own blocks
+    paper_kind = max([feature] * bool(combos) + [live] * asks.live, key=lambda k: k.gflops,
+                     default=TrialCost(0.0, 0.0))
+    conf_rows = confirm_k * ((r_conf or r_train) + r_val)  # confirm trials: every epoch
+
+    def paper_of(e: float) -> tuple[float, float]:
+        rows = trials * r_paper * e + conf_rows * epochs
+        return rows * paper_kind.passes, rows * paper_kind.gflops
+
+    paper, paper_bound = paper_of(expected), paper_of(epochs)
+    live_trial = (expected * r_paper * live.passes, expected * r_paper * live.gflops)
+    live_confirm = (epochs * r_paper * live.passes, epochs * r_paper * live.gflops)
 
     store = lv.cache_pool or max((p for _, _, p in requests), default=None)
     stored = {b: stored_pool(min(store, costs[b].side), costs[b].side, store) if store else 1
@@ -176,52 +166,88 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     confirm_working = min(confirm_k, lv.max_concurrent) * per_trial * (r_conf * views + r_val) \
         if r_conf else 0
 
-    def worst(feature_passes) -> int:  # trials split between live and feature heads
+    def worst(feature_cost) -> tuple[float, float]:  # trials split between live and feature
         if not asks.live:
-            return feature_passes(trials)
+            return feature_cost(trials)
         if not combos:
-            return trials * live_trial
-        return max(n * live_trial + feature_passes(trials - n) for n in range(trials + 1))
+            return trials * live_trial[0], trials * live_trial[1]
+        return max((_add((n * live_trial[0], n * live_trial[1]), feature_cost(trials - n))
+                    for n in range(trials + 1)), key=lambda pg: pg[1])
 
-    # block-set: every block of every timestep asked, at the store pool; odd pools apart
+    # block-set: every block of every timestep asked, at the store pool; odd pools apart.
+    # Each pass runs to the deepest block of the set.
+    deep_gflops = costs[blocks[-1]].gflops_to if blocks else 0.0
     k = min(trials * tpt, len(timesteps))
     bs_unserved = min(sum(row_bytes(costs, b, p) for _, b, p in unserved),
                       trials * max((sum(row_bytes(costs, b, p) for _, b, p in c
                                         if (_, b, p) in unserved) for c in combos), default=0))
     bs_total = (k * per_t + bs_unserved) * r_search + confirm_bytes
-    bs_passes = worst(lambda n: (n * tpt if unserved else min(n * tpt, len(timesteps)))
-                      * r_search)
-    # per-request: what each trial asks, evicting beyond the budget
+
+    def bs_cost(n: int) -> tuple[float, float]:
+        p = (n * tpt if unserved else min(n * tpt, len(timesteps))) * r_search
+        return p, p * deep_gflops
+
+    # per-request: what each trial asks (one pass per timestep to its own deepest block),
+    # evicting beyond the budget
     pr_unevicted = min(sum(row_bytes(costs, b, p) for _, b, p in requests),
                        trials * per_trial) * r_search + confirm_bytes
     pr_working = max(min(trials, lv.max_concurrent) * per_trial * r_search, confirm_working)
-    pr_passes = worst(lambda n: n * tpt * r_search)
-    conf_passes = confirm_k * max(tpt * ((r_conf * views or r_search - r_val) + r_val)
-                                  if combos else 0, live_trial if asks.live else 0)
 
+    def pr_cost(n: int) -> tuple[float, float]:
+        return n * feature.passes * r_search, n * feature.gflops * r_search
+
+    conf_train = (r_conf * views or r_search - r_val) + r_val
+    conf = max(((feature.passes * conf_train, feature.gflops * conf_train) if combos
+                else (0.0, 0.0)), live_confirm if asks.live else (0.0, 0.0),
+               key=lambda pg: pg[1])
+    conf = (confirm_k * conf[0], confirm_k * conf[1])
     limit = float("inf") if budget is None else budget
+    bs = _add(worst(bs_cost), conf if r_conf else (0.0, 0.0))
+    pr = _add(worst(pr_cost), conf)
+    options = {
+        "block-set": {"fits": bs_total <= limit, "cache_bytes": int(bs_total),
+                      "image_passes": int(round(bs[0])), "gflops": bs[1]},
+        "per-request": {"fits": pr_working <= limit, "cache_bytes": int(min(pr_unevicted,
+                                                                             limit)),
+                        "cache_bytes_unevicted": int(pr_unevicted),
+                        "working_set_bytes": int(pr_working),
+                        "image_passes": int(round(pr[0])), "gflops": pr[1]},
+    } if cached and combos else {}
     if not cached or not combos:  # --no-cache, or only live heads: nothing is cached
         policy, fits, bound, unevicted, working = "none", True, 0, 0, 0
-        passes = paper if not cached else worst(lambda n: 0) + confirm_k * live_trial
+        passes, gflops = paper if not cached else _add(worst(lambda n: (0.0, 0.0)), (
+            confirm_k * live_confirm[0], confirm_k * live_confirm[1]))
     else:
         policy = lv.policy
         if policy == "auto":
-            policy = "block-set" if bs_total <= limit else "per-request"
+            fitting = [p for p in options if options[p]["fits"]]
+            policy = min(fitting, key=lambda p: (options[p]["gflops"],
+                                                 options[p]["cache_bytes"])) \
+                if fitting else "per-request"
         if policy == "block-set":
             fits, bound, unevicted, working = bs_total <= limit, bs_total, bs_total, bs_total
-            passes = bs_passes + (conf_passes if r_conf else 0)
+            passes, gflops = bs
         else:
             fits, unevicted, working = pr_working <= limit, pr_unevicted, pr_working
             bound = int(min(pr_unevicted, limit))
-            passes = pr_passes + conf_passes
+            passes, gflops = pr
+    # the test split: the champion and each confirmed config, once, to its own blocks
+    evaluations = max(confirm_k, 1)
     return Numbers(policy=policy, fits=fits, bound=int(bound), unevicted=int(unevicted),
                    working=int(working), evicts=cached and policy == "per-request"
-                   and unevicted > limit, passes=int(passes), passes_paper=int(paper),
-                   timesteps=timesteps, blocks=blocks,
+                   and unevicted > limit, passes=int(round(passes)),
+                   passes_paper=int(round(paper[0])), timesteps=timesteps, blocks=blocks,
                    store_pool=store if policy == "block-set" else None,
                    layout={"requests": requests, "stored": stored, "unserved": unserved,
-                           "rows": {"train": r_train, "val": r_val, "confirm": r_conf},
-                           "views": views})
+                           "rows": {"train": r_train, "val": r_val, "confirm": r_conf,
+                                    "test": data.test},
+                           "views": views},
+                   gflops=gflops, gflops_paper=paper[1],
+                   passes_paper_bound=int(round(paper_bound[0])),
+                   gflops_paper_bound=paper_bound[1], trial=paper_kind, policies=options,
+                   test_passes=int(round(evaluations * data.test * paper_kind.passes)),
+                   test_gflops=evaluations * data.test * paper_kind.gflops,
+                   test_evaluations=evaluations)
 
 
 def entries(n: Numbers, costs: dict[int, BlockCost]) -> list[dict[str, Any]]:
@@ -266,7 +292,14 @@ def weights_bytes(flags: dict[str, Any]) -> int:
 
 
 def gpu_hours(passes: int, img_per_s: float) -> float:
+    """Hours of ``passes`` image-passes at ``img_per_s`` (all to the same block)."""
     return passes / max(img_per_s, 1e-9) / 3600
+
+
+def gflop_hours(gflops: float, gflops_per_s: float) -> float:
+    """GPU-hours of ``gflops`` GFLOPs at an effective ``gflops_per_s``: passes to different
+    blocks priced each at its own GFLOPs."""
+    return gflops / max(gflops_per_s, 1e-9) / 3600
 
 
 def levers_of(space: Space) -> Levers:

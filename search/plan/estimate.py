@@ -1,13 +1,20 @@
 """What a search will cost before anything runs (``difftune plan``, and the first thing
 ``difftune search`` does): the timesteps and blocks the space can ask for, the U-Net
-image-passes with the cache and the paper's way (every epoch of every trial reruns the
-U-Net), GFLOPs and peak activation bytes per image of an extraction pass, every cache entry
-the chosen policy can write and their bound, the policy, and GPU-hours.
+image-passes and GPU-hours with the cache and the paper's way (every epoch a trial runs
+reruns the U-Net to the trial's own blocks), both under the same early stopping (expected
+epochs, with the every-epoch bound beside them), GFLOPs and peak activation bytes per image
+of an extraction pass, every cache entry the chosen policy can write and their bound, the
+policies compared (``auto`` takes the one of fewer GPU-hours that fits), and the test
+evaluations apart.
+
+GPU-hours are GFLOPs over an effective FLOP rate: each pass priced at the GFLOPs to the
+deepest block it needs; a measured img/s (to the deepest block it was measured at) is
+converted to that rate.
 
 Nothing needs the checkpoint or the data: the architecture comes from the model's flags and
 image counts from the data folder's listing, or from ``--images``/``--classes`` for a dataset
-that is not on this machine. The arithmetic is :mod:`.plan_math`'s; a budget nothing fits
-gets the cheapest changes that would (:mod:`.plan_fit`).
+that is not on this machine. The arithmetic is :mod:`.arithmetic`'s; a budget nothing fits
+gets the cheapest changes that would (:mod:`.fit`).
 """
 
 from __future__ import annotations
@@ -21,18 +28,22 @@ from typing import Any
 
 from difftune.search.plan import fit as plan_fit
 from difftune.search.plan.arithmetic import (
-    DataSize,
     PlanError,
     entries,
+    gflop_hours,
     gpu_hours,
     levers_of,
     model_flags,
-    space_asks,
     weights_bytes,
 )
+from difftune.search.plan.asks import space_asks
+from difftune.search.plan.data import DataSize
 from difftune.search.plan.sizes import format_size, parse_size
+from difftune.search.plan.stopping import early_stopping
 from difftune.search.space.spec import Space
 from difftune.trainables.cache import throughput
+from difftune.trainables.cache.policy import usage
+from difftune.trainables.cache.store import Store
 from difftune.trainables.model.cost import activation_bytes_per_image, unet_costs
 
 logger = logging.getLogger(__name__)
@@ -40,8 +51,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["DataSize", "Plan", "PlanError", "data_size", "extraction", "make_plan",
            "resolve_budget"]
 
-#: ImageNet-1k's val split has 50 images per class: the default for a stand-in dataset
-VAL_PER_CLASS = 50
+#: ImageNet-1k's val/ folder (the test split) has 50 images per class: the default for a
+#: stand-in dataset
+TEST_PER_CLASS = 50
 
 
 @dataclass
@@ -68,14 +80,23 @@ class Plan:
     store_pool: int | None
     unet_image_passes: int
     unet_image_passes_paper: int
+    unet_image_passes_paper_bound: int
+    early_stopping: dict[str, Any]
+    expected_epochs: float
     gflops_per_image: float
+    trial_gflops_per_image: float
+    trial_passes_per_image: float
     activation_bytes_per_image: int
     precision: str
     weights_bytes: int
     img_per_s: float
     img_per_s_source: str
+    gflops_per_s: float
     gpu_hours: float
     gpu_hours_paper: float
+    gpu_hours_paper_bound: float
+    policies: dict[str, dict[str, Any]]
+    test: dict[str, Any]
     confirm: dict[str, Any]
     entries: list[dict[str, Any]] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
@@ -90,10 +111,12 @@ class Plan:
         cache = ("nothing cached" if self.policy == "none" else
                  f"{self.policy} cache policy, cache <= {format_size(self.cache_bytes_bound)}"
                  + budget + (", least recently used entries evicted" if self.evicts else ""))
-        ratio = self.unet_image_passes_paper / max(self.unet_image_passes, 1)
-        return (f"plan: {cache}; {self.unet_image_passes:,} U-Net image-passes "
-                f"({self.unet_image_passes_paper:,} the paper's way, {ratio:.3g}x); "
-                f"{self.gpu_hours:.3g} GPU-hours at {self.img_per_s:.3g} img/s; "
+        ratio = self.gpu_hours_paper / max(self.gpu_hours, 1e-12)
+        return (f"plan: {cache}; {self.unet_image_passes:,} U-Net image-passes, "
+                f"{self.gpu_hours:.3g} GPU-hours ({self.gpu_hours_paper:.3g} the paper's way, "
+                f"{ratio:.3g}x, at {self.expected_epochs:.3g} expected epochs of "
+                f"{self.epochs}) at {self.gflops_per_s / 1000:.3g} TFLOP/s effective; "
+                f"test apart: {self.test['image_passes']:,} image-passes; "
                 f"{self.gflops_per_image:.4g} GFLOPs and "
                 f"{format_size(self.activation_bytes_per_image)} of activations per image "
                 f"to block {self.deepest_block}")
@@ -105,23 +128,34 @@ class Plan:
 
 
 def data_size(space: Space, *, images: int | None = None, classes: int | None = None,
-              val_images: int | None = None) -> DataSize:
-    """Images per split: ``--images``/``--classes`` (val: ``val_images``, default 50 per
-    class as ImageNet-1k), or counted in the space's data without reading an image."""
+              test_images: int | None = None) -> DataSize:
+    """Images per split, by the splits' rule (:mod:`difftune.trainables.data.splits`):
+    ``--images``/``--classes`` stand for ImageNet's layout (``train/`` holds ``images``,
+    ``val/`` ``test_images``, default 50 per class, and there is no ``test/``), so ``val``
+    (selection) is the space's ``holdout`` of ``train/`` and ``test`` is ``val/``; a data
+    folder (or digits) is counted without reading an image."""
     from difftune.trainables.data.datasets import check_data, class_counts
 
-    if images is not None or classes is not None:
+    holdout = space.setting("holdout")  # val: a holdout of train/ without a test/ folder
+    if images is not None or classes is not None or test_images is not None:
         if not images or not classes or images < 1 or classes < 1:
             raise PlanError("--images and --classes go together, both positive integers "
-                            "(e.g. --images 1281167 --classes 1000 for ImageNet-1k)")
-        val = val_images if val_images is not None else VAL_PER_CLASS * classes
-        return DataSize(train_all=images, val=val, classes=classes,
-                        source=f"--images {images} --classes {classes} (val {val})")
+                            "(e.g. --images 1281167 --classes 1000 for ImageNet-1k; "
+                            "--test-images with them)")
+        if images < 2 * classes:
+            raise PlanError(f"--images {images} is under 2 per class of --classes {classes}: "
+                            "the selection split is a holdout of train/ and needs 2 per class")
+        test = test_images if test_images is not None else TEST_PER_CLASS * classes
+        data = DataSize.folder_layout(images, classes, test=test, holdout=holdout,
+                                      source="")
+        return dataclasses.replace(data, source=(
+            f"--images {images} --classes {classes}: train/ less a {holdout:g} holdout "
+            f"({data.train_all:,} train + {data.val:,} val), val/ as test ({test:,})"))
     check_data(space.data)
-    holdout = space.setting("holdout")  # val: a holdout of train/ without a test/ folder
-    train, val = (class_counts(space.data, split, holdout=holdout) for split in ("train", "val"))
+    train, val, test = (class_counts(space.data, split, holdout=holdout)
+                        for split in ("train", "val", "test"))
     return DataSize(train_all=sum(train), val=sum(val), classes=len(train), source=space.data,
-                    per_class=tuple(train))
+                    per_class=tuple(train), test=sum(test), holdout=holdout)
 
 
 def resolve_budget(cli: str | None, space: Space, cache: str | None
@@ -130,43 +164,71 @@ def resolve_budget(cli: str | None, space: Space, cache: str | None
     space's ``cache_budget``, else the free space of a local cache's filesystem; unlimited
     for an object store or without a cache."""
     if cli is not None:
-        return parse_size(cli, what="--cache-budget"), "--cache-budget", True
+        budget = parse_size(cli, what="--cache-budget")
+        warn_over_disk(budget, "--cache-budget", cache)
+        return budget, "--cache-budget", True
     if space.search.get("cache_budget") is not None:
-        return (parse_size(space.search["cache_budget"], what="search.cache_budget"),
-                "search.cache_budget", True)
+        budget = parse_size(space.search["cache_budget"], what="search.cache_budget")
+        warn_over_disk(budget, "search.cache_budget", cache)
+        return budget, "search.cache_budget", True
     if not cache or "://" in cache:
         return None, "unlimited (object store)" if cache else "no cache", False
+    folder = _existing_folder(cache)
+    return shutil.disk_usage(folder).free, f"free space of {folder}", False
+
+
+def _existing_folder(cache: str) -> str:
     folder = os.path.abspath(cache)
     while not os.path.isdir(folder):
         folder = os.path.dirname(folder)
-    return shutil.disk_usage(folder).free, f"free space of {folder}", False
+    return folder
+
+
+def warn_over_disk(budget: int, setting: str, cache: str | None) -> bool:
+    """Warn (and return True) when a given budget exceeds what a local cache's disk can
+    hold (its free space plus what the cache holds already): the disk would fill before
+    the budget evicts anything, and a full disk stops the search."""
+    if not cache or "://" in cache:
+        return False
+    folder = _existing_folder(cache)
+    room = shutil.disk_usage(folder).free
+    if os.path.isdir(cache):
+        room += usage(Store(cache))[0]
+    if budget <= room:
+        return False
+    logger.warning("%s %s exceeds what the cache's disk can hold (%s: %s free plus what the "
+                   "cache holds): the disk fills before the budget evicts, and a full disk "
+                   "stops the search; give at most %s or --cache on a larger disk", setting,
+                   format_size(budget), folder, format_size(shutil.disk_usage(folder).free),
+                   format_size(room))
+    return True
 
 
 def resolve_rate(flags: dict[str, Any], gflops: float, *, img_per_s: float | None,
                  cache: str | None, device: str | None) -> tuple[float, str, str | None]:
-    """``(img/s of a pass to the deepest block, where it came from, precision measured)``:
-    ``--img-per-s``, else what ``difftune extract`` measured for this architecture (and
-    ``device`` kind) in the cache, converted by GFLOPs, else the documented default."""
+    """``(effective GFLOP/s, where it came from, precision measured)``: ``--img-per-s`` (to
+    the deepest block, ``gflops`` per image), else what ``difftune extract`` measured for
+    this architecture (and ``device`` kind) in the cache (img/s to the block it ran to, as
+    GFLOP/s), else the documented default. Every pass is then priced at its own GFLOPs."""
     if img_per_s is not None:
         if img_per_s <= 0:
             raise PlanError(f"--img-per-s {img_per_s} must be positive")
-        return img_per_s, "--img-per-s", None
+        return img_per_s * gflops, f"--img-per-s {img_per_s:g} to block of {gflops:.4g} " \
+            "GFLOPs", None
     rec = None
     if cache:
-        from difftune.trainables.cache.store import Store
-
         try:
             rec = throughput.best_record(Store(cache), flags, device=device)
         except OSError:
             rec = None
     if rec:
-        return (rec["gflops_per_s"] / max(gflops, 1e-9),
+        return (rec["gflops_per_s"],
                 f"measured by difftune extract on {rec['device']} ({rec['precision']}, "
                 f"{rec['measured']}: {rec['img_per_s']:.3g} img/s to block {rec['block']})",
                 rec["precision"])
-    rate = throughput.DEFAULT_GFLOPS_PER_S / max(gflops, 1e-9)
-    return rate, (f"default: {throughput.DEFAULT_GFLOPS_PER_S / 1000:.0f} TFLOP/s effective "
-                  "(an A10G in bf16)"), None
+    return throughput.DEFAULT_GFLOPS_PER_S, (
+        f"default: {throughput.DEFAULT_GFLOPS_PER_S / 1000:.0f} TFLOP/s effective "
+        "(an A10G in bf16)"), None
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -188,11 +250,13 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
     s = space.search
     trials = int(trials or s["trials"])
     epochs = space.max_epochs()
+    stopping = early_stopping(int(s["grace_period"]), float(s["reduction_factor"]), epochs)
     asks = space_asks(space, costs)
     lv = levers_of(space)
     run = plan_fit.fitter(asks, costs, data, trials=trials, epochs=epochs, budget=budget,
                           confirm_top=int(s.get("confirm_top") or 0),
-                          confirm_fraction=s.get("confirm_label_fraction"), cached=cached)
+                          confirm_fraction=s.get("confirm_label_fraction"), cached=cached,
+                          expected_epochs=stopping.expected_epochs)
     n = run(lv)
     deepest = max([*n.blocks, *asks.live_blocks], default=0)
     gflops = costs[deepest].gflops_to if deepest else 0.0
@@ -203,9 +267,12 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
         lv, run, top_pool=max((p for c in asks.combos for _, _, p in c), default=None))
     k = min(int(s.get("confirm_top") or 0), trials)
     rows = n.layout["rows"]
+    policies = {name: {**o, "gpu_hours": gflop_hours(o["gflops"], rate)}
+                for name, o in n.policies.items()}
     return Plan(
         space=space.name, model=space.model,
         data={"source": data.source, "train_images": data.train_all, "val_images": data.val,
+              "test_images": data.test, "holdout": data.holdout,
               "classes": data.classes, "train_rows": rows["train"], "val_rows": rows["val"],
               "train_views": n.layout["views"]},
         trials=trials, epochs=epochs, max_concurrent=lv.max_concurrent,
@@ -214,12 +281,19 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
         budget_bytes=budget, budget_source=budget_source, cache_bytes_bound=n.bound,
         cache_bytes_unevicted=n.unevicted, working_set_bytes=n.working, evicts=n.evicts,
         store_pool=n.store_pool, unet_image_passes=n.passes,
-        unet_image_passes_paper=n.passes_paper, gflops_per_image=gflops,
+        unet_image_passes_paper=n.passes_paper,
+        unet_image_passes_paper_bound=n.passes_paper_bound,
+        early_stopping=stopping.to_dict(), expected_epochs=stopping.expected_epochs,
+        gflops_per_image=gflops, trial_gflops_per_image=n.trial.gflops,
+        trial_passes_per_image=n.trial.passes,
         activation_bytes_per_image=activation_bytes_per_image(
             flags, deepest, precision=precision)[0] if deepest else 0,
-        precision=precision, weights_bytes=weights_bytes(flags), img_per_s=rate,
-        img_per_s_source=source, gpu_hours=gpu_hours(n.passes, rate),
-        gpu_hours_paper=gpu_hours(n.passes_paper, rate),
+        precision=precision, weights_bytes=weights_bytes(flags),
+        img_per_s=rate / max(gflops, 1e-9), img_per_s_source=source, gflops_per_s=rate,
+        gpu_hours=gflop_hours(n.gflops, rate), gpu_hours_paper=gflop_hours(n.gflops_paper, rate),
+        gpu_hours_paper_bound=gflop_hours(n.gflops_paper_bound, rate), policies=policies,
+        test={"images": data.test, "evaluations": n.test_evaluations,
+              "image_passes": n.test_passes, "gpu_hours": gflop_hours(n.test_gflops, rate)},
         confirm={"top": k, "label_fraction": s.get("confirm_label_fraction"),
                  "train_rows": rows["confirm"] or (rows["train"] if k else 0)},
         entries=entries(n, costs), changes=changes)

@@ -1,7 +1,15 @@
-"""The champion: the best trial's head logged on its run (as a PyTorch model and as an image
-classifier), the classifier registered (a new version every search), the best config put on
-the parent run, and the alias ``champion`` moved to it, unless it scores worse than the
-current champion of the same model and data.
+"""The champion: the best trial's head logged on its run (as a head checkpoint and as an
+image classifier), the classifier registered (a new version every search), the best config
+put on the parent run, and the alias ``champion`` moved to it, unless it scores worse than
+the current champion of the same model and data.
+
+Nothing the champion logs is unpickled to load it: the bare head is a head checkpoint folder
+(``head_checkpoint/``: ``head.pt``, the head's state_dict, read with
+``torch.load(weights_only=True)``, and ``meta.json``, the config and shapes it is rebuilt
+from; :func:`load_logged_head`), and the classifier is MLflow "models from code"
+(:mod:`.classifier`). The classifier carries the one copy of the difftune package (its
+sources and presets, :func:`package_snapshot`) and of the demo U-Net (its ``unet/``
+artifact) that a search logs.
 
 The alias rule: every version carries what it was selected on (``difftune.model``,
 ``difftune.data``, ``difftune.holdout``, ``difftune.metric``, ``difftune.mode``,
@@ -33,22 +41,53 @@ logger = logging.getLogger(__name__)
 #: what a copy of the installed package holds (its root is the repository in an editable
 #: install, which also holds tests/, benchmarks/, ...)
 PACKAGE_PARTS = ("__init__.py", "search", "trainables", "spaces")
+#: the artifact folder of the bare head on the champion's run (a head checkpoint)
+HEAD_ARTIFACT = "head_checkpoint"
 
 
 def package_snapshot(dest: Path) -> Path:
-    """A copy of the ``difftune`` package as ``dest/difftune`` (sources, presets, assets):
-    what a logged model ships so that it loads where difftune is not installed."""
+    """A copy of the ``difftune`` package as ``dest/difftune`` (sources, presets, the demo
+    U-Net's flags): what the classifier ships so that it loads where difftune is not
+    installed. The demo U-Net's weights are left out: the classifier bundles them itself
+    (its ``unet/`` artifact), so a search logs them once."""
     import difftune
+    from difftune.trainables.model.unet import DEMO_CHECKPOINT
 
     src, out = Path(difftune.__file__).parent, dest / "difftune"
     out.mkdir(parents=True)
     for part in PACKAGE_PARTS:
         if (src / part).is_dir():
-            shutil.copytree(src / part, out / part,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(src / part, out / part, ignore=shutil.ignore_patterns(
+                "__pycache__", "*.pyc", DEMO_CHECKPOINT.name))
         else:
             shutil.copy2(src / part, out / part)
     return out
+
+
+def bare_head(checkpoint_dir: str | Path, dest: Path) -> Path:
+    """The trained head alone as a head checkpoint folder ``dest`` (``head.pt`` holds its
+    state_dict only: no optimizer state, no grid of a grid trial; ``meta.json`` as the
+    trial wrote it)."""
+    import torch
+
+    from difftune.trainables.heads.checkpoint import HEAD_FILE, META_FILE, read_checkpoint
+
+    state, _ = read_checkpoint(checkpoint_dir)
+    dest.mkdir(parents=True)
+    torch.save({"head": state["head"]}, dest / HEAD_FILE)
+    shutil.copy2(Path(checkpoint_dir) / META_FILE, dest / META_FILE)
+    return dest
+
+
+def load_logged_head(client: MlflowClient, run_id: str, *, dest: str | Path,
+                     device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """The bare head the champion's run ``run_id`` holds, rebuilt from its checkpoint
+    (downloaded into ``dest``; nothing unpickled): ``(head, TrialConfig, {"meta",
+    "state"})`` as :func:`~difftune.trainables.heads.checkpoint.load_head` returns them."""
+    from difftune.trainables.heads.checkpoint import load_head
+
+    local = client.download_artifacts(run_id, HEAD_ARTIFACT, str(dest))
+    return load_head(local, device=device)
 
 
 @dataclass(frozen=True)
@@ -100,27 +139,23 @@ def log_champion(client: MlflowClient, *, tracking_uri: str, parent_run_id: str,
                  best_config: dict[str, Any], metric_value: float, metric: str = "val_top1",
                  mode: str = "max", test_metrics: dict[str, float] | None = None
                  ) -> Registered:
-    """Log the best trial's head on its run as an MLflow PyTorch model (``head``) and as an
-    image classifier (``classifier``, :mod:`.classifier`), register the classifier under
-    ``model_name``, move the alias ``champion`` to it unless it scores worse than the current
-    champion (:func:`alias_decision`), and put the best config, ``best_<metric>`` and the
-    test metrics on the parent run.
+    """Log the best trial's head on its run as a head checkpoint (``head_checkpoint/``,
+    :func:`load_logged_head`) and as an image classifier (``classifier``, :mod:`.classifier`),
+    register the classifier under ``model_name``, move the alias ``champion`` to it unless it
+    scores worse than the current champion (:func:`alias_decision`), and put the best config,
+    ``best_<metric>`` and the test metrics on the parent run.
     """
-    from difftune.trainables.heads.checkpoint import HEAD_FILE, META_FILE, load_head
+    from difftune.trainables.heads.checkpoint import load_head
 
     head, cfg, loaded = load_head(checkpoint_dir)
     mlflow.set_tracking_uri(tracking_uri)
-    # the pickle format is deliberate (every head type, code shipped beside it): no warning
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as stage, mlflow.start_run(run_id=best_run_id):
-        # the head alone (a grid trial's checkpoint also holds grid.pt, to resume the grid)
-        for name in (HEAD_FILE, META_FILE):
-            mlflow.log_artifact(str(Path(checkpoint_dir) / name), artifact_path="head_checkpoint")
-        # pickled with the difftune package beside it, so every head type loads anywhere
+        # the head alone, loadable without unpickling (state_dict + the spec it is built from)
+        mlflow.log_artifacts(str(bare_head(checkpoint_dir, Path(stage) / HEAD_ARTIFACT)),
+                             artifact_path=HEAD_ARTIFACT)
+        # what is registered: images in, a label per image out (signature, input example);
+        # the one copy of the difftune package a search logs
         code = package_snapshot(Path(stage))
-        mlflow.pytorch.log_model(head, name="head", code_paths=[str(code)],
-                                 serialization_format="pickle", pip_requirements=["torch"])
-        # what is registered: images in, a label per image out (signature, input example)
         info = log_classifier(head, cfg, loaded["meta"], stage=Path(stage) / "classifier",
                               code_path=code)
     tags = selection_tags(best_config, metric=metric, mode=mode, score=metric_value)

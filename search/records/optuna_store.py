@@ -10,14 +10,16 @@ The study lives in the driver (OptunaSearch asks and tells from there); its stor
 - else (a tracking server) ``optuna.journal`` in Ray Tune's storage folder, which a cluster
   shares; with an ``s3://`` storage, ``optuna.db`` in the working directory.
 
-One study per search, named like the search's Ray Tune experiment; the parent run records
-the storage in the tag ``difftune.optuna_storage`` and the name in ``difftune.optuna_study``.
+One study per search, named like the search's Ray Tune experiment, its objectives named by
+their metrics (:func:`name_objectives`); the parent run records the storage in the tag
+``difftune.optuna_storage`` and the name in ``difftune.optuna_study``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import optuna
@@ -97,6 +99,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         Path(url).resolve().parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(Path(url).resolve())))
     return optuna.storages.RDBStorage(url)
+
+
+def name_objectives(storage: optuna.storages.BaseStorage, study_name: str,
+                    objectives: list[dict[str, str]]) -> optuna.Study:
+    """Create (or load) the study ``study_name`` with one direction per objective and name
+    its objectives by their metrics (``study.set_metric_names``), so optuna-dashboard shows
+    ``val_top1`` instead of "Objective 0". Call it before OptunaSearch sets up the study: it
+    loads this one (``load_if_exists``).
+
+    :param objectives: ``[{metric, mode}, ...]`` (``Space.objectives()``).
+    """
+    directions = ["minimize" if o["mode"] == "min" else "maximize" for o in objectives]
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                load_if_exists=True)
+    names = [o["metric"] for o in objectives]
+    if study.metric_names != names:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
+    return study
 
 
 def dashboard_command(url: str) -> str:

@@ -64,6 +64,41 @@ def has_secret(uri: str | None) -> bool:
     return redact(uri) != uri
 
 
+def has_password(uri: str | None) -> bool:
+    """Whether ``uri`` holds a password (``user:password@``) or a secret query value: what
+    must not be on a command line. A user name alone is no secret."""
+    if not uri or "://" not in uri:
+        return False
+    parts = urlsplit(uri)
+    try:
+        password = parts.password
+    except ValueError:  # an unparsable netloc: judge by its user info
+        password = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else None
+    return bool(password) or bool(_secret_keys(parse_qsl(parts.query, keep_blank_values=True)))
+
+
+def refuse_password_on_command_line(flag: str, uri: str) -> None:
+    """A password in a URI given on the command line (``--tracking-uri``,
+    ``--optuna-storage``) is refused: ``ps`` shows a command line to every user of the
+    machine and Ray records the driver's as its job's entrypoint. Raises ``ValueError``
+    naming where the password belongs instead."""
+    if not has_password(uri):
+        return
+    if scheme(uri) in ("http", "https"):
+        parts = urlsplit(uri)
+        bare = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path,
+                           parts.query, parts.fragment))
+        where = (f"{bare} with the user and password in $MLFLOW_TRACKING_USERNAME and "
+                 "$MLFLOW_TRACKING_PASSWORD")
+    else:
+        where = f"{public_uri(uri)} with the password in $PGPASSWORD or ~/.pgpass"
+    if flag == "--tracking-uri":
+        where += f", or the whole URI in ${TRACKING_URI_ENV} and --tracking-uri left out"
+    raise ValueError(f"{redact(uri)} holds a password, which every user of this machine can "
+                     "read on a command line (ps) and Ray records as the job's entrypoint; "
+                     f"allowed: {where}")
+
+
 def public_uri(uri: str) -> str:
     """``uri`` without its secrets (the password of ``user:password@``, secret query values):
     what may be saved. The user name stays, so libpq's ``$PGPASSWORD`` / ``~/.pgpass`` (or
@@ -166,6 +201,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False)
             raise TrackingError(f"--tracking-uri {redact(uri)} is unreachable "
                                 f"({exc.strerror or exc}); start the server or pass a "
                                 "reachable URI") from None
+        check_login(uri, timeout=timeout)
     elif parsed.scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
@@ -176,6 +212,54 @@ def check_reachable(uri: str, *, timeout: float = 5.0, must_exist: bool = False)
                                 f"{db} (run a search first or pass the store's URI)")
     elif is_database(uri):
         check_database(uri, timeout=timeout)
+
+
+#: where MLflow's clients read the login of a tracking server that asks for one
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def check_login(uri: str, *, timeout: float = 5.0) -> None:
+    """One clear line when an MLflow server that asks for a login (``mlflow server
+    --app-name basic-auth``) refuses the one MLflow's clients will send (``$MLFLOW_TRACKING_
+    USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD``, else ``$MLFLOW_TRACKING_TOKEN``), or lets it
+    read no experiment: one request, before anything starts. Other answers are left to
+    MLflow."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(uri)
+    base = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path.rstrip("/"),
+                       "", ""))
+    user, password = (os.environ.get(k) for k in LOGIN_ENV)
+    if parts.username and not (user or password):  # MLflow sends a URI's own user info
+        user, password = parts.username, parts.password
+    headers = {}
+    if user or password:
+        pair = f"{user or ''}:{password or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):  # noqa: S310 - http(s) only
+            return
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (urllib.error.URLError, OSError, ValueError):  # MLflow's own errors say more
+        return
+    shown = f"--tracking-uri {redact(uri)}"
+    login = "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD in the environment"
+    if code == 401 and not (user or password):
+        raise TrackingError(f"{shown} asks for a user and password (HTTP 401); allowed: "
+                            f"{login} (never on the command line)")
+    if code == 401:
+        raise TrackingError(f"{shown} refused the password of user {user!r} (HTTP 401); "
+                            f"allowed: the user's password in {login}")
+    if code == 403:
+        raise TrackingError(f"{shown}: user {user!r} may not read experiments (HTTP 403); "
+                            "allowed: a user the server's admin gave READ or EDIT")
 
 
 def check_database(uri: str, *, timeout: float = 5.0) -> None:

@@ -4,7 +4,9 @@
   errors (first line) reach the terminal, each distinct message once; everything (Ray Tune's
   warnings, Optuna's and MLflow's INFO lines, Python warnings) goes to the search's log file.
   ``-v`` keeps the libraries' own console output as it is.
-- :class:`ConsoleTable`: a Ray Tune callback printing one line per finished or failed trial,
+- :class:`ConsoleTable`: a Ray Tune callback printing one line per finished or failed trial
+  (``failed``, with its one-line reason, for a trial that raised or ended itself with a
+  failure report),
   a short table of the running trials every ``DIFFTUNE_TABLE_S`` seconds (default 60), and
   the progress lines of long feature extractions that trials post to a small Ray actor
   (:data:`~difftune.trainables.progress.PROGRESS_BOARD`).
@@ -29,6 +31,7 @@ from ray import tune
 
 from difftune.trainables.params import decode
 from difftune.trainables.progress import PROGRESS_BOARD
+from difftune.trainables.trainable import FAILURE_KEY
 
 logger = logging.getLogger(__name__)
 #: the logger of the live table and trial lines (printed without a prefix)
@@ -215,6 +218,22 @@ class _Board:
         return lines
 
 
+def _first_line(text: Any) -> str:
+    lines = [x.strip() for x in str(text or "").strip().splitlines() if x.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def _error_line(trial) -> str:
+    """The last line of a trial's error (its exception: ``ValueError: ...``), or ''."""
+    try:  # Ray Tune writes it on the driver's disk first (then syncs it to the storage)
+        path = trial.error_file
+        text = Path(path).read_text() if path and Path(path).is_file() else trial.get_error()
+    except Exception:  # the error file is a nicety here; the run records the error
+        return ""
+    lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def _label(trial) -> str:
     from difftune.search.report.gather import trial_label
 
@@ -250,24 +269,33 @@ class ConsoleTable(tune.Callback):
         v = (trial.last_result or {}).get(self.metric)
         return float(v) if isinstance(v, (int, float)) else None
 
+    def _position(self) -> str:
+        return f"{self._done + self._failed:>{len(str(self.total))}}/{self.total}"
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        last = trial.last_result or {}
+        label = _label(trial)
+        if last.get(FAILURE_KEY):  # it ended itself with a failure report (not retried)
+            self._failed += 1
+            out.info("failed %s  %-28s %s: %s", self._position(), label, last[FAILURE_KEY],
+                     _first_line(last.get("error")) or "(its run records the error)")
+            return
         self._done += 1
         score = self._score(trial)
-        label = _label(trial)
         better = self._best is None or (score is not None and (
             score > self._best[0] if self.mode == "max" else score < self._best[0]))
         if score is not None and better:
             self._best = (score, label)
-        epochs = (trial.last_result or {}).get("epoch", "?")
+        epochs = last.get("epoch", "?")
         shown = f"{score:.2f}" if score is not None else "-"
         best = f"   best {self._best[0]:.2f}" if self._best else ""
-        out.info("done %*d/%d  %-28s %s %s after %s epoch%s%s", len(str(self.total)),
-                 self._done + self._failed, self.total, label, self.metric, shown, epochs,
-                 "" if epochs == 1 else "s", best)
+        out.info("done %s  %-28s %s %s after %s epoch%s%s", self._position(), label,
+                 self.metric, shown, epochs, "" if epochs == 1 else "s", best)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._failed += 1
-        out.info("FAILED %s %s (its run records the error)", trial.trial_id, _label(trial))
+        out.info("failed %s  %-28s %s (its run records the error)", self._position(),
+                 _label(trial), _error_line(trial) or "an error")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()

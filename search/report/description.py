@@ -2,19 +2,22 @@
 markdown report of the search: the space, the plan (when one was made), the top trials, the
 champion with its val and test scores, and the figures.
 
-It reads what the tracking store holds (:class:`~.report.SearchData`) and leaves out what a
+It reads what the tracking store holds (:class:`~.gather.SearchData`) and leaves out what a
 search did not record (no plan, no test score yet, a search still running).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from difftune.search.plan.estimate import Plan
 from difftune.search.report.gather import (
     FIGURES_DIR,
     SearchData,
     TrialRow,
     metric_label,
+    reads,
     score_text,
     trial_label,
 )
@@ -67,10 +70,6 @@ def plan_line(plan: dict[str, Any] | None) -> str | None:
         if isinstance(plan.get(key), str):
             return plan[key]
     try:
-        import dataclasses
-
-        from difftune.search.plan.estimate import Plan
-
         names = {f.name for f in dataclasses.fields(Plan)}
         return Plan(**{k: v for k, v in plan.items() if k in names}).summary() \
             .removeprefix("plan: ")
@@ -107,7 +106,6 @@ def _fmt(v: Any) -> str:
 
 
 def _row(rank: int, t: TrialRow, data: SearchData, test: bool) -> str:
-    from difftune.search.report.gather import reads
 
     blocks, times = reads(t.config)
     cells = [str(rank), f"[{trial_label(t.config)}](#/experiments/{data.experiment_id}/runs/"

@@ -1,16 +1,15 @@
-"""A search's figures, drawn from its trials (:class:`~.report.SearchData`): each figure is a
+"""A search's figures, drawn from its trials (:class:`~.gather.SearchData`): each figure is a
 matplotlib figure (the PNG to look at) and a plotly figure (the HTML to explore).
 
 - ``block_timestep``: the best score per (block, timestep) cell, one panel per head type that
   reads one map (cells never tried are hatched, the champion is starred);
-- ``slices``, ``importances``, ``history``: drawn by Optuna (:mod:`.figures_optuna`);
+- ``slices``, ``importances``, ``history``: drawn by Optuna (:mod:`.optuna_figures`);
 - ``cost``: score against the GFLOPs per image a trial reports, with the Pareto front: drawn
-  by :mod:`.pareto` (the one figure of a search's front, ``pareto`` when a multi-objective
-  search's second objective is not ``gflops``);
+  by :mod:`.pareto_figure` (the one figure of a search's front, ``pareto`` when a
+  multi-objective search's second objective is not ``gflops``);
 - ``curves``: the learning curves of the top trials.
 
-:func:`draw_all` draws every figure the data allows; a figure that cannot be drawn yet (too
-few trials) is left out, one that fails is logged and left out, never the search.
+:func:`~.draw.draw_all` draws every figure the data allows.
 """
 
 from __future__ import annotations
@@ -18,14 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from difftune.search.report.gather import SearchData
+from difftune.search.report.gather import SearchData, reads, trial_label
+from difftune.trainables.heads import HEAD_TYPES
+from difftune.trainables.model.unet import model_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def _cell(v: float) -> str:
 
 
 def mpl_figure(w: float, h: float, **kwargs: Any):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: only when a figure is drawn
 
     return plt.figure(figsize=(w, h), **kwargs)
 
@@ -114,9 +113,6 @@ def grid_cells(data: SearchData) -> tuple[list[str], list[int], list[tuple[int, 
                                           dict[str, np.ndarray], dict[str, tuple[int, int]]]:
     """(heads, blocks, t rows, head -> best score grid [rows x blocks] (NaN = never tried),
     head -> the champion's (row, col))."""
-    from difftune.search.report.gather import reads
-    from difftune.trainables.heads import HEAD_TYPES
-
     single: dict[str, list] = {}
     for t in data.trials:
         if not t.finished:
@@ -149,8 +145,6 @@ def grid_cells(data: SearchData) -> tuple[list[str], list[int], list[tuple[int, 
 
 def _block_axis_label(data: SearchData) -> str:
     try:
-        from difftune.trainables.model.unet import model_geometry
-
         geo = model_geometry(data.space.model, data.space.checkpoint)
         return (f"U-Net block (encoder 1-{geo.middle - 1}, middle {geo.middle}, "
                 f"decoder {geo.middle + 1}-{geo.num_blocks})")
@@ -160,6 +154,7 @@ def _block_axis_label(data: SearchData) -> str:
 
 def block_timestep(data: SearchData) -> Figure | None:
     """Best score per block x timestep cell, one panel per head type."""
+    # matplotlib and plotly: only when a figure is drawn
     import matplotlib.patches as mpatches
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -242,9 +237,7 @@ def block_timestep(data: SearchData) -> Figure | None:
 # ---- learning curves ------------------------------------------------------------------------
 def curves(data: SearchData) -> Figure | None:
     """The metric per epoch of the top trials."""
-    import plotly.graph_objects as go
-
-    from difftune.search.report.gather import trial_label
+    import plotly.graph_objects as go  # plotly: only when a figure is drawn
 
     top = [t for t in data.ranked() if data.histories.get(t.run_id)]
     if not top:
@@ -271,35 +264,3 @@ def curves(data: SearchData) -> Figure | None:
     html.update_layout(title=f"{title}<br><sup>{subtitle(data)}</sup>", xaxis_title="epoch",
                        yaxis_title=label)
     return Figure("curves", title, fig, html)
-
-
-# ---- all of them ----------------------------------------------------------------------------
-def draw_all(data: SearchData) -> list[Figure]:
-    """Every figure the data allows, in the order a reader wants them."""
-    from difftune.search.records import pareto
-    from difftune.search.report import optuna_figures as fo
-
-    study = None
-    try:
-        study = fo.study_of(data)
-    except Exception:
-        logger.warning("the search's trials could not be turned into an Optuna study; "
-                       "slices, importances and history left out", exc_info=True)
-    makers: list[tuple[str, Callable[[], Figure | None]]] = [
-        ("block_timestep", lambda: block_timestep(data)),
-        ("slices", lambda: fo.slices(data, study) if study else None),
-        ("importances", lambda: fo.importances(data, study) if study else None),
-        ("history", lambda: fo.history(data, study) if study else None),
-        ("cost", lambda: pareto.figure_of(data)),  # "pareto" when not against GFLOPs
-        ("curves", lambda: curves(data)),
-    ]
-    out = []
-    for name, make in makers:
-        try:
-            fig = make()
-        except Exception:
-            logger.warning("figure %s could not be drawn", name, exc_info=True)
-            continue
-        if fig is not None:
-            out.append(fig)
-    return out

@@ -8,9 +8,8 @@ configs retrained on more labels) are kept apart from the search's trials: the f
 what the search tried, and the champion, when it is a confirmed run, is marked on the search
 trial it retrained.
 
-:func:`write_figures` draws every figure (:mod:`.figures`, :mod:`.figures_optuna`) into a
-folder or onto the parent run (``figures/NAME.png`` to look at, ``figures/NAME.html`` to
-explore); :mod:`.run_note` writes the parent run's description.
+:func:`~.draw.write_figures` draws every figure from it, into a folder or onto the parent run;
+:mod:`.description` writes the parent run's description.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from difftune.search.records.best import Candidate, rank_trials
-from difftune.search.records.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL
+from difftune.search.records.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL, latest_search_run
+from difftune.search.records.uris import TrackingError
+from difftune.search.space.spec import Space
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.errors import UserError
+from difftune.trainables.heads import KINDS, head_kind
 from difftune.trainables.train.grid import GRID_BEST, with_point
 
 logger = logging.getLogger(__name__)
@@ -157,8 +160,6 @@ def trial_label(config: dict[str, Any]) -> str:
     """A trial in a few characters: ``linear b10 t90 p2`` (head, block, timestep, pool when
     the head reads it); heads reading several blocks or timesteps list them
     (``difformer b7+10 t10+90``)."""
-    from difftune.trainables.heads import KINDS
-
     head = str(config.get("head", "?"))
     blocks, times = reads(config)
     b = "+".join(str(x) for x in blocks) if blocks else "?"
@@ -170,10 +171,6 @@ def trial_label(config: dict[str, Any]) -> str:
 
 def reads(config: dict[str, Any]) -> tuple[list[int], list[int]]:
     """(blocks, timesteps) the head of a trial reads (DifFeed: its head block and t)."""
-    from difftune.trainables.config import TrialConfig
-    from difftune.trainables.errors import UserError
-    from difftune.trainables.heads import head_kind
-
     try:
         cfg = TrialConfig.from_dict({k: v for k, v in config.items() if v is not None})
         kind = head_kind(cfg.head)
@@ -187,10 +184,6 @@ def reads(config: dict[str, Any]) -> tuple[list[int], list[int]]:
 
 def blocks_read(config: dict[str, Any]) -> list[int]:
     """Every U-Net block a trial's forward pass must reach (``HeadKind.blocks``)."""
-    from difftune.trainables.config import TrialConfig
-    from difftune.trainables.errors import UserError
-    from difftune.trainables.heads import head_kind
-
     try:
         cfg = TrialConfig.from_dict({k: v for k, v in config.items() if v is not None})
         return head_kind(cfg.head).blocks(cfg)
@@ -201,9 +194,6 @@ def blocks_read(config: dict[str, Any]) -> list[int]:
 # ---- gathering ------------------------------------------------------------------------------
 def find_search(client: MlflowClient, experiment: str, run_id: str | None = None):
     """The parent run of ``experiment``'s latest search (or of ``run_id``)."""
-    from difftune.search.records.tracking import latest_search_run
-    from difftune.search.records.uris import TrackingError
-
     if run_id:
         try:
             run = client.get_run(run_id)
@@ -281,7 +271,6 @@ def _children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> l
 
 
 def _space(client: MlflowClient, run_id: str):
-    from difftune.search.space.spec import Space
 
     data = _artifact_text(client, run_id, "space.yaml")
     if data is None:
@@ -306,32 +295,3 @@ def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str | None:
         return None
     with tempfile.TemporaryDirectory() as d:
         return Path(client.download_artifacts(run_id, path, d)).read_text()
-
-
-# ---- writing --------------------------------------------------------------------------------
-def write_figures(data: SearchData, *, out_dir: str | os.PathLike | None = None,
-                  client: MlflowClient | None = None) -> list[str]:
-    """Draw every figure the data allows; write ``NAME.png`` + ``NAME.html`` into ``out_dir``
-    and/or log them under ``figures/`` on the parent run. Returns the figure names."""
-    import matplotlib.pyplot as plt
-
-    from difftune.search.report.figures import draw_all
-
-    names = []
-    for fig in draw_all(data):
-        names.append(fig.name)
-        try:
-            if out_dir is not None:
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
-                fig.png.savefig(Path(out_dir) / f"{fig.name}.png", dpi=120)
-                # plotly.js once beside the pages, so that they open without a network
-                fig.html.write_html(Path(out_dir) / f"{fig.name}.html",
-                                    include_plotlyjs="directory", full_html=True)
-            if client is not None:
-                client.log_figure(data.parent_run_id, fig.png,
-                                  f"{FIGURES_DIR}/{fig.name}.png", save_kwargs={"dpi": 120})
-                client.log_figure(data.parent_run_id, fig.html,
-                                  f"{FIGURES_DIR}/{fig.name}.html")
-        finally:
-            plt.close(fig.png)
-    return names

@@ -3,7 +3,7 @@ importances and the optimization history, each as a matplotlib figure (the PNG) 
 figure (the HTML), from a study rebuilt out of a search's MLflow runs (:func:`study_of`), so
 that they can be drawn for any search, with or without the study's own storage at hand.
 
-A trial's parameters are the space's Optuna parameters (:mod:`.space_optuna`), except the
+A trial's parameters are the space's Optuna parameters (:mod:`difftune.search.space.distributions`), except the
 settings its head does not read (an attention head's ``pool``, a DifFormer's ``block``): a
 slice plot or an importance must not credit a setting that changed nothing.
 """
@@ -16,14 +16,15 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-if TYPE_CHECKING:
-    from difftune.search.report.figures import Figure
-    from difftune.search.report.gather import SearchData, TrialRow
+from difftune.search.report.figures import Figure, short_score, subtitle
+from difftune.search.report.gather import SearchData, TrialRow
+from difftune.trainables.heads import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PARAM_LABELS = {"lr": "learning rate", "t": "timestep t", "block": "U-Net block"
 def _quiet(figsize: tuple[float, float] | None = None) -> Iterator[None]:
     """Optuna without its experimental warnings and INFO lines; matplotlib figures it makes
     of ``figsize`` inches."""
-    import matplotlib
+    import matplotlib  # matplotlib: only when a figure is drawn
 
     rc = {"figure.figsize": figsize} if figsize else {}
     with warnings.catch_warnings(), matplotlib.rc_context(rc):
@@ -54,8 +55,6 @@ def _quiet(figsize: tuple[float, float] | None = None) -> Iterator[None]:
 
 
 def _head_only_settings() -> set[str]:
-    from difftune.trainables.heads import KINDS
-
     return {s for k in KINDS.values() for s in k.settings}
 
 
@@ -69,8 +68,6 @@ def _point(data: SearchData, row: TrialRow) -> tuple[dict, dict] | None:
     trial = scratch.ask()
     data.space.define_by_run(trial)
     params, dists = dict(trial.params), dict(trial.distributions)
-    from difftune.trainables.heads import KINDS
-
     kind = KINDS.get(str(row.config.get("head")))
     if kind is not None:  # drop settings this head does not read
         unread = _head_only_settings() - set(kind.settings)
@@ -86,8 +83,6 @@ def _point(data: SearchData, row: TrialRow) -> tuple[dict, dict] | None:
 def _grid_distribution(values: list) -> optuna.distributions.BaseDistribution:
     """A grid setting as a parameter of the rebuilt study (numbers: a range, log for a
     learning rate spanning decades)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         lo, hi = float(min(values)), float(max(values))
         if lo < hi:
@@ -147,10 +142,9 @@ def _complete(study: optuna.Study) -> list:
 # ---- slices ---------------------------------------------------------------------------------
 def slices(data: SearchData, study: optuna.Study) -> Figure | None:
     """Score against pooling and learning rate, one dot per finished trial."""
+    # matplotlib and plotly (optuna.visualization's): only when a figure is drawn
     from optuna.visualization import matplotlib as omp
     from optuna.visualization import plot_slice
-
-    from difftune.search.report.figures import Figure, subtitle
 
     searched = set().union(*(t.params for t in _complete(study))) if _complete(study) else set()
     params = [p for p in SLICE_PARAMS if p in searched]
@@ -218,11 +212,10 @@ def importance_params(study: optuna.Study, *, share: float = 0.75) -> tuple[list
 
 def importances(data: SearchData, study: optuna.Study) -> Figure | None:
     """fANOVA importances of the parameters over the finished trials."""
+    # matplotlib and plotly (optuna.visualization's): only when a figure is drawn
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as omp
     from optuna.visualization import plot_param_importances
-
-    from difftune.search.report.figures import Figure, subtitle
 
     params, n = importance_params(study)
     if len(params) < 2 or n < MIN_IMPORTANCE_TRIALS:
@@ -254,11 +247,10 @@ def importances(data: SearchData, study: optuna.Study) -> Figure | None:
 def history(data: SearchData, study: optuna.Study) -> Figure | None:
     """Each trial's score and the best so far against trial number; the paper's config
     marked."""
+    # matplotlib and plotly (optuna.visualization's): only when a figure is drawn
     import plotly.graph_objects as go
     from optuna.visualization import matplotlib as omp
     from optuna.visualization import plot_optimization_history
-
-    from difftune.search.report.figures import Figure, short_score, subtitle
 
     done = _complete(study)
     if not done:

@@ -13,17 +13,13 @@ import sys
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
 from difftune.search.records.uris import TRACKING_URI_ENV, public_uri, runtime_uri
 from difftune.search.report.description import NOTE_TAG, note
-from difftune.search.report.gather import gather, write_figures
-
-if TYPE_CHECKING:
-    from difftune.search.report.console import SearchConsole
-    from difftune.search.run.finish import SearchResult
+from difftune.search.report.draw import write_figures
+from difftune.search.report.gather import gather
 
 logger = logging.getLogger(__name__)
 
@@ -150,22 +146,6 @@ def wait_for_redraws(timeout: float = 300.0) -> None:
     must not be overwritten by an older one), e.g. those of a resumed search's callbacks."""
     for report in list(_DRAWING):
         report.stop(timeout)
-
-
-def annotate(result: SearchResult, study_url: str | None, study_name: str | None,
-             links: tuple[str, str], console: SearchConsole | None) -> SearchResult:
-    """What a search's closing lines print beside its figures: the Optuna study (no trial
-    left running in it), the MLflow UI's links, the log file (also put on the parent run)."""
-    from difftune.search.records import optuna_store
-
-    result.optuna_storage, result.study_name = study_url, study_name
-    if study_url and study_name and "***" not in study_url:
-        optuna_store.close_orphans(study_url, study_name)
-    result.experiment_link, result.trials_link = links
-    if console is not None and console.log_path is not None:
-        result.log_path = str(console.log_path)
-        console.upload(MlflowClient(result.tracking_uri), result.parent_run_id)
-    return result
 
 
 def _lower_priority() -> None:

@@ -20,6 +20,8 @@ from urllib.parse import quote
 
 from mlflow.tracking import MlflowClient
 
+from difftune.search.records.tracking import TAG_ROLE
+
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"
 VIEW_TAG = "mlflow.sharedViewState."
@@ -95,3 +97,21 @@ def setup(client: MlflowClient, tracking_uri: str, parent_run_id: str, *, metric
     every = experiment_view(client, exp_id, metric=metric)
     base = ui_base(tracking_uri)
     return view_link(base, exp_id, every), view_link(base, exp_id, trials)
+
+
+def experiment_links(client: MlflowClient, base: str) -> list[tuple[str, str]]:
+    """``(experiment name, link)`` for every experiment holding a difftune search, the most
+    recently searched first: the link a search prints to every search of its experiment
+    (:func:`experiment_view`, by the metric of its latest search), the view stored again."""
+    found = []
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'search'",
+                                  max_results=1, order_by=["attributes.start_time DESC"])
+        if not runs:
+            continue
+        metric = runs[0].data.params.get("metric") or "val_top1"
+        declare_kind(client, exp.experiment_id)
+        key = experiment_view(client, exp.experiment_id, metric=metric)
+        found.append((runs[0].info.start_time or 0, exp.name,
+                      view_link(base, exp.experiment_id, key)))
+    return [(name, link) for _, name, link in sorted(found, key=lambda f: -f[0])]

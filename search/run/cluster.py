@@ -1,4 +1,5 @@
-"""What a search needs from a multi-node Ray cluster: checks and per-trial resources.
+"""What a search needs from a Ray cluster: joining it, checks and per-trial resources. Ray
+is imported inside the functions that use it: :func:`local_ray_on_loopback` must run first.
 
 - :func:`check_addressable`: on a cluster with more than one node, every place a trial
   or a later command reads or writes (Ray Tune's storage path, the feature cache, the MLflow
@@ -29,8 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+from difftune.search.records.uris import is_database, redact
 from difftune.trainables.errors import UserError
 from difftune.trainables.heads import KINDS
+from difftune.trainables.params import decode
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,20 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 class ClusterError(UserError):
     """A setting names something that not every node of the Ray cluster can reach."""
+
+
+def ensure_ray(address: str | None) -> None:
+    """Join ``address`` (or start a local Ray) unless this process already has a session."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a tracking server that went away must not stall the driver for minutes per request:
+    # MLflowTrials keeps the records and sends them when it is back
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import ray  # see the module's doc
+
+    if not ray.is_initialized():
+        where: dict[str, Any] = {"address": address} if address else {"include_dashboard": False}
+        ray.init(logging_level=logging.WARNING, log_to_driver=False, **where)
 
 
 def local_ray_on_loopback() -> bool:
@@ -239,8 +256,6 @@ def check_addressable(
     :raises ClusterError: one line naming every offending setting and what is allowed
         (one sentence per setting).
     """
-    from difftune.search.records.uris import is_database, redact
-
     alive = len(alive_nodes(nodes))
     most = max_nodes() if most_nodes is None else most_nodes
     if max(alive, most) <= 1:
@@ -378,8 +393,6 @@ class _PerHead:
         self.cpus, self.most = cpus, most
 
     def __call__(self, config: dict[str, Any]) -> dict[str, float]:
-        from difftune.trainables.params import decode
-
         head = decode(config).get("head") or "linear"
         return {"cpu": self.cpus, "gpu": min(default_gpus(str(head)), self.most)}
 

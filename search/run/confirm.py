@@ -1,6 +1,7 @@
 """Search on a subset, confirm on all the data: the top ``confirm_top`` configs of a search
-(ranked by :mod:`.best`'s rule) are retrained at ``confirm_label_fraction`` (default: all
-labels) for their full epochs, as child runs of the same parent run tagged
+(ranked by :mod:`difftune.search.records.best`'s rule) are retrained at
+``confirm_label_fraction`` (default: all labels) for their full epochs (the Tuner of
+:func:`~.tuner.build_tuner` given their configs), as child runs of the same parent run tagged
 ``difftune.stage=confirm``; the champion is then the best confirmed config, by the same rule.
 
 The parent run records ``confirm_spearman``: the rank correlation between the configs'
@@ -14,12 +15,12 @@ import logging
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from ray import tune
-from ray.tune.search import Searcher
+from scipy.stats import spearmanr
 
 from difftune.search.records.best import Candidate, rank_trials
 from difftune.search.records.trials import MLflowTrials
 from difftune.search.records.uris import storage_join
+from difftune.search.run.tuner import build_tuner
 from difftune.search.space.spec import Space
 from difftune.trainables.trainable import RuntimeOptions
 
@@ -28,31 +29,11 @@ logger = logging.getLogger(__name__)
 TAG_STAGE = "difftune.stage"
 
 
-class FixedConfigs(Searcher):
-    """A searcher that hands out given configs, in order, then finishes."""
-
-    def __init__(self, configs: list[dict[str, Any]], *, metric: str, mode: str):
-        super().__init__(metric=metric, mode=mode)
-        self.configs, self.next = [dict(c) for c in configs], 0
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.next >= len(self.configs):
-            return Searcher.FINISHED
-        self.next += 1
-        return dict(self.configs[self.next - 1])
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        pass
-
-
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman's rank correlation of two score lists (None for fewer than 3 pairs or a
     constant list)."""
     if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
-    from scipy.stats import spearmanr
-
     return float(spearmanr(a, b).statistic)
 
 
@@ -65,8 +46,6 @@ def confirm_top(space: Space, ranked: list[Candidate], *, runtime: RuntimeOption
     :return: ``(confirmed candidates ranked by the rule, rows)``; a row per config: its
         search trial, search score, confirmed score and confirmed run's trial id.
     """
-    from difftune.search.run.tuner import _trial_name, make_trainable
-
     s = space.search
     top = ranked[: int(s["confirm_top"])]
     fraction = s.get("confirm_label_fraction")
@@ -81,20 +60,11 @@ def confirm_top(space: Space, ranked: list[Candidate], *, runtime: RuntimeOption
     base, sep, query = tune_path.partition("?") if "://" in tune_path else (tune_path, "", "")
     storage = base.rstrip("/").rsplit("/", 1)[0] + sep + query
     name = f"{base.rstrip('/').rsplit('/', 1)[1]}-confirm"
-    tuner = tune.Tuner(
-        make_trainable(space, confirm_runtime),
-        tune_config=tune.TuneConfig(
-            search_alg=FixedConfigs(configs, metric=s["metric"], mode=s["mode"]),
-            metric=s["metric"], mode=s["mode"], num_samples=len(configs),
-            max_concurrent_trials=int(s["max_concurrent"]), reuse_actors=True,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage,
-            callbacks=[MLflowTrials(tracking_uri, parent,
-                                    outbox_dir=storage_join(storage, name),
-                                    tags={TAG_STAGE: "confirm"})],
-            failure_config=tune.FailureConfig(max_failures=int(s["max_failures"])),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=verbose))
+    tuner = build_tuner(space, runtime=confirm_runtime, storage_path=storage, name=name,
+                        configs=configs, verbose=verbose,
+                        callbacks=[MLflowTrials(tracking_uri, parent,
+                                                outbox_dir=storage_join(storage, name),
+                                                tags={TAG_STAGE: "confirm"})])
     results = list(tuner.fit())
     confirmed, rows = [], []
     for search, config in zip(top, configs, strict=True):

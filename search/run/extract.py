@@ -21,10 +21,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from difftune.search.plan.estimate import extraction
-from difftune.trainables.cache.shard import ShardJob, ShardResult, extract_sharded, local_runner
+from difftune.trainables.cache.feature_cache import FeatureCache
+from difftune.trainables.cache.shard import (
+    ShardJob,
+    ShardResult,
+    extract_sharded,
+    local_runner,
+    run_shard,
+)
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.model.cost import free_memory
+from difftune.trainables.model.features import precision_for
 from difftune.trainables.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -49,7 +60,7 @@ class Workers:
 def cluster_workers(*, gpus: bool = True) -> Workers:
     """The workers of the running Ray cluster: its GPUs (when ``gpus`` and it has any), else
     its alive nodes with CPUs."""
-    import ray
+    import ray  # Ray: only with a cluster (not `difftune extract` alone)
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total_gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
@@ -65,10 +76,7 @@ REPORT_S = 1.0
 
 def _shard_task(job: ShardJob, counter: Any) -> ShardResult:
     """One shard on whatever node Ray chose (a GPU if the task asked one)."""
-    import ray
-    import torch
-
-    from difftune.trainables.cache.shard import run_shard
+    import ray  # Ray: only where shards run as its tasks (not `difftune extract` alone)
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
@@ -99,15 +107,12 @@ class _Progress:
 
 def _probe_gpu() -> tuple[str, int]:
     """On a GPU worker: the precision a trial there runs the U-Net in, and free bytes."""
-    from difftune.trainables.model.cost import free_memory
-    from difftune.trainables.model.features import precision_for
-
     return precision_for("cuda"), int(free_memory("cuda"))
 
 
 def probe_gpu(workers: Workers) -> tuple[str, int]:
     """:func:`_probe_gpu` run on one of ``workers`` (a GPU)."""
-    import ray
+    import ray  # Ray: only with a cluster (not `difftune extract` alone)
 
     return ray.get(ray.remote(_probe_gpu).options(**workers.resources).remote())
 
@@ -118,6 +123,7 @@ def ray_runner(workers: Workers, *, progress: bool = True, lines_s: float | None
     (images/s, time left) fed by a small actor on the driver's node; with ``lines_s``, a
     progress line every ``lines_s`` seconds instead (:class:`~difftune.trainables.progress.
     Progress`: what ``difftune search``'s console shows)."""
+    # Ray: only with a cluster (not `difftune extract` alone)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -178,8 +184,6 @@ def planned_requests(plan) -> list[tuple[int, int, int]]:
 def space_config(space):
     """The trial settings every trial of ``space`` shares that key its cache entries, or None
     when a trial may choose them (a searched ``seed`` or ``noise_seed``: not foreseeable)."""
-    from difftune.trainables.config import TrialConfig
-
     if {"seed", "noise_seed"} & set(space.params):
         return None
     return TrialConfig.from_dict({
@@ -215,16 +219,10 @@ def extract_plan(space, plan, *, cache: str, workers: Workers | None, progress: 
     options (``store_pool``, ``extra_blocks``, ``budget``, ``data_files``, ``data_hash``,
     ``batch_size``); ``lines_s``: progress lines instead of bars (:func:`ray_runner`).
     :return: counts (written, reused, images, seconds, wall_s, shards)."""
-    from difftune.trainables.cache.feature_cache import FeatureCache
-
     cfg = space_config(space)
     requests = planned_requests(plan)
     if cfg is None or not requests:
         raise ValueError("the plan foresees no entries to extract")
-    import torch
-
-    from difftune.trainables.model.features import precision_for
-
     sharded = workers is not None and (workers.shards > 1 or workers.kind == "gpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "fp32" if sharded else precision_for(device)

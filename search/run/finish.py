@@ -1,9 +1,10 @@
-"""The end of a search, once Ray Tune's trials are done: the results read by :mod:`.best`'s
-rule, the failures counted (a data error or no finished trial ends the search with one line,
-its parent run ``FAILED`` with the reason), the Pareto front of a multi-objective search, the
+"""The end of a search, once Ray Tune's trials are done: the results read by
+:mod:`difftune.search.records.best`'s rule, the failures counted (a data error or no finished
+trial ends the search with one line, its parent run ``FAILED`` with the reason), the Pareto front of a multi-objective search, the
 confirm stage (:mod:`.confirm`) and the test evaluation of each config it kept, the champion
-evaluated once on test and registered (:mod:`.champion`'s alias rule), the parent run
-``FINISHED``, and the figures and description drawn a last time (:mod:`.publish`).
+evaluated once on test and registered (:mod:`difftune.search.records.champion`'s alias
+rule), the parent run ``FINISHED``, and the figures and description drawn a last time
+(:mod:`difftune.search.report.publish`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.tracking import MlflowClient
+from ray.tune import ResultGrid
 
 from difftune.search.records.best import Candidate, rank_trials, result_candidates
 from difftune.search.records.champion import log_champion
@@ -26,6 +28,9 @@ from difftune.search.records.pareto import log_front
 from difftune.search.records.tracking import trial_run_ids
 from difftune.search.records.trials import first_line, store_is_away
 from difftune.search.records.uris import TrackingError
+from difftune.search.report.console import SearchConsole
+from difftune.search.report.publish import LiveReport, final_publish
+from difftune.search.run.confirm import confirm_top
 from difftune.search.space.spec import Space
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import DataError
@@ -33,12 +38,6 @@ from difftune.trainables.errors import SearchFailed
 from difftune.trainables.params import decode
 from difftune.trainables.train.grid import GRID_BEST, with_point
 from difftune.trainables.trainable import FAILURE_KEY, RuntimeOptions
-
-if TYPE_CHECKING:
-    from ray.tune import ResultGrid
-
-    from difftune.search.report.console import SearchConsole
-    from difftune.search.report.publish import LiveReport
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +90,6 @@ def _fail(client: MlflowClient, parent: str, message: str,
     except Exception as exc:  # noqa: BLE001 - the error in flight is the one to report
         logger.error("could not record why search run %s failed: %s", parent, first_line(exc))
     mark(client, parent, "FAILED")
-    from difftune.search.report.publish import final_publish
-
     final_publish(client, parent, report)
 
 
@@ -140,8 +137,6 @@ def finish_search(results: ResultGrid, space: Space, *, client: MlflowClient, pa
     try:
         champions, tested = ranked, {}
         if int(s.get("confirm_top") or 0) > 0:  # the champion is the best confirmed
-            from difftune.search.run.confirm import confirm_top
-
             with console.library_stdout() if console is not None else contextlib.nullcontext():
                 champions, result.confirmed = confirm_top(
                     space, ranked, runtime=runtime, tracking_uri=tracking_uri, parent=parent,
@@ -159,8 +154,6 @@ def finish_search(results: ResultGrid, space: Space, *, client: MlflowClient, pa
     # FINISHED last: a search whose driver died before its champion was registered is
     # resumable, and --resume of a FINISHED one has nothing to do
     while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
-    from difftune.search.report.publish import final_publish
-
     result.figures = final_publish(client, parent, report)
     return result
 
@@ -221,9 +214,9 @@ def _champion(best: Candidate, result: SearchResult, space: Space, *, client: Ml
 
 def while_away(what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, called again every 5 s while the tracking store is away (as the trials'
-    records wait: :func:`~.mlflow_trials.store_is_away`), up to ``DIFFTUNE_MLFLOW_WAIT_S``
-    (default 300) seconds: a server that goes away as the search ends costs a wait, not the
-    search."""
+    records wait: :func:`~difftune.search.records.trials.store_is_away`), up to
+    ``DIFFTUNE_MLFLOW_WAIT_S`` (default 300) seconds: a server that goes away as the search
+    ends costs a wait, not the search."""
     wait_s = float(os.environ.get("DIFFTUNE_MLFLOW_WAIT_S", "300"))
     deadline = time.monotonic() + wait_s
     warned = False

@@ -151,6 +151,30 @@ def check_objectives(name: str, search: dict[str, Any], given: dict[str, Any]) -
     search["objectives"] = [dict(o) for o in objectives]
 
 
+def check_scheduler(space: Any, pins: dict[str, Any]) -> None:
+    """What ASHA (``ASHAScheduler``) asserts of its settings, as one line naming them: the
+    most epochs a trial runs (its ``max_t``) is at least ``search.grace_period`` (ASHA stops
+    no trial before it); the other limits (grace_period >= 1, reduction_factor > 1, epochs >=
+    1) are :data:`SEARCH_LIMITS` and the trial settings' own. ``pins``: the ``--set``
+    settings, named by their flag."""
+    grace, max_t = int(space.search["grace_period"]), space.max_epochs()
+    if max_t >= grace:
+        return
+    at = f"space {space.name}"
+    if "epochs" in pins:
+        who = f"--set epochs={pins['epochs']!r}"
+    elif "epochs" in space.fixed:
+        who = f"{at}: fixed.epochs={space.fixed['epochs']!r}"
+    elif "epochs" in space.params:
+        who = f"{at}: params.epochs (at most {max_t})"
+    else:
+        who = f"{at}: epochs (unset: the default {max_t})"
+    raise SpaceError(f"{who} is below search.grace_period={grace} of space {space.name} (ASHA "
+                     "stops no trial before its grace period, so every trial may run that many "
+                     f"epochs); allowed: epochs >= {grace}, or a space file with "
+                     f"search.grace_period <= {max_t}")
+
+
 def check_label_fraction(name: str, value: Any) -> None:
     """A fraction in (0, 1] or the file listing the images to keep."""
     if isinstance(value, str) and not _number(value):

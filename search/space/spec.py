@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,7 @@ from difftune.search.space.checks import (
     check_label_fraction,
     check_objectives,
     check_params,
+    check_scheduler,
     check_search,
     safe_load,
     values_of,
@@ -294,12 +296,14 @@ def load_space(
         search["mode"] = "min" if search["metric"] == "val_loss" else "max"
     check_search(name, search, flags)
     check_objectives(name, search, given_search)
+    # every path a user gives is made absolute here, once, on the driver: trials run in
+    # other working directories (Ray's), where a relative path names nothing
     space = Space(
         name=name,
-        model=model or raw.get("model") or "demo",
-        checkpoint=checkpoint if checkpoint is not None else raw.get("checkpoint"),
-        data=data or raw.get("data") or "digits",
-        label_fraction=raw.get("label_fraction"),
+        model=user_path(model or raw.get("model") or "demo", keep=MODEL_PRESETS),
+        checkpoint=user_path(checkpoint if checkpoint is not None else raw.get("checkpoint")),
+        data=user_path(data or raw.get("data") or "digits", keep=("digits",)),
+        label_fraction=user_path(raw.get("label_fraction")),
         search=search,
         fixed=dict(raw.get("fixed") or {}),
         params=dict(raw.get("params") or {}),
@@ -310,6 +314,8 @@ def load_space(
         raw=raw,
         grid=grid_axes(raw.get("grid"), f"space {name}"),
     )
+    if "label_fraction" in space.fixed:
+        space.fixed["label_fraction"] = user_path(space.fixed["label_fraction"])
     for k in space.fixed:
         if k not in TRIAL_KEYS:
             raise SpaceError(f"space {name}: fixed.{k} is not a trial setting; "
@@ -321,7 +327,29 @@ def load_space(
         _apply_pins(space, overrides)
     _validate_against_model(space)
     check_grid(space, f"space {space.name}")
+    check_scheduler(space, overrides or {})
     return space
+
+
+#: model names that are presets, not paths
+MODEL_PRESETS = ("demo", "paper256")
+
+
+def user_path(value: Any, *, keep: tuple[str, ...] = ()) -> Any:
+    """``value`` made absolute against the working directory when it is a relative file
+    path; names in ``keep`` (presets), numbers, URIs and None stay as they are."""
+    if not isinstance(value, str) or not value or value in keep or "://" in value \
+            or _number(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _validate_against_model(space: Space) -> None:
@@ -384,4 +412,4 @@ def _apply_pins(space: Space, pins: dict[str, Any]) -> None:
             for sub in head["choice"].values():
                 if sub and k in sub:
                     del sub[k]
-        space.fixed[k] = v
+        space.fixed[k] = user_path(v) if k == "label_fraction" else v

@@ -10,7 +10,9 @@
   Kubernetes' own ``PodTemplateSpec`` schema;
 - and the settings difftune relies on: a CPU head that runs no trial, GPU workers, token
   authentication, one shared folder declared in ``$DIFFTUNE_SHARED_PATHS`` and mounted on
-  every node, difftune installed, entrypoints that difftune's CLI parses.
+  every node, difftune installed, entrypoints that difftune's CLI parses, an MLflow server
+  that asks for a password (MLflow's basic-auth app) and no password on any command line or
+  inline in any file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +106,15 @@ def test_launcher_nodes_share_a_folder_install_difftune_and_use_token_auth(launc
 
 
 def test_the_mlflow_servers_have_sqlalchemys_postgresql_driver(launcher):
-    """SQLAlchemy 2.1 reads postgresql:// with psycopg 3 (psycopg2 is not enough)."""
+    """SQLAlchemy 2.1 reads postgresql:// with psycopg 3 (psycopg2 is not enough); the
+    basic-auth app needs mlflow's auth extra (Flask-WTF)."""
     name, cfg = launcher
     setup = " ".join(cfg["head_setup_commands"])
     assert '"psycopg[binary]>=3.1"' in setup and "psycopg2" not in setup
+    assert '"mlflow[auth]>=3.0"' in setup
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert '"psycopg[binary]>=3.1"' in dockerfile and "psycopg2" not in dockerfile
+    assert '"mlflow[auth]"' in dockerfile
 
 
 # ------------------------------------------------------------------------------- KubeRay
@@ -311,6 +317,136 @@ def test_mlflow_server_is_reachable_by_its_service_name():
     port = service["spec"]["ports"][0]["port"]
     assert f"{name}:{port}" in hosts and f"http://{name}:{port}" == "http://mlflow:5000"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+# ------------------------------------------------------- the tracking server's password
+
+#: ``scheme://user:password@`` in a URI
+USERINFO_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:[^@\s/'\"]+@")
+
+
+def test_basic_auth_is_an_app_the_installed_mlflow_serves():
+    from importlib.metadata import entry_points
+
+    assert "basic-auth" in {e.name for e in entry_points(group="mlflow.app")}
+
+
+def test_launchers_start_mlflow_with_basic_auth_and_the_driver_logs_in_from_a_file(launcher):
+    name, cfg = launcher
+    head = " ".join(cfg["head_start_ray_commands"])
+    server = head[head.index("mlflow server"):]
+    assert "mlflow server --app-name basic-auth --host 0.0.0.0" in server
+    # the admin, the session key and the clients' login come from files the user writes
+    assert cfg["file_mounts"]["~/.difftune/mlflow.env"] == "~/.difftune/mlflow.env"
+    assert cfg["file_mounts"]["~/.difftune/mlflow-client.env"] == "~/.difftune/mlflow-client.env"
+    (ray_head,) = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    login = "set -a; . ~/.difftune/mlflow-client.env; set +a;"
+    assert login in ray_head and ray_head.index(login) < ray_head.index("ray start --head")
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert "mlflow" not in worker  # workers never talk to MLflow
+    text = LAUNCHERS[name].read_text()
+    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD=", "MLFLOW_TRACKING_PASSWORD=",
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY="):
+        assert secret not in text, secret
+    assert not USERINFO_PASSWORD.search(text)
+
+
+def test_kuberay_mlflow_asks_for_a_password_from_secrets_only():
+    docs = {doc["kind"]: doc for _, doc in kuberay_docs()}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--app-name=basic-auth" in container["args"]
+    # the admin and the session key: the Secret "mlflow" (envFrom); no value inline
+    assert container["envFrom"] == [{"secretRef": {"name": "mlflow"}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert not [n for n, e in env.items()
+                if re.search("PASSWORD|SECRET|TOKEN", n) and "value" in e], env
+    # basic_auth.ini (where the users are kept) from a Secret, mounted read-only
+    config = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == config.parent]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "mlflow-auth"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"  # open under basic-auth
+
+
+@pytest.mark.parametrize("name, spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_the_kuberay_driver_logs_in_to_mlflow_from_a_secret(name, spec):
+    """The driver runs on the head: its MLflow login comes from the Secret "mlflow-client";
+    no worker pod holds it (workers never talk to MLflow)."""
+    for group, template in pod_templates(spec):
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        login = {k: env.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        if group == "head":
+            for key, e in login.items():
+                assert e is not None and "value" not in e, (group, key)
+                assert e["valueFrom"]["secretKeyRef"] == {"name": "mlflow-client", "key": key}
+        else:
+            assert login == dict.fromkeys(login), group
+
+
+def test_no_password_inline_in_any_cluster_file():
+    for path in [*LAUNCHERS.values(), *KUBERAY, CLUSTER / "Dockerfile"]:
+        code = "\n".join(line.split(" #")[0] for line in path.read_text().splitlines()
+                         if not line.lstrip().startswith("#"))  # comments may name them
+        assert not USERINFO_PASSWORD.search(code), path
+        assert not re.search(r"(PASSWORD|SECRET_KEY)\s*[=:]\s*[\"']?\w", code), path
+
+
+def _readme_blocks(lang: str) -> list[str]:
+    text = (CLUSTER / "README.md").read_text()
+    return [textwrap.dedent(b) for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
+
+
+def test_no_command_in_the_readme_puts_a_password_on_its_command_line():
+    """A password in a command (kubectl --from-literal, a URI, an env assignment, a
+    here-document) is in `ps` and in the shell's history: the README's commands read
+    passwords from files and the environment only."""
+    commands = _readme_blocks("bash")
+    assert len(commands) > 10
+    for block in commands:
+        assert not USERINFO_PASSWORD.search(block), block
+        assert "--from-literal" not in block, block
+        assert not re.search(r"PASSWORD=\S", block), block
+        assert not re.search(r"<<\s*'?EOF", block) or "PASSWORD" not in block, block
+    lines = [line for b in commands for line in b.replace("\\\n", " ").splitlines()]
+    for argv in (shlex.split(line.split(" #")[0]) for line in lines
+                 if line.strip().startswith("difftune ")):
+        assert not any(USERINFO_PASSWORD.search(a) for a in argv), argv
+
+
+def test_the_readmes_basic_auth_ini_is_what_mlflow_reads(tmp_path, monkeypatch):
+    import importlib.util
+
+    import mlflow
+
+    # mlflow's own reader (mlflow/server/auth/config.py), without the auth app's package,
+    # whose import needs Flask-WTF (mlflow[auth], installed on the servers, not here)
+    path = Path(mlflow.__file__).parent / "server" / "auth" / "config.py"
+    spec = importlib.util.spec_from_file_location("mlflow_auth_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    read_auth_config = module.read_auth_config
+    (ini,) = _readme_blocks("ini")
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    config = read_auth_config()
+    assert config.database_uri.startswith("postgresql://") and config.admin_username == "admin"
+    assert config.admin_password is None  # it comes from the Secret's environment
+    assert config.default_permission == "READ"
+
+
+def test_the_readme_documents_the_client_side_of_basic_auth():
+    text = " ".join((CLUSTER / "README.md").read_text().split())
+    for needle in ("--app-name basic-auth", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                   "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY", "set -a; . ~/.difftune/mlflow-client.env; set +a",
+                   "create secret generic mlflow-client --from-env-file=mlflow-client.env",
+                   "--from-file=basic_auth.ini"):
+        assert needle in text, needle
 
 
 # ----------------------------------------------------------------------- the stand-ins

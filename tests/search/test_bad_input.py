@@ -150,6 +150,47 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeyp
     assert not (tmp_path / "x.yaml").exists()
 
 
+@pytest.mark.parametrize("space, argv, says", [
+    ("linear", ["--set", "epochs=1"],
+     "--set epochs=1 is below search.grace_period=7 of space linear (ASHA stops no trial "
+     "before its grace period, so every trial may run that many epochs); allowed: epochs >= 7, "
+     "or a space file with search.grace_period <= 1"),
+    ("model: demo\nsearch: {grace_period: 5}\nfixed: {epochs: 3}\n", [],
+     "space s: fixed.epochs=3 is below search.grace_period=5"),
+    ("model: demo\nsearch: {grace_period: 5}\nparams:\n  epochs: {choice: [2, 4]}\n", [],
+     "space s: params.epochs (at most 4) is below search.grace_period=5"),
+])
+def test_a_setting_the_scheduler_refuses_is_one_line_before_ray_starts(
+        tmp_path, monkeypatch, capsys, space, argv, says):
+    """ASHA asserts grace_period <= max_t (Ray's AssertionError, a traceback, once the Tuner
+    is built): the space check says it first, naming the settings."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    if "\n" in space:
+        (tmp_path / "s.yaml").write_text(space)
+        space = str(tmp_path / "s.yaml")
+    rc = main(["search", "--space", space, *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("difftune search: error: ") and says in err[0], err[0]
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["s.yaml"] if argv == [] else [])
+
+
+def test_the_scheduler_takes_every_space_the_checks_let_through():
+    """At the edge (epochs == grace_period) Ray's ASHAScheduler is built as the Tuner builds
+    it: what the check lets through, the scheduler takes."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from difftune.search.space.spec import load_space, parse_set
+
+    space = load_space("linear", overrides=parse_set(["epochs=7"]))
+    s = space.search
+    ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs(),
+                  grace_period=int(s["grace_period"]), reduction_factor=float(s["reduction_factor"]))
+
+
 def test_a_bad_number_in_the_environment_is_one_line(tmp_path, monkeypatch, capsys):
     """$DIFFTUNE_MLFLOW_WAIT_S is read when the search ends: it is checked before it starts."""
     monkeypatch.chdir(tmp_path)

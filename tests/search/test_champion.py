@@ -5,6 +5,7 @@ where it was, saying why."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -77,3 +78,95 @@ def test_a_metric_no_trial_reports_is_one_clear_error(tmp_path, capsys):
     assert rc == 2 and len(err) == 1
     assert "search.metric='train_loss'" in err[0] and "val_loss" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def _forbid_unpickling(monkeypatch) -> None:
+    """Every way a pickle is read (``torch.load(weights_only=False)`` subclasses
+    ``pickle.Unpickler``; cloudpickle loads through pickle) raises from here on."""
+    import pickle
+
+    class Forbidden(pickle.Unpickler):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("unpickling is forbidden here")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling is forbidden here")
+
+    monkeypatch.setattr(pickle, "Unpickler", Forbidden)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+def test_every_artifact_of_the_champion_loads_without_unpickling(tmp_path, monkeypatch):
+    """The champion in a real sqlite store: the bare head is a head checkpoint (state_dict +
+    spec), every .pt loads with weights_only=True, nothing is a pickled model, the package
+    and the demo U-Net are logged once; with unpickling forbidden, the bare head and the
+    registered classifier load and agree with the head that was logged."""
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    from difftune.search.records.champion import HEAD_ARTIFACT, load_logged_head, log_champion
+    from difftune.trainables.config import TrialConfig
+    from difftune.trainables.data.datasets import load_dataset
+    from difftune.trainables.heads import build_head
+    from difftune.trainables.heads.checkpoint import save_head
+    from difftune.trainables.model.classify import classify
+    from difftune.trainables.model.features import block_shapes
+    from difftune.trainables.model.unet import shared_unet
+
+    cfg = TrialConfig(head="linear", block=10, t=30, pool=2, epochs=1)
+    unet = shared_unet("demo", None)
+    shapes = {(30, 10): (block_shapes(unet[0])[10][0], 2, 2)}
+    torch.manual_seed(0)
+    head = build_head(cfg, shapes, 10).eval()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    save_head(tmp_path / "ckpt", head, cfg, epoch=1, shapes=shapes, num_classes=10,
+              optimizer=opt, scheduler=sched)  # as a trial writes it: optimizer state too
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("c", artifact_location=str(tmp_path / "artifacts"))
+    parent, child = (client.create_run(exp).info.run_id for _ in range(2))
+    log_champion(client, tracking_uri=uri, parent_run_id=parent, best_run_id=child,
+                 checkpoint_dir=str(tmp_path / "ckpt"), model_name="c",
+                 best_config=cfg.to_dict(), metric_value=0.0)
+
+    # what the champion's run holds: its artifacts and the models logged from it
+    mlflow.set_tracking_uri(uri)
+    local = tmp_path / "all"
+    client.download_artifacts(child, "", str(local))
+    models = mlflow.search_logged_models(experiment_ids=[exp], output_format="list",
+                                         filter_string=f"source_run_id = '{child}'")
+    assert [m.name for m in models] == ["classifier"]  # no pickled "head" model beside it
+    for m in models:
+        mlflow.artifacts.download_artifacts(f"models:/{m.model_id}", dst_path=str(local / m.name))
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert {f"{HEAD_ARTIFACT}/head.pt", f"{HEAD_ARTIFACT}/meta.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".pth", ".pkl", ".pickle"))], files
+    assert not [f for f in files if f.startswith("head/")], files  # no pytorch-flavor model
+    weights = [f for f in files if f.endswith(".pt")]
+    for f in weights:
+        torch.load(local / f, map_location="cpu", weights_only=True)
+    state = torch.load(local / HEAD_ARTIFACT / "head.pt", weights_only=True)
+    assert set(state) == {"head"}  # the head alone: no optimizer state
+    # one copy of the package and of the demo U-Net per search
+    assert [f for f in files if f.endswith("difftune/__init__.py")] == \
+        ["classifier/code/difftune/__init__.py"], files
+    assert [f for f in files if f.endswith("demo_unet.pt")] == \
+        ["classifier/artifacts/unet/demo_unet.pt"], files
+    assert sum((local / f).stat().st_size for f in files) < 12e6
+
+    _forbid_unpickling(monkeypatch)
+    with pytest.raises(AssertionError, match="forbidden"):  # the guard holds
+        torch.load(local / HEAD_ARTIFACT / "head.pt", weights_only=False)
+    loaded, loaded_cfg, _ = load_logged_head(client, child, dest=tmp_path / "head")
+    assert loaded_cfg == cfg
+    x = {(30, 10): torch.randn(5, *shapes[(30, 10)])}
+    assert torch.equal(loaded(x), head(x))
+    val, _ = load_dataset("digits", split="val", image_size=16)
+    images = torch.stack([val[i][0] for i in range(4)])
+    table = mlflow.pyfunc.load_model("models:/c@champion").predict(images.numpy())
+    expected = classify(unet, head, cfg, images)
+    assert np.allclose(table.probability, expected.max(dim=1).values.numpy(), atol=1e-5)

@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
+from difftune.search.records.champion import load_logged_head
 from difftune.trainables.heads.checkpoint import load_head
 from difftune.trainables.train.grid_train import GRID_FILE, read_resume_state
 
@@ -70,7 +71,7 @@ def test_checkpoints_and_the_champion_hold_the_best_head_alone(searched, tmp_pat
     head, cfg, _ = load_head(ckpt)
     assert cfg.lr == json.loads(best.data.tags["grid_best"])["lr"]
     mlflow.set_tracking_uri(searched["uri"])
-    champion = mlflow.pytorch.load_model(f"runs:/{version.run_id}/head").eval()
+    champion, _, _ = load_logged_head(client, version.run_id, dest=tmp_path / "logged")
     x = {k: torch.randn(3, *s) for k, s in
          ((tuple(k), tuple(v)) for k, v in json.loads(
              (tmp_path / "head_checkpoint" / "meta.json").read_text())["shapes"])}

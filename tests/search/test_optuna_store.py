@@ -58,3 +58,41 @@ def test_bad_storage_is_one_clear_error_before_anything_is_written(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--optuna-storage" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("objectives", [
+    [{"metric": "val_top1", "mode": "max"}],
+    [{"metric": "val_top1", "mode": "max"}, {"metric": "gflops", "mode": "min"}],
+])
+def test_the_study_names_its_objectives(tmp_path, objectives):
+    """The study OptunaSearch asks and tells (Ray Tune's, with load_if_exists) is the one
+    name_objectives made: optuna-dashboard shows val_top1, not "Objective 0"."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from difftune.search.records.optuna_store import name_objectives
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    name_objectives(open_storage(url), "s", objectives)
+    metrics = [o["metric"] for o in objectives]
+    multi = len(objectives) > 1
+    def define_by_run(trial) -> None:
+        trial.suggest_float("x", 0, 1)
+
+    searcher = OptunaSearch(
+        define_by_run,
+        metric=metrics if multi else metrics[0],
+        mode=[o["mode"] for o in objectives] if multi else objectives[0]["mode"],
+        storage=open_storage(url), study_name="s", seed=0)
+    config = searcher.suggest("t1")
+    assert 0 <= config["x"] <= 1
+    searcher.on_trial_complete("t1", {m: 0.5 for m in metrics})
+    study = optuna.load_study(study_name="s", storage=open_storage(url))
+    assert study.metric_names == metrics
+    assert [d.name for d in study.directions] == \
+        ["MAXIMIZE" if o["mode"] == "max" else "MINIMIZE" for o in objectives]
+    assert [t.values for t in study.trials] == [[0.5] * len(metrics)]
+    columns = set(study.trials_dataframe().columns)
+    assert all(f"values_{m}" in columns or f"value_{m}" in columns for m in metrics), columns
+    # a resumed search names them again without a second study
+    name_objectives(open_storage(url), "s", objectives)
+    assert len(optuna.get_all_study_names(open_storage(url))) == 1

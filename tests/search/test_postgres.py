@@ -94,19 +94,23 @@ params:
 """
 
 
-def test_a_database_uri_is_checked_before_anything_starts(postgres, tmp_path, capsys):
+def test_a_database_uri_is_checked_before_anything_starts(postgres, tmp_path, capsys,
+                                                          monkeypatch):
+    """(The URI with its password comes from $MLFLOW_TRACKING_URI: on the command line it
+    would be refused, see test_secrets.)"""
     wrong = postgres["uri"].replace(PASSWORD, "not-the-password")
     missing_driver = postgres["uri"].replace("postgresql://", "postgresql+pg8000://")
     for uri, says in ((wrong, 'password authentication failed for user "mlflow"'),
                       (missing_driver, "its database driver pg8000 is not installed; "
                                        "pip install 'pg8000'")):
-        rc = main(["search", "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
-                   "--experiment", "refused"])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        rc = main(["search", "--storage", str(tmp_path / "runs"), "--experiment", "refused"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1, err
         assert says in err[0] and "not-the-password" not in err[0] and PASSWORD not in err[0]
     assert not (tmp_path / "runs").exists()
-    rc = main(["search", "--resume", "refused", "--tracking-uri", wrong])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", wrong)
+    rc = main(["search", "--resume", "refused"])
     assert rc == 2 and "password authentication failed" in capsys.readouterr().err
 
 

@@ -16,12 +16,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
-from difftune.search.records.pareto import dominates, front_of
+from difftune.search.records.pareto import dominates
 from difftune.search.records.tracking import TAG_CONFIG, TAG_ROLE, TAG_TRIAL, start_parent_run
 from difftune.search.report.description import NOTE_TAG, note
+from difftune.search.report.draw import write_figures
 from difftune.search.report.figures import grid_cells
-from difftune.search.report.gather import gather, trial_label, write_figures
+from difftune.search.report.gather import gather, trial_label
 from difftune.search.report.optuna_figures import importance_params, paper_trial_number, study_of
+from difftune.search.report.pareto_figure import front_of
 from difftune.search.space.spec import load_space
 
 FIGURES = ["block_timestep", "slices", "importances", "history", "cost", "curves"]

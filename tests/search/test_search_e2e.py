@@ -99,7 +99,7 @@ def test_paper_config_was_enqueued(searched):
     assert len(paper) == 1
 
 
-def test_champion_alias_points_at_the_best_child(searched):
+def test_champion_alias_points_at_the_best_child(searched, tmp_path):
     client = searched["client"]
     best = searched["best"]
     assert best.data.metrics["val_top1"] == max(r.data.metrics["val_top1"]
@@ -109,7 +109,9 @@ def test_champion_alias_points_at_the_best_child(searched):
     mlflow.set_tracking_uri(searched["uri"])
     # registered: the image classifier; beside it on the run, the bare head
     assert mlflow.models.get_model_info("models:/e2e-head@champion").signature is not None
-    head = mlflow.pytorch.load_model(f"runs:/{version.run_id}/head")
+    from difftune.search.records.champion import load_logged_head
+
+    head, _, _ = load_logged_head(client, version.run_id, dest=tmp_path)  # nothing unpickled
     cfg = json.loads(best.data.tags["difftune.config"])
     assert head.key == (cfg["t"], cfg["block"])
     norm = head.norm if hasattr(head, "norm") else head.net[0]  # linear or MLP head
@@ -201,7 +203,7 @@ def test_the_closing_export_command_runs_as_printed(searched, tmp_path):
     line = follow_up(searched["uri"], "e2e").splitlines()[1]
     command = line.split(":", 1)[1].strip()
     assert command.startswith("difftune export --experiment e2e --tracking-uri ")
-    python = f"{sys.executable} -m difftune.search.cli"  # `difftune` of this environment
+    python = f"{sys.executable} -m difftune"  # `difftune` of this environment
     done = subprocess.run(["bash", "-c", command.replace("difftune", python, 1)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

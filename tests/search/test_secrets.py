@@ -94,8 +94,39 @@ def test_printed_follow_up_commands_can_be_pasted():
     assert "$MLFLOW_TRACKING_URI must hold" in secret
 
 
-def test_ui_of_a_server_is_one_line_naming_its_own_ui(capsys):
-    rc = main(["ui", "--tracking-uri", "http://alice:pw@127.0.0.1:5999"])
+@pytest.mark.parametrize("argv, uri, allowed", [
+    (["search"], "--tracking-uri postgresql://mlflow:S3CRET@db.example/mlflow",
+     "allowed: postgresql://mlflow@db.example/mlflow with the password in $PGPASSWORD or "
+     "~/.pgpass, or the whole URI in $MLFLOW_TRACKING_URI and --tracking-uri left out"),
+    (["export", "--experiment", "x"], "--tracking-uri http://alice:S3CRET@mlflow.example:5000",
+     "allowed: http://mlflow.example:5000 with the user and password in "
+     "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD"),
+    (["ui"], "--tracking-uri mysql+pymysql://root:S3CRET@db/mlflow", "$MLFLOW_TRACKING_URI"),
+    (["search"], "--optuna-storage postgresql://optuna:S3CRET@db.example/optuna",
+     "allowed: postgresql://optuna@db.example/optuna with the password in $PGPASSWORD or "
+     "~/.pgpass"),
+])
+def test_a_password_on_the_command_line_is_refused(tmp_path, capsys, monkeypatch, argv, uri,
+                                                   allowed):
+    """`ps` shows a command line to every user of the machine, and Ray records the driver's
+    as the job's entrypoint: a URI with a password given there is one line, exit 2, naming
+    where the password belongs; nothing starts."""
+    monkeypatch.chdir(tmp_path)
+    flag, value = uri.split(" ")
+    rc = main([*argv, flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"difftune {argv[0]}: error: argument {flag}: ")
+    assert "holds a password" in err[0] and allowed in err[0] and "S3CRET" not in err[0]
+    assert list(tmp_path.iterdir()) == []  # no store, no runs folder
+    # a user name alone is no secret: the same URI without its password passes the parser
+    bare = value.replace(":S3CRET", "")
+    assert main([*argv, flag, bare, "--help"]) == 0
+
+
+def test_ui_of_a_server_is_one_line_naming_its_own_ui(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw@127.0.0.1:5999")
+    rc = main(["ui"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pw" not in err[0].replace("open", "")
     assert "is an MLflow server" in err[0] and "open http://127.0.0.1:5999/" in err[0]
@@ -116,7 +147,7 @@ def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path
         deadline = time.monotonic() + 120
         def after_exec() -> str:  # /proc/PID/cmdline reads empty while execve swaps images
             line = " ".join(psutil.Process(proc.pid).cmdline())
-            return line if line and "difftune.search.cli" not in line else ""
+            return line if line and " -m difftune " not in f"{line} " else ""
 
         while not after_exec():
             assert proc.poll() is None, f"difftune ui exited: {proc.stdout.read()}"
@@ -130,3 +161,67 @@ def test_ui_prints_the_store_redacted_and_keeps_it_off_the_command_line(tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture
+def login_server():
+    """An HTTP server that, like `mlflow server --app-name basic-auth`, answers 401 to a
+    request without the right basic-auth login (MLflow's auth app needs Flask-WTF, which
+    the test environment does not install)."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    right = "Basic " + base64.b64encode(b"difftune:right-password").decode()
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's hook
+            seen.append(self.path)
+            ok = self.headers.get("Authorization") == right
+            body = b'{"experiments": []}' if ok else b"You are not authenticated."
+            self.send_response(200 if ok else 401)
+            if not ok:
+                self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_asks_for_a_login_is_checked_before_anything_starts(
+        login_server, tmp_path, capsys, monkeypatch):
+    from difftune.search.records.uris import check_reachable
+
+    url, seen = login_server
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    cases = [
+        ({}, f"--tracking-uri {url} asks for a user and password (HTTP 401); allowed: "
+             "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD in the environment"),
+        ({"MLFLOW_TRACKING_USERNAME": "difftune", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+         f"--tracking-uri {url} refused the password of user 'difftune' (HTTP 401)"),
+    ]
+    for env, says in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        for argv in (["export", "--experiment", "x", "--out", str(tmp_path / "b.yaml")],
+                     ["search", "--storage", str(tmp_path / "runs")]):
+            rc = main([*argv, "--tracking-uri", url])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1, err
+            assert says in err[0] and "wrong" not in err[0], err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert seen and all(p.startswith("/api/2.0/mlflow/experiments/search") for p in seen)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password")
+    check_reachable(url)  # the login MLflow's client will send is accepted

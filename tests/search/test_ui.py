@@ -114,3 +114,49 @@ def test_a_local_search_listens_on_loopback_only(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
     assert {"gcs_server", "raylet"} <= names  # the search started a Ray of its own
     assert len(seen) >= 3 and {addr for addr, _ in seen} <= LOOPBACK, sorted(seen)
+
+
+def test_ui_prints_the_link_to_each_difftune_experiment(tmp_path):
+    """Beside its address, `difftune ui` prints the link a search prints to each difftune
+    experiment's runs (the shared view with the key columns, by the latest search's
+    metric); an experiment without a difftune search is not listed."""
+    from mlflow.tracking import MlflowClient
+
+    from difftune.search.records.tracking import start_parent_run
+    from difftune.search.report.ui_view import VIEW_TAG, experiment_view, view_link
+    from difftune.search.space.spec import load_space
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    ids = {}
+    for name in ("difftune-a", "difftune-b"):
+        space = load_space("demo").resolved()
+        if name.endswith("b"):
+            space["search"] = {**space["search"], "metric": "val_loss", "mode": "min"}
+        parent = start_parent_run(client, name, space_dict=space, runtime={},
+                                  tune_path=str(tmp_path / name), model_name=name)
+        ids[name] = client.get_run(parent).info.experiment_id
+        assert client.get_run(parent).data.params["metric"] == space["search"]["metric"]
+        time.sleep(0.01)  # b's search starts later
+    client.create_run(client.create_experiment("not-a-search"))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "difftune", "ui", "--tracking-uri",
+                             uri, "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        lines = [proc.stdout.readline().rstrip("\n") for _ in range(3)]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    address = f"http://127.0.0.1:{port}"
+    assert lines[0].startswith(f"MLflow UI on {address}  (mlflow ui on {uri})"), lines
+    exp = {name: client.get_experiment(i) for name, i in ids.items()}
+    want = {}
+    for name, metric in (("difftune-a", "val_top1"), ("difftune-b", "val_loss")):
+        key = experiment_view(client, ids[name], metric=metric)  # the same state: the same key
+        assert f"{VIEW_TAG}{key}" in exp[name].tags  # stored in the store the UI serves
+        assert f"`{metric}`" in exp[name].tags[f"{VIEW_TAG}{key}"]
+        want[name] = f"  {name}: {view_link(address, ids[name], key)}"
+    assert sorted(lines[1:]) == sorted(want.values()), lines
+    assert lines[1] == want["difftune-b"]  # the most recent search first
+    assert "workflowType=machine_learning" in lines[1] and "viewStateShareKey=" in lines[1]
