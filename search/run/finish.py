@@ -108,6 +108,11 @@ def finish_search(results: ResultGrid, space: Space, *, client: MlflowClient, pa
     if data_error:
         _fail(client, parent, data_error, report)
         raise DataError(data_error)
+    disk_error = next((c.data.metrics.get("error") for c in candidates
+                       if _failure(c.data) == "disk"), None)
+    if disk_error:  # not transient: every trial that writes would meet it
+        _fail(client, parent, disk_error, report)
+        raise SearchFailed(disk_error)
     ranked = rank_trials(candidates, mode=s["mode"])
     if not ranked:
         why = ", ".join(f"{n} {kind}" for kind, n in sorted(failed.items())) or "none reported"

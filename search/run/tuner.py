@@ -40,15 +40,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORAGE = "difftune_runs"
 
 
+#: failures that stop the whole search at the first trial that meets them: an image that
+#: cannot be decoded fails every trial that reads it, and a full disk every trial that writes
+STOP_ALL = ("data", "disk")
+
+
 class StopOnDataError(tune.Stopper):
-    """Stops the whole search at the first trial that reports a data error (an image that
-    cannot be decoded fails every trial that reads it)."""
+    """Stops the whole search at the first trial that reports a failure of
+    :data:`STOP_ALL` (a data error, a full disk)."""
 
     def __init__(self) -> None:
         self.seen = False
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        if result.get(FAILURE_KEY) == "data":
+        if result.get(FAILURE_KEY) in STOP_ALL:
             self.seen = True
         return bool(result.get(FAILURE_KEY))
 
