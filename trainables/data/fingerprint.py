@@ -15,18 +15,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune.trainables.data.splits import DEFAULT_HOLDOUT, SPLIT_SCHEME, SPLITS, split_source
+from difftune.trainables.data.splits import (
+    DEFAULT_HOLDOUT,
+    SPLIT_SCHEME,
+    SPLITS,
+    is_number,
+    split_source,
+)
 from difftune.trainables.errors import DataError
-
-
-def is_number(x: object) -> bool:
-    """Whether ``x`` reads as a number (a label fraction, not a file list)."""
-    try:
-        float(x)  # type: ignore[arg-type]
-        return True
-    except (TypeError, ValueError):
-        return False
-
 
 #: how :func:`files_fingerprint` reads a folder: ``size`` (relative paths and sizes) or
 #: ``content`` (relative paths and the bytes of every file)
