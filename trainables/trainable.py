@@ -121,7 +121,7 @@ def make_source(runtime: RuntimeOptions, device: str,
     if runtime.online:
         return OnlineFeatures(device=device)
     if runtime.cache:
-        # imported when used: the cache's storage back-ends stay off the other trials' path
+        # imported when used: pyarrow stays off the path of a trial without a cache
         from difftune.trainables.cache.feature_cache import FeatureCache
 
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,

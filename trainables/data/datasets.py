@@ -74,7 +74,7 @@ class TensorImages(Dataset):
 @functools.lru_cache(maxsize=8)
 def _digits_all(image_size: int) -> TensorImages:
     """All 1797 digits, resized to ``image_size``."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn only for the digits
 
     digits = load_digits()
     x = torch.from_numpy(digits.images).float() / 16.0 * 2.0 - 1.0  # [N x 8 x 8]
@@ -103,7 +103,7 @@ def _image_folder(root: Path, split: str, image_size: int, holdout: float,
 
 @functools.lru_cache(maxsize=8)
 def _folder(root: Path, folder: str, image_size: int, bad_images: str) -> Dataset:
-    from torchvision import datasets
+    from torchvision import datasets  # torchvision only for an ImageFolder
 
     folder_dir = split_dir(root, folder)
     try:
@@ -137,7 +137,7 @@ def image_transform(image_size: int):
     """A PIL RGB image -> [3 x image_size x image_size] in [-1, 1] (resize the short side,
     centre crop): what every image of a folder dataset, and every image a champion
     classifies, goes through."""
-    from torchvision import transforms
+    from torchvision import transforms  # torchvision only where images are read
 
     return transforms.Compose([
         transforms.Resize(image_size),
@@ -174,7 +174,7 @@ class CorruptImage(DataError):
 
 
 def _rgb_loader(path: str):
-    from PIL import Image
+    from PIL import Image  # Pillow only where image files are read
 
     # reading the bytes may hit a transient I/O error (an OSError that is retried); decoding
     # them fails the same way every time
@@ -190,7 +190,7 @@ def _rgb_loader(path: str):
 def bad_files(root: str, folder: str) -> tuple[str, ...]:
     """Image files under ``root/folder`` that cannot be opened as images (a header check and
     PIL's ``verify``, no full decode): what ``bad_images: skip`` leaves out."""
-    from PIL import Image
+    from PIL import Image  # Pillow only where image files are read
 
     bad = []
     for dirpath, dirnames, filenames in os.walk(Path(root) / folder):

@@ -48,7 +48,7 @@ def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size")
     source, _ = _split_source(name_or_path, split)
     h = hashlib.sha256(f"files|{source}|{data_hash}".encode())
     if name_or_path == "digits":
-        import sklearn
+        import sklearn  # only the digits' fingerprint names its version
 
         h.update(f"digits|sklearn-{sklearn.__version__}".encode())
         return h.hexdigest()[:16]

@@ -70,6 +70,7 @@ class SplitPart(Dataset):
 
 def digits_positions(split: str) -> list[int]:
     """Positions in the 1797 digits of ``split``: a fixed stratified 60/20/20 split."""
+    # scikit-learn is imported only for the digits (an ImageFolder search never needs it)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
