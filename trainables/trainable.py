@@ -36,7 +36,7 @@ from difftune.trainables.heads.checkpoint import (
     save_epoch,
 )
 from difftune.trainables.model.online import OnlineFeatures
-from difftune.trainables.pipeline import DirectFeatures, evaluate_on, run
+from difftune.trainables.pipeline import DirectFeatures, FeatureSource, evaluate_on, run
 from difftune.trainables.progress import DEFAULT_EVERY_S, PROGRESS_BOARD
 from difftune.trainables.train.grid import Grid
 from difftune.trainables.train.loop import Epoch, TrainingDiverged
@@ -115,7 +115,7 @@ class RuntimeOptions:
 
 
 def make_source(runtime: RuntimeOptions, device: str,
-                on_progress: Callable[[str], None] | None = None):
+                on_progress: Callable[[str], None] | None = None) -> FeatureSource:
     """The feature source for ``runtime``; ``on_progress`` takes the progress lines of long
     extractions."""
     if runtime.online:
