@@ -68,7 +68,13 @@ def resolve(config: dict[str, Any] | TrialConfig, grid: Grid | None = None) -> T
     Raises :class:`~.errors.ConfigError` for settings the trial cannot run with (the head
     kind's own checks included) and :class:`~.grid.GridError` for a grid it cannot train.
     """
-    cfg = checked_config(config if isinstance(config, TrialConfig) else decode(config))
+    settings = config if isinstance(config, TrialConfig) else decode(config)
+    if grid is None:
+        cfg = checked_config(settings)
+        cfgs, points = (cfg,), ({},)
+    else:  # every point is checked, the head kind's checks included
+        cfg = settings if isinstance(settings, TrialConfig) else TrialConfig.from_dict(settings)
+        cfgs, points = tuple(grid.configs(cfg)), tuple(grid.points())
     kind = head_kind(cfg.head)
     flags, _ = resolve_model(cfg.model, checkpoint=cfg.checkpoint)
     flags = {**full_flags(flags), "use_fp16": False}
@@ -78,10 +84,6 @@ def resolve(config: dict[str, Any] | TrialConfig, grid: Grid | None = None) -> T
         requests = tuple((t, b, min(p, costs[b].side)) if b in costs else (t, b, p)
                          for t, b, p in kind.requests(cfg))
     shapes = {(t, b): (costs[b].channels, p, p) for t, b, p in requests if b in costs}
-    if grid is None:
-        cfgs, points = (cfg,), ({},)
-    else:
-        cfgs, points = tuple(grid.configs(cfg)), tuple(grid.points())
     return Trial(cfg=cfg, kind=kind, flags=flags, geometry=geometry_of_flags(flags),
                  requests=requests, shapes=shapes, cfgs=cfgs, points=points, grid=grid,
                  steps=len({t for t, _, _ in requests}))
