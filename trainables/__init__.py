@@ -18,7 +18,7 @@ _EXPORTS = {
     "Geometry": "model.geometry", "geometry_of_flags": "model.geometry", "geometry_of_model": "model.geometry",
     "load_unet": "model.unet", "model_fingerprint": "model.unet",
     "Extractor": "model.features", "block_shapes": "model.features",
-    "BlockCost": "model.cost", "model_costs": "model.cost", "unet_costs": "model.cost", "trial_gflops": "model.cost",
+    "BlockCost": "model.cost", "model_costs": "model.cost", "unet_costs": "model.cost", "trial_gflops": "trial",
     "activation_bytes_per_image": "model.cost", "batch_for_memory": "model.cost", "entry_bytes": "model.cost",
     "load_dataset": "data.datasets", "load_image": "data.datasets", "class_names": "data.datasets",
     "files_fingerprint": "data.fingerprint", "data_fingerprint": "data.fingerprint",
@@ -35,7 +35,8 @@ _EXPORTS = {
     "save_head": "heads.checkpoint", "load_head": "heads.checkpoint",
     "probe_grid": "train.probe",
     "Grid": "train.grid", "GridError": "train.grid", "HeadGrid": "train.grid_heads", "build_grid": "train.grid_heads",
-    "run_grid_trial": "train.grid_train", "train_grid": "train.grid_train",
+    "run_grid_trial": "pipeline", "train_grid": "train.loop", "train_heads": "train.loop",
+    "Trial": "trial", "resolve": "trial", "checked_config": "heads",
     "Progress": "progress",
 }
 

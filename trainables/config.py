@@ -1,7 +1,10 @@
 """The configuration of one trial, built from the plain dict Ray Tune hands a trial.
 
 An unknown key is an error (a misspelled setting must fail loudly, never fall back to a
-default), and so is a value of the wrong kind.
+default), and so is a value of the wrong kind. This module knows no head: the settings of one
+kind of head (its name included) are checked by that kind
+(:func:`difftune.trainables.heads.checked_config`, run when a trial is resolved,
+:func:`difftune.trainables.trial.resolve`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from typing import Any
 
 from difftune.trainables.data.datasets import BAD_IMAGES
 from difftune.trainables.errors import ConfigError
-from difftune.trainables.heads import HEAD_TYPES, head_kind
 
 OPTIMIZERS = ("sgd", "adamw")
 
-__all__ = ["HEAD_TYPES", "LIMITS", "OPTIMIZERS", "ConfigError", "Limit", "TrialConfig",
+__all__ = ["LIMITS", "OPTIMIZERS", "ConfigError", "Limit", "TrialConfig",
            "check_setting"]
 
 
@@ -125,9 +127,8 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for settings no trial can run with; each head kind
-        checks its own settings."""
-        kind = head_kind(self.head)
+        """Raise :class:`ConfigError` for settings no trial can run with (whatever its head;
+        each head kind checks its own settings, :func:`~difftune.trainables.heads.checked_config`)."""
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; allowed: {list(OPTIMIZERS)}")
         for name in LIMITS:
@@ -135,7 +136,6 @@ class TrialConfig:
         if self.bad_images not in BAD_IMAGES:
             raise ConfigError(f"bad_images={self.bad_images!r} is invalid; allowed: "
                               f"{list(BAD_IMAGES)}")
-        kind.validate(self)
 
 
 def check_setting(name: str, value: Any) -> Any:

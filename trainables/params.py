@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from difftune.trainables.config import TrialConfig
+
 HEAD_SEP = ":"
 SUBSET_SEP = "@"
 
@@ -64,8 +66,6 @@ def decode(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trial_config(raw: dict[str, Any]):
+def trial_config(raw: dict[str, Any]) -> TrialConfig:
     """A trial's flat config (as Ray Tune holds it) -> :class:`TrialConfig`."""
-    from difftune.trainables.config import TrialConfig
-
     return TrialConfig.from_dict(decode(raw))

@@ -1,10 +1,13 @@
-"""One trial without Ray: get what the head reads, build it, train it.
+"""One trial without Ray: get what its heads read, build them, train them (:func:`run`, on a
+:class:`~.trial.Trial` resolved once; :func:`run_trial` and :func:`run_grid_trial` resolve a
+config and run it).
 
 A feature head reads features from a *feature source*: :class:`DirectFeatures` extracts them
 in memory (once per trial), the Arrow feature cache (:mod:`.cache`) serves them across
-trials, and the online source (:mod:`.online`) recomputes them on every batch (the paper's
-way). A live head (DifFeed) reads images and runs the U-Net itself. Either way the head is
-trained by :func:`~.train.train_head` and reported through ``on_epoch``.
+trials, and the online source (:mod:`.model.online`) recomputes them on every batch (the
+paper's way). A live head (DifFeed) reads images and runs the U-Net itself. Either way the
+heads, one or a grid, are trained by :func:`~.train.loop.train_heads` and reported through
+``on_epoch``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from difftune.trainables.data.datasets import (
     targets_of,
 )
 from difftune.trainables.data.views import ViewCycle, view_batch
-from difftune.trainables.heads import Request, build_head, head_kind
-from difftune.trainables.model.cost import trial_gflops
+from difftune.trainables.heads import Request
 from difftune.trainables.model.features import Extractor, block_sizes
 from difftune.trainables.model.unet import shared_unet
-from difftune.trainables.train.loop import FeatureTensors, evaluate, train_head
+from difftune.trainables.train.grid import Grid
+from difftune.trainables.train.grid_heads import HeadGrid
+from difftune.trainables.train.loop import Epoch, FeatureTensors, evaluate, train_heads
+from difftune.trainables.trial import Trial, build_heads, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +189,14 @@ def image_data(cfg: TrialConfig, image_size: int, splits: Sequence[str] = SPLITS
     return TrialData({s: ImageItems(ds) for s, (ds, _) in loaded.items()}, {}, len(classes))
 
 
-def trial_data(cfg: TrialConfig, *, source: FeatureSource | None = None, device: str = "cpu",
+def trial_data(trial: Trial, *, source: FeatureSource | None = None, device: str = "cpu",
                splits: Sequence[str] = SPLITS) -> TrialData:
-    """What the head of ``cfg`` reads from ``splits``: images for a live head, else features
-    from ``source`` (default: extracted in memory)."""
-    kind = head_kind(cfg.head)
-    model, _ = shared_unet(cfg.model, cfg.checkpoint, device)
-    if kind.live_unet:
-        return image_data(cfg, model.image_size, splits)
+    """What the heads of ``trial`` read from ``splits``: images for a live head, else
+    features from ``source`` (default: extracted in memory)."""
+    if trial.kind.live_unet:
+        return image_data(trial.cfg, trial.geometry.image_size, splits)
     source = source or DirectFeatures(device=device)
-    return source.prepare(cfg, clamp_requests(model, kind.requests(cfg)), splits)
+    return source.prepare(trial.cfg, list(trial.requests), splits)
 
 
 def evaluate_on(head: torch.nn.Module, cfg: TrialConfig, split: str = "test", *,
@@ -201,9 +204,43 @@ def evaluate_on(head: torch.nn.Module, cfg: TrialConfig, split: str = "test", *,
     """Top-1 / top-5 (percent) and mean loss of a trained ``head`` on ``split``, keyed
     ``<split>_top1``, ``<split>_top5``, ``<split>_loss``: how the champion (and every
     confirmed config) is reported on test once a search has chosen it."""
-    data = trial_data(cfg, source=source, device=device, splits=(split,))
+    data = trial_data(resolve(cfg), source=source, device=device, splits=(split,))
     metrics = evaluate(data.wrap(head), data.splits[split], device=device)
     return {f"{split}_{k.split('_', 1)[1]}": v for k, v in metrics.items()}
+
+
+def run(
+    trial: Trial,
+    *,
+    source: FeatureSource | None = None,
+    device: str = "cpu",
+    on_epoch: Callable[[Epoch], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_data: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[HeadGrid, list[dict[str, Any]]]:
+    """Train and evaluate the heads of ``trial`` (one, or its grid's) in one pass over the
+    data of each epoch.
+
+    :param source: where feature heads' features come from (default: in memory).
+    :param on_epoch: called after every epoch with an :class:`~.train.loop.Epoch`.
+    :param resume: an :meth:`~.train.loop.Epoch.resume_state` to continue from.
+    :param on_data: called once the data is ready with ``{"shapes", "num_classes",
+        "grid"}`` (the heads, :class:`~.train.grid_heads.HeadGrid`, with their GFLOPs).
+    :return: ``(heads, per-epoch metrics of the best head)``.
+    """
+    unet = shared_unet(trial.cfg.model, trial.cfg.checkpoint, device)
+    data = trial_data(trial, source=source, device=device)
+    grid = build_heads(trial, data.shapes, data.num_classes, unet=unet)
+    if resume is not None:
+        if resume.get("heads") is not None:
+            grid.load_state_dict(resume["heads"])
+        if resume.get("extra") is not None:
+            grid.load_extra_state(resume["extra"])
+    if on_data is not None:
+        on_data({"shapes": data.shapes, "num_classes": data.num_classes, "grid": grid})
+    history = train_heads(grid, list(trial.cfgs), data.train, data.val, spec=trial.grid, device=device,
+                          wrap=data.wrap, on_epoch=on_epoch, resume=resume)
+    return grid, history
 
 
 def run_trial(
@@ -217,32 +254,49 @@ def run_trial(
     start_epoch: int = 0,
     on_data: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train and evaluate the head of ``cfg``.
+    """Train and evaluate the head of ``cfg``: :func:`run` on a grid of one.
 
-    :param source: where a feature head's features come from (default: in memory).
     :param on_epoch: called after every epoch with ``(epoch, metrics, head, optimizer,
         scheduler)``; ``head`` is the bare head (what a checkpoint holds).
+    :param head_state, optimizer_state, start_epoch: where to resume (``optimizer_state``:
+        ``{"optimizer", "scheduler"}``).
     :param on_data: called once the data is ready with ``{"shapes", "num_classes", "head",
-        "gflops"}`` (what a checkpoint needs to rebuild the head, and the trial's GFLOPs per
-        image, :func:`~.cost.trial_gflops`).
+        "gflops"}`` (what a checkpoint needs to rebuild the head, and its GFLOPs per image).
     :return: ``(head, per-epoch metrics)``.
     """
-    model, diffusion = shared_unet(cfg.model, cfg.checkpoint, device)
-    data = trial_data(cfg, source=source, device=device)
-    # counted before the head is built: building seeds the random state training starts from
-    gflops = trial_gflops(cfg, data.shapes, data.num_classes)
-    head = build_head(cfg, data.shapes, data.num_classes, unet=(model, diffusion))
-    if head_state is not None:
-        head.load_state_dict(head_state)
-    if on_data is not None:
-        on_data({"shapes": data.shapes, "num_classes": data.num_classes, "head": head,
-                 "gflops": gflops})
+    resume = None
+    if head_state is not None or optimizer_state is not None or start_epoch:
+        heads = None if head_state is None else {f"heads.0.{k}": v for k, v in head_state.items()}
+        resume = {"epoch": start_epoch, **(optimizer_state or {}), "heads": heads}
 
-    def report(epoch: int, metrics: dict[str, float], _trained, opt, sched) -> None:
+    def data_ready(info: dict[str, Any]) -> None:
+        grid = info["grid"]
+        if on_data is not None:
+            on_data({"shapes": info["shapes"], "num_classes": info["num_classes"],
+                     "head": grid.head(0), "gflops": grid.gflops[0]})
+
+    def report(ep: Epoch) -> None:
         if on_epoch is not None:
-            on_epoch(epoch, metrics, head, opt, sched)
+            on_epoch(ep.epoch, ep.metrics, ep.grid.head(0), ep.optimizer, ep.scheduler)
 
-    history = train_head(data.wrap(head), data.train, data.val, cfg, device=device,
-                         on_epoch=report, start_epoch=start_epoch,
-                         optimizer_state=optimizer_state)
-    return head, history
+    grid, history = run(resolve(cfg), source=source, device=device, on_epoch=report,
+                        resume=resume, on_data=data_ready)
+    return grid.head(0), history
+
+
+def run_grid_trial(
+    cfg: TrialConfig,
+    spec: Grid,
+    *,
+    source: FeatureSource | None = None,
+    device: str = "cpu",
+    on_epoch: Callable[[Epoch], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_data: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[HeadGrid, list[dict[str, Any]]]:
+    """:func:`run` on the grid ``spec`` of ``cfg``: one feature load, every point's head.
+
+    :return: ``(grid, per-epoch metrics)``.
+    """
+    return run(resolve(cfg, spec), source=source, device=device, on_epoch=on_epoch,
+               resume=resume, on_data=on_data)

@@ -1,14 +1,12 @@
 """The Ray Tune function trainable: the only module of ``trainables`` that imports Ray.
 
-Ray hands the trial a flat dict (Optuna's parameter names, :mod:`.params`); it becomes a
-:class:`~.config.TrialConfig` at once (an unknown key fails loudly), the head is trained on its
-features (:func:`~.pipeline.run_trial`), and every epoch is reported with a checkpoint of the
-head (:mod:`.checkpoint`) and the trial's ``gflops`` (:func:`~.cost.trial_gflops`).
-
-With a grid (:mod:`.grid`), one trial trains every head of the grid in one pass
-(:func:`~.grid_train.run_grid_trial`) and reports its best head: the checkpoint's ``head.pt`` +
-``meta.json`` hold that head alone, as a plain head of its grid point, and ``grid.pt`` beside
-them every head and the optimizer, to resume the grid.
+Ray hands the trial a flat dict (Optuna's parameter names, :mod:`.params`); it is resolved at
+once into a :class:`~.trial.Trial` (an unknown key fails loudly), its heads are trained on
+their features (:func:`~.pipeline.run`: a single head, or every head of a grid in one pass,
+:mod:`.train.grid`), and every epoch is reported, in one callback, with a checkpoint of the
+best head and its ``gflops`` (:func:`~.heads.checkpoint.save_epoch`): ``head.pt`` +
+``meta.json`` hold that head alone, as a plain head of its grid point, and a grid's
+``grid.pt`` beside them every head and the optimizer, to resume the grid.
 
 Failures that would repeat are not retried: a loss that becomes NaN/inf (``diverged``; for a
 grid, every head's), a configuration the trial cannot run (``config``) and an image that
@@ -25,27 +23,24 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from difftune.trainables.data.datasets import DataError
-from difftune.trainables.errors import UserError
+from difftune.trainables.errors import DataError, UserError
 from difftune.trainables.heads.checkpoint import (
     HEAD_FILE,
     META_FILE,
     load_head,
-    read_checkpoint,
-    save_head,
+    read_resume,
+    save_epoch,
 )
-from difftune.trainables.params import trial_config
+from difftune.trainables.model.online import OnlineFeatures
+from difftune.trainables.pipeline import DirectFeatures, FeatureSource, evaluate_on, run
 from difftune.trainables.progress import DEFAULT_EVERY_S, PROGRESS_BOARD
-from difftune.trainables.train.grid import GRID_BEST, GRID_INDEX, Grid
-from difftune.trainables.train.loop import TrainingDiverged
-
-if TYPE_CHECKING:
-    from difftune.trainables.train.grid_train import GridEpoch
+from difftune.trainables.train.grid import Grid
+from difftune.trainables.train.loop import Epoch, TrainingDiverged
+from difftune.trainables.trial import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +115,13 @@ class RuntimeOptions:
 
 
 def make_source(runtime: RuntimeOptions, device: str,
-                on_progress: Callable[[str], None] | None = None):
+                on_progress: Callable[[str], None] | None = None) -> FeatureSource:
     """The feature source for ``runtime``; ``on_progress`` takes the progress lines of long
     extractions."""
     if runtime.online:
-        from difftune.trainables.model.online import OnlineFeatures
-
         return OnlineFeatures(device=device)
     if runtime.cache:
+        # imported when used: pyarrow stays off the path of a trial without a cache
         from difftune.trainables.cache.feature_cache import FeatureCache
 
         return FeatureCache(runtime.cache, device=device, store_pool=runtime.store_pool,
@@ -135,8 +129,6 @@ def make_source(runtime: RuntimeOptions, device: str,
                             data_files=dict(runtime.data_files), data_hash=runtime.data_hash,
                             batch_size=runtime.extract_batch, on_progress=on_progress,
                             progress_s=runtime.progress_s)
-    from difftune.trainables.pipeline import DirectFeatures
-
     return DirectFeatures(device=device, batch_size=runtime.extract_batch or 256)
 
 
@@ -186,59 +178,32 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
     import ray
     from ray import tune
 
-    from difftune.trainables.pipeline import run_trial
-    from difftune.trainables.train.grid_train import GRID_FILE, read_resume_state, run_grid_trial
-
-    cfg = trial_config(config)
+    trial = resolve(config, grid)
     if runtime.threads > 0:
         torch.set_num_threads(runtime.threads)
     device = _device()
-    head_state = optimizer_state = grid_state = None
-    start_epoch = 0
+    resume = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state, meta = read_checkpoint(d)
-            grid_state = read_resume_state(d) if grid is not None else None
-        head_state, start_epoch = state["head"], int(meta["epoch"])
-        if grid is None:  # a grid resumes from grid.pt
-            optimizer_state = {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
-        logger.info("resuming trial at epoch %d", start_epoch)
+            resume = read_resume(d, grid=grid is not None)
+        logger.info("resuming trial at epoch %d", resume["epoch"])
 
     data: dict[str, Any] = {}
     source = make_source(runtime, device, on_progress=_progress_sink())
     # recorded on the trial's MLflow run; outside Ray, get_runtime_context() would start one
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
-    def unet_images() -> int:
-        return source.unet_images + int(getattr(data.get("head"), "unet_images", 0))
-
-    def on_epoch(epoch: int, metrics: dict[str, float], head, opt, sched) -> None:
+    def on_epoch(ep: Epoch) -> None:
         with tempfile.TemporaryDirectory() as d:
-            save_head(d, head, cfg, epoch=epoch, shapes=data["shapes"],
-                      num_classes=data["num_classes"], optimizer=opt, scheduler=sched)
-            report = {**metrics, "gflops": data["gflops"], "unet_images": unet_images(),
+            save_epoch(d, ep)
+            report = {**ep.metrics, "gflops": ep.gflops,
+                      "unet_images": source.unet_images + data["grid"].unet_images,
                       "node_id": node_id}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
-    def on_grid_epoch(ep: GridEpoch) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            save_head(d, ep.best_head(), ep.config, epoch=ep.epoch, shapes=data["shapes"],
-                      num_classes=data["num_classes"],
-                      extra={GRID_BEST: ep.metrics[GRID_BEST], GRID_INDEX: ep.best})
-            torch.save(ep.resume_state(), Path(d) / GRID_FILE)
-            report = {**ep.metrics, "unet_images": unet_images(), "node_id": node_id}
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
-
-    if grid is not None:
-        if ckpt is not None and grid_state is None:
-            raise RuntimeError("the checkpoint to resume this grid trial from holds no grid "
-                               f"state ({GRID_FILE})")
-        run_grid_trial(cfg, grid, source=source, device=device, on_epoch=on_grid_epoch,
-                       resume=grid_state, on_data=data.update)
-        return
-    run_trial(cfg, source=source, device=device, on_epoch=on_epoch, head_state=head_state,
-              optimizer_state=optimizer_state, start_epoch=start_epoch, on_data=data.update)
+    run(trial, source=source, device=device, on_epoch=on_epoch, resume=resume,
+        on_data=data.update)
 
 
 def evaluate_checkpoint(checkpoint: Any, runtime: RuntimeOptions | dict[str, Any],
@@ -250,8 +215,6 @@ def evaluate_checkpoint(checkpoint: Any, runtime: RuntimeOptions | dict[str, Any
     :param checkpoint: a ``tune.Checkpoint`` or a checkpoint folder.
     """
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
-    from difftune.trainables.pipeline import evaluate_on
-
     if isinstance(runtime, dict):
         runtime = RuntimeOptions.from_dict(runtime)
     if runtime.threads > 0:

@@ -61,7 +61,7 @@ from difftune.search.space.checks import (
 from difftune.search.space.grid import check_grid, grid_axes
 from difftune.trainables.config import TrialConfig, check_setting
 from difftune.trainables.errors import UserError
-from difftune.trainables.heads import HEAD_TYPES
+from difftune.trainables.heads import HEAD_TYPES, checked_config
 from difftune.trainables.model.unet import model_geometry
 from difftune.trainables.train.grid import Grid
 
@@ -383,7 +383,7 @@ def _validate_against_model(space: Space) -> None:
                     raise SpaceError(f"space {space.name}: {where}: {exc}") from None
     # the fixed settings with each head's defaults must make a valid trial config
     try:
-        TrialConfig.from_dict({**{k: v for k, v in space.data_settings().items()
+        checked_config({**{k: v for k, v in space.data_settings().items()
                                   if v is not None}, **space.fixed})
     except UserError as exc:
         raise SpaceError(f"space {space.name}: fixed: {exc}") from None

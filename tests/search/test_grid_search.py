@@ -15,8 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from difftune.search.cli import main
 from difftune.search.records.champion import load_logged_head
-from difftune.trainables.heads.checkpoint import load_head
-from difftune.trainables.train.grid_train import GRID_FILE, read_resume_state
+from difftune.trainables.heads.checkpoint import GRID_FILE, load_head, read_resume_state
 
 LRS = [0.001, 0.003, 0.01, 0.03, 0.1]
 TRIALS = 2

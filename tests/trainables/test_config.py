@@ -8,6 +8,8 @@ import yaml
 
 from difftune.trainables.config import ConfigError, TrialConfig
 from difftune.trainables.errors import UserError
+from difftune.trainables.heads import checked_config
+from difftune.trainables.trial import resolve
 
 
 def test_defaults_are_the_papers_recipe():
@@ -103,6 +105,15 @@ def test_wrong_types_are_refused(key, value):
 )
 def test_invalid_values_name_what_is_allowed(key, value, words):
     with pytest.raises(ConfigError) as info:
-        TrialConfig.from_dict({key: value})
+        checked_config({key: value})  # the config's checks, then the head kind's
     for word in words:
         assert word in str(info.value)
+
+
+def test_the_config_knows_no_head_its_kind_checks_its_settings():
+    # TrialConfig is a leaf: the head's name and settings are checked by the head kind
+    assert TrialConfig.from_dict({"head": "mlp", "hidden": []}).hidden == []
+    with pytest.raises(ConfigError, match="hidden"):
+        checked_config({"head": "mlp", "hidden": []})
+    with pytest.raises(ConfigError, match="dim=100 must be a positive multiple of heads=8"):
+        resolve({"head": "attention", "dim": 100, "heads": 8})

@@ -56,7 +56,7 @@ def test_module_gflops_of_a_linear_layer():
 def test_trial_gflops_counts_the_passes_and_the_head():
     """What a trial reports as ``gflops``: one early-exit pass per timestep + the head."""
     from difftune.trainables.config import TrialConfig
-    from difftune.trainables.model.cost import trial_gflops
+    from difftune.trainables.trial import trial_gflops
 
     costs = model_costs("demo")
     linear = TrialConfig(head="linear", block=10, t=90, pool=2)

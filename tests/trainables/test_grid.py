@@ -15,9 +15,8 @@ import torch
 from difftune.search.records.best import Candidate, rank_trials
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.heads.checkpoint import load_head, save_head
-from difftune.trainables.pipeline import DirectFeatures, TrialData, run_trial
+from difftune.trainables.pipeline import DirectFeatures, TrialData, run_grid_trial, run_trial
 from difftune.trainables.train.grid import Grid, GridError, best_index, grid_keys, with_point
-from difftune.trainables.train.grid_train import run_grid_trial
 from difftune.trainables.train.loop import FeatureTensors, TrainingDiverged
 
 KEYS = [(10, 7), (50, 7), (10, 10), (50, 10)]  # (t, block) the tests read, pooled to 4

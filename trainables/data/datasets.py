@@ -1,12 +1,6 @@
-"""Datasets: scikit-learn's digits (built in, no download) and ImageFolder trees, in three
-splits with three roles: ``train`` fits heads, ``val`` selects (ASHA, Optuna, the champion),
-``test`` is reported and never seen by a search.
-
-- digits: a fixed stratified 60/20/20 split of the 1797 images.
-- An ImageFolder with ``train/`` and ``val/`` (ImageNet's layout): ``test`` is ``val/``, and
-  ``val`` is a seeded stratified holdout of ``train/`` (``holdout``, default 0.1, at least one
-  image per class), which ``train`` then lacks. With a ``test/`` folder too, each split is its
-  own folder.
+"""Reading images: scikit-learn's digits (built in, no download) and ImageFolder trees (an
+image that cannot be decoded stops a search, or is skipped), and :func:`load_dataset`, which
+serves a split of them: which images each split holds is :mod:`.splits`' concern.
 
 Every dataset yields ``(image [3 x H x W] in [-1, 1], label)``. A split is a
 :class:`SplitPart` of a base set (all digits, or one folder); its items keep their positions
@@ -22,7 +16,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -32,16 +25,21 @@ from difftune.trainables.data.fingerprint import (
     files_fingerprint,
     split_files_fingerprints,
 )
-from difftune.trainables.data.fingerprint import is_number as _is_number
 from difftune.trainables.data.splits import (
     DEFAULT_HOLDOUT,
+    IMAGE_EXTENSIONS,
     SPLIT_SCHEME,
     SPLITS,
     SplitPart,
+    check_data,
+    class_counts,
     dataset_indices,
     digits_positions,
     holdout_positions,
+    label_subset,
+    split_dir,
     split_source,
+    subset_size,
     targets_of,
 )
 from difftune.trainables.errors import DataError
@@ -57,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 #: what a search does with an image that cannot be decoded: stop (default) or skip it
 BAD_IMAGES = ("stop", "skip")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class TensorImages(Dataset):
@@ -77,7 +74,7 @@ class TensorImages(Dataset):
 @functools.lru_cache(maxsize=8)
 def _digits_all(image_size: int) -> TensorImages:
     """All 1797 digits, resized to ``image_size``."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn only for the digits
 
     digits = load_digits()
     x = torch.from_numpy(digits.images).float() / 16.0 * 2.0 - 1.0  # [N x 8 x 8]
@@ -106,14 +103,14 @@ def _image_folder(root: Path, split: str, image_size: int, holdout: float,
 
 @functools.lru_cache(maxsize=8)
 def _folder(root: Path, folder: str, image_size: int, bad_images: str) -> Dataset:
-    from torchvision import datasets
+    from torchvision import datasets  # torchvision only for an ImageFolder
 
-    split_dir = _check_split(root, folder)
+    folder_dir = split_dir(root, folder)
     try:
-        ds = datasets.ImageFolder(str(split_dir), transform=image_transform(image_size),
+        ds = datasets.ImageFolder(str(folder_dir), transform=image_transform(image_size),
                                   loader=_rgb_loader)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"data folder {split_dir}: {exc}") from None
+        raise DataError(f"data folder {folder_dir}: {exc}") from None
     if bad_images == "skip":
         bad = set(bad_files(str(root), folder))
         if bad:
@@ -126,7 +123,7 @@ def _folder(root: Path, folder: str, image_size: int, bad_images: str) -> Datase
         train_classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
         extra = sorted(set(ds.classes) - set(train_classes))
         if extra:
-            raise DataError(f"data folder {split_dir} has classes that train/ lacks: {extra}")
+            raise DataError(f"data folder {folder_dir} has classes that train/ lacks: {extra}")
         if ds.classes != train_classes:
             to_train = {i: train_classes.index(c) for i, c in enumerate(ds.classes)}
             ds.samples = ds.imgs = [(p, to_train[y]) for p, y in ds.samples]
@@ -140,7 +137,7 @@ def image_transform(image_size: int):
     """A PIL RGB image -> [3 x image_size x image_size] in [-1, 1] (resize the short side,
     centre crop): what every image of a folder dataset, and every image a champion
     classifies, goes through."""
-    from torchvision import transforms
+    from torchvision import transforms  # torchvision only where images are read
 
     return transforms.Compose([
         transforms.Resize(image_size),
@@ -162,36 +159,8 @@ def class_names(name_or_path: str) -> list[str]:
     """The class names of a dataset, in label order, without reading an image."""
     if name_or_path == "digits":
         return [str(c) for c in range(10)]
-    return sorted(d.name for d in os.scandir(_check_split(Path(name_or_path), "train"))
+    return sorted(d.name for d in os.scandir(split_dir(Path(name_or_path), "train"))
                   if d.is_dir())
-
-
-def _check_split(root: Path, split: str) -> Path:
-    """The split folder of an ImageFolder root; a clear error if it or its classes are missing."""
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise DataError(
-            f"data folder {root} has no {split}/ subfolder (expected {root}/train/CLASS/*.jpg "
-            f"and {root}/val/CLASS/*.jpg)"
-        )
-    if not any(d.is_dir() for d in os.scandir(split_dir)):
-        raise DataError(f"data folder {split_dir} has no class subfolders (expected {split_dir}/CLASS/*.jpg)")
-    return split_dir
-
-
-def check_data(name_or_path: str) -> None:
-    """Check the layout of a dataset cheaply (no image is read): the driver does this before
-    any trial starts."""
-    if name_or_path == "digits":
-        return
-    root = Path(name_or_path)
-    if not root.is_dir():
-        raise DataError(
-            f"data {name_or_path!r} is neither 'digits' nor an existing folder with "
-            "train/ and val/ ImageFolder trees"
-        )
-    for folder in ("train", "val"):
-        _check_split(root, folder)
 
 
 class CorruptImage(DataError):
@@ -205,7 +174,7 @@ class CorruptImage(DataError):
 
 
 def _rgb_loader(path: str):
-    from PIL import Image
+    from PIL import Image  # Pillow only where image files are read
 
     # reading the bytes may hit a transient I/O error (an OSError that is retried); decoding
     # them fails the same way every time
@@ -221,7 +190,7 @@ def _rgb_loader(path: str):
 def bad_files(root: str, folder: str) -> tuple[str, ...]:
     """Image files under ``root/folder`` that cannot be opened as images (a header check and
     PIL's ``verify``, no full decode): what ``bad_images: skip`` leaves out."""
-    from PIL import Image
+    from PIL import Image  # Pillow only where image files are read
 
     bad = []
     for dirpath, dirnames, filenames in os.walk(Path(root) / folder):
@@ -248,40 +217,6 @@ def skipped_images(name_or_path: str) -> list[str]:
     root = Path(name_or_path)
     folders = sorted({split_source(root, s)[0] for s in SPLITS})
     return [p for f in folders for p in bad_files(str(root), f)]
-
-
-def _subset_indices(targets: list[int], label_fraction: float | str | Path, seed: int,
-                    samples: list | None) -> list[int]:
-    if isinstance(label_fraction, (str, Path)) and not _is_number(label_fraction):
-        path = Path(label_fraction)
-        if not path.is_file():
-            raise DataError(f"label_fraction file {path} does not exist")
-        wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
-        if samples is None:
-            raise DataError("label_fraction as a file list works only with an image folder")
-        keep = [i for i, (p, _) in enumerate(samples)
-                if os.path.basename(p) in wanted or _rel(p) in wanted]
-        if not keep:
-            raise DataError(f"label_fraction file {path} names none of the training images")
-        return keep
-    frac = float(label_fraction)
-    if not 0 < frac <= 1:
-        raise DataError(f"label_fraction must be in (0, 1], got {frac}")
-    if frac == 1:
-        return list(range(len(targets)))
-    rng = np.random.default_rng(seed)
-    targets_arr = np.asarray(targets)
-    keep: list[int] = []
-    for c in np.unique(targets_arr):
-        members = np.flatnonzero(targets_arr == c)
-        k = max(1, int(round(frac * len(members))))
-        keep.extend(rng.choice(members, size=k, replace=False).tolist())
-    return sorted(keep)
-
-
-def _rel(p: str) -> str:
-    parts = Path(p).parts
-    return "/".join(parts[-2:])
 
 
 def check_bad_images(mode: str) -> str:
@@ -325,7 +260,7 @@ def load_dataset(
         check_data(name_or_path)
         ds = _image_folder(Path(name_or_path), split, image_size, float(holdout), bad_images)
     if label_fraction is not None and split == "train":
-        keep = _subset_indices(ds.targets, label_fraction, seed, ds.samples)
+        keep = label_subset(ds.targets, label_fraction, seed, ds.samples)
         ds = SplitPart(ds.base, [ds.positions[k] for k in keep])
     return ds, list(ds.classes)
 
@@ -355,37 +290,3 @@ class ImageItems(Dataset):
         return {"image": x, "index": self.indices[i]}, int(y)
 
 
-def class_counts(name_or_path: str, split: str, *, holdout: float = DEFAULT_HOLDOUT
-                 ) -> list[int]:
-    """Images per class of a split as :func:`load_dataset` defines it (the digits 60/20/20
-    split; an ImageFolder split's folder, less or only its holdout), without reading an
-    image (``difftune plan``)."""
-    if name_or_path == "digits":
-        targets = np.asarray(_digits(split, 8).targets)
-        return np.bincount(targets, minlength=10).tolist()
-    root = Path(name_or_path)
-    source, part = split_source(root, split)
-    folder = _check_split(root, source)
-    counts = [sum(1 for f in os.scandir(d) if f.name.lower().endswith(IMAGE_EXTENSIONS))
-              for d in sorted(os.scandir(folder), key=lambda d: d.name) if d.is_dir()]
-    if part == "all":
-        return counts
-    held = [min(n - 1, max(1, int(round(holdout * n)))) if n > 1 else 0 for n in counts]
-    return held if part == "holdout" else [n - k for n, k in zip(counts, held, strict=True)]
-
-
-def subset_size(counts: list[int], label_fraction: float | str | None) -> int:
-    """Images :func:`load_dataset` keeps of a split with ``counts`` images per class: every
-    image without a fraction, a stratified ``round(fraction * n)`` (at least 1) per class
-    with one, the lines of a file list."""
-    if label_fraction is None:
-        return int(sum(counts))
-    if not _is_number(label_fraction):
-        path = Path(label_fraction)
-        if not path.is_file():
-            raise DataError(f"label_fraction file {path} does not exist")
-        return len({ln.strip() for ln in path.read_text().splitlines() if ln.strip()})
-    frac = float(label_fraction)
-    if not 0 < frac <= 1:
-        raise DataError(f"label_fraction must be in (0, 1], got {frac}")
-    return int(sum(max(1, int(round(frac * n))) for n in counts if n))

@@ -15,18 +15,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune.trainables.data.splits import DEFAULT_HOLDOUT, SPLIT_SCHEME, SPLITS, split_source
+from difftune.trainables.data.splits import (
+    DEFAULT_HOLDOUT,
+    SPLIT_SCHEME,
+    SPLITS,
+    is_number,
+    split_source,
+)
 from difftune.trainables.errors import DataError
-
-
-def is_number(x: object) -> bool:
-    """Whether ``x`` reads as a number (a label fraction, not a file list)."""
-    try:
-        float(x)  # type: ignore[arg-type]
-        return True
-    except (TypeError, ValueError):
-        return False
-
 
 #: how :func:`files_fingerprint` reads a folder: ``size`` (relative paths and sizes) or
 #: ``content`` (relative paths and the bytes of every file)
@@ -52,7 +48,7 @@ def files_fingerprint(name_or_path: str, split: str, *, data_hash: str = "size")
     source, _ = _split_source(name_or_path, split)
     h = hashlib.sha256(f"files|{source}|{data_hash}".encode())
     if name_or_path == "digits":
-        import sklearn
+        import sklearn  # only the digits' fingerprint names its version
 
         h.update(f"digits|sklearn-{sklearn.__version__}".encode())
         return h.hexdigest()[:16]

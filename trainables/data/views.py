@@ -74,7 +74,7 @@ def view_batch(x0: torch.Tensor, indices: Sequence[int], *, t: int, seed: int, v
 
 class ViewCycle(Dataset):
     """A training set of K views: epoch e reads view ``e mod K`` (``set_epoch``, called by
-    :func:`~.train.train_head` before every epoch). Items and labels are those of the views,
+    :func:`~difftune.trainables.train.loop.train_heads` before every epoch). Items and labels are those of the views,
     which hold the same images in the same order."""
 
     def __init__(self, views: Sequence[Dataset]):

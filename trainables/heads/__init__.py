@@ -7,9 +7,12 @@ with its ``HeadKind`` and one line in :data:`KINDS`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import ConfigError
 from difftune.trainables.heads.base import HeadKind, Key, Request, Shape, UNet
 from difftune.trainables.heads.diffeed import DIFFEED, DifFeed, build_diffeed
@@ -23,7 +26,7 @@ HEAD_TYPES: tuple[str, ...] = tuple(KINDS)
 
 __all__ = ["HEAD_TYPES", "KINDS", "AttentionHead", "DifFeed", "DifFormer", "HeadKind", "Key",
            "LinearHead", "MLPHead", "Request", "Shape", "UNet", "build_diffeed", "build_head",
-           "feature_requests", "head_kind"]
+           "checked_config", "feature_requests", "head_kind"]
 
 
 def head_kind(name: str) -> HeadKind:
@@ -32,6 +35,17 @@ def head_kind(name: str) -> HeadKind:
         return KINDS[name]
     except KeyError:
         raise ConfigError(f"head={name!r} is unknown; allowed: {list(HEAD_TYPES)}") from None
+
+
+def checked_config(settings: dict[str, Any] | TrialConfig) -> TrialConfig:
+    """A trial's settings as a :class:`TrialConfig` its head kind can build: the checks of
+    :meth:`TrialConfig.from_dict`, the head's name and the head kind's own checks;
+    :class:`ConfigError` naming the setting and what is allowed otherwise."""
+    cfg = settings if isinstance(settings, TrialConfig) else TrialConfig.from_dict(settings)
+    kind = head_kind(cfg.head)
+    if kind.validate is not None:
+        kind.validate(cfg)
+    return cfg
 
 
 def feature_requests(cfg) -> list[Request]:

@@ -10,7 +10,7 @@ classes]`` logits:
 - a *live head* (``live_unet`` True, DifFeed) reads images ``{"image": [N x 3 x H x W],
   "index": [N]}`` and runs the frozen U-Net itself, which it gets at build time.
 
-All heads are trained by :func:`difftune.trainables.train.loop.train_head` and saved in one format
+All heads are trained by :func:`difftune.trainables.train.loop.train_heads` and saved in one format
 (:mod:`difftune.trainables.heads.checkpoint`): ``state_dict()`` holds the trainable head only, never
 the U-Net.
 """
@@ -19,22 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from difftune.trainables.config import TrialConfig
+from difftune.trainables.config import TrialConfig
 
 Key = tuple[int, int]  # (t, block)
 Shape = tuple[int, int, int]  # (C, h, w)
 Request = tuple[int, int, int]  # (t, block, pool)
 #: ``(model, diffusion)`` of the frozen U-Net
 UNet = tuple[nn.Module, Any]
-
-
-def _no_check(cfg: TrialConfig) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ class HeadKind:
     :param gpus: the GPU fraction a trial of this head asks for by default.
     :param live_unet: the head runs the U-Net itself on every batch (reads images).
     :param validate: raises :class:`~difftune.trainables.errors.ConfigError` for settings
-        that cannot build this head.
+        that cannot build this head (None: any settings :class:`TrialConfig` allows).
     """
 
     name: str
@@ -62,7 +57,7 @@ class HeadKind:
     settings: tuple[str, ...]
     gpus: float
     live_unet: bool = False
-    validate: Callable[[TrialConfig], None] = _no_check
+    validate: Callable[[TrialConfig], None] | None = None
 
     def blocks(self, cfg: TrialConfig) -> list[int]:
         """The U-Net blocks a trial of this head reads (for its extraction cost)."""

@@ -243,7 +243,8 @@ def build_diffeed(cfg, model: nn.Module, diffusion: Any, num_classes: int) -> Di
 
 def _validate(cfg) -> None:
     check_transformer_settings(cfg)
-    make_feedback(cfg.feedback_arch, 1, 1)  # the letter code alone
+    with torch.random.fork_rng():  # checking draws no number a trial would draw
+        make_feedback(cfg.feedback_arch, 1, 1)  # the letter code alone
 
 
 def _build(cfg, shapes: dict, num_classes: int, unet=None) -> DifFeed:

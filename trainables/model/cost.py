@@ -6,8 +6,9 @@ second.
 
 GFLOPs count a multiply-add as 2 FLOPs (the flop counter's convention), forward pass only.
 
-:func:`trial_gflops` is what a trial reports as ``gflops``: the U-Net passes its features
-need per image plus its head, the head too built on the meta device.
+What a trial reports as ``gflops`` (:func:`difftune.trainables.trial.trial_gflops`) is the
+U-Net passes its features need per image (:func:`gflops_to`) plus its head, the head too
+built on the meta device (:func:`module_gflops`).
 
 The same meta-device pass, watched by :class:`LiveBytes`, gives the peak bytes of the
 tensors alive during an extraction (:func:`activation_bytes`): what a batch of images costs
@@ -30,7 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from difftune.trainables.model.features import PRECISIONS, Extractor, block_modules, run_blocks
+from difftune.trainables.model.features import (
+    PRECISIONS,
+    Extractor,
+    block_modules,
+    run_blocks,
+    timestep_embedding,
+)
+from difftune.trainables.model.unet import build, full_flags, resolve
 
 #: bytes of a stored row besides its features: the int64 dataset index and int64 label
 ROW_OVERHEAD = 16
@@ -64,8 +72,6 @@ class BlockCost:
 
 @functools.lru_cache(maxsize=16)
 def _costs(flags_json: str) -> tuple[BlockCost, ...]:
-    from difftune.trainables.model.unet import build
-
     flags = json.loads(flags_json)
     with torch.device("meta"):
         model, _ = build(flags)
@@ -97,8 +103,6 @@ def _costs(flags_json: str) -> tuple[BlockCost, ...]:
 
 def _embedding_flops(model: torch.nn.Module, ts: torch.Tensor) -> float:
     """FLOPs of the time embedding (run once per forward pass, before block 1)."""
-    from difftune.trainables.model.features import timestep_embedding
-
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.time_embed(timestep_embedding(ts, model.model_channels))
     return counter.get_total_flops()
@@ -107,8 +111,6 @@ def _embedding_flops(model: torch.nn.Module, ts: torch.Tensor) -> float:
 def unet_costs(flags: dict[str, Any]) -> dict[int, BlockCost]:
     """Block number -> :class:`BlockCost` of the U-Net built from ``flags`` (partial flags are
     completed with guided-diffusion's defaults)."""
-    from difftune.trainables.model.unet import full_flags
-
     full = full_flags(flags)
     full["use_fp16"] = False
     return {c.block: c for c in _costs(json.dumps(full, sort_keys=True))}
@@ -117,8 +119,6 @@ def unet_costs(flags: dict[str, Any]) -> dict[int, BlockCost]:
 def model_costs(name_or_path: str, checkpoint: str | None = None) -> dict[int, BlockCost]:
     """:func:`unet_costs` of a model by name (``demo``, ``paper256``, a checkpoint path);
     only its flags are read."""
-    from difftune.trainables.model.unet import resolve
-
     flags, _ = resolve(name_or_path, checkpoint=checkpoint)
     return unet_costs(flags)
 
@@ -134,37 +134,6 @@ def module_gflops(module: torch.nn.Module, inputs: Any) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(inputs)
     return counter.get_total_flops() / 1e9
-
-
-def trial_gflops(cfg, shapes: dict[tuple[int, int], tuple[int, int, int]],
-                 num_classes: int) -> float:
-    """GFLOPs per image of what a trial of ``cfg`` computes at inference: one U-Net pass per
-    timestep it reads, stopped after the deepest block it reads, plus its head on the maps
-    of ``shapes`` ((t, block) -> (C, p, p)). A head that runs the U-Net itself (DifFeed) is
-    counted whole: its passes are part of its forward.
-
-    Counted on the meta device (nothing is allocated, the global random state is left as it
-    was).
-    """
-    from difftune.trainables.heads import build_head, head_kind
-    from difftune.trainables.model.unet import full_flags, resolve
-
-    kind = head_kind(cfg.head)
-    flags, _ = resolve(cfg.model, checkpoint=cfg.checkpoint)
-    with torch.random.fork_rng(), torch.device("meta"):
-        if kind.live_unet:
-            from difftune.trainables.model.unet import build
-
-            full = {**full_flags(flags), "use_fp16": False}
-            model, diffusion = build(full)
-            head = build_head(cfg, shapes, num_classes, unet=(model, diffusion)).eval()
-            size = int(full["image_size"])
-            return module_gflops(head, {"image": torch.zeros(1, 3, size, size),
-                                        "index": [0]})
-        head = build_head(cfg, shapes, num_classes).eval()
-        head_flops = module_gflops(head, {k: torch.zeros(1, *s) for k, s in shapes.items()})
-    steps = len({t for t, _, _ in kind.requests(cfg)})
-    return steps * gflops_to(unet_costs(flags), kind.blocks(cfg)) + head_flops
 
 
 # ------------------------------------------------------------------------- memory and disk
@@ -198,8 +167,6 @@ class LiveBytes(TorchDispatchMode):
 
 @functools.lru_cache(maxsize=64)
 def _extraction_peak(flags_json: str, upto: int, batch: int, precision: str) -> int:
-    from difftune.trainables.model.unet import build
-
     flags = json.loads(flags_json)
     with torch.device("meta"):
         model, diffusion = build(flags)
@@ -226,8 +193,6 @@ def activation_bytes(flags: dict[str, Any], upto: int, *, precision: str = "fp32
 
     :param precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on a GPU).
     """
-    from difftune.trainables.model.unet import full_flags
-
     full = full_flags(flags)
     full["use_fp16"] = False
     if precision not in PRECISIONS:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from difftune.trainables.errors import UserError
 
@@ -300,8 +301,6 @@ def block_shapes(model: torch.nn.Module) -> dict[int, tuple[int, int]]:
     1-image pass on the meta device, with the model's weights swapped for meta tensors for
     the call: nothing is computed; remembered per model)."""
     if model not in _SIZES:
-        from torch.func import functional_call
-
         shapes: dict[int, tuple[int, int]] = {}
         wrapper = _Blocks(model)
         meta = {k: torch.empty_like(v, device="meta")

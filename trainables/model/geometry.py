@@ -61,6 +61,7 @@ def geometry_of_flags(flags: dict[str, Any]) -> Geometry:
     per_side = levels * (int(flags["num_res_blocks"]) + 1)  # encoder = decoder blocks
     steps = int(flags["diffusion_steps"])
     if flags.get("timestep_respacing"):
+        # guided-diffusion (and through it torch's U-Net code) only for a respaced model
         from guided_diffusion.respace import space_timesteps
 
         steps = len(space_timesteps(steps, str(flags["timestep_respacing"])))

@@ -4,7 +4,8 @@ A space's ``grid:`` (``{lr: [1.0e-4, 1.0e-3, 1.0e-2], weight_decay: [0.0, 1.0e-4
 trial train every combination of the listed values on its features at once (dinov2's linear
 evaluation does this with 13 learning rates x 2 poolings x 2 block counts): one
 ``ModuleDict`` of heads (:mod:`.grid_heads`), one optimizer with a param group per head, the
-losses summed, one backward (:mod:`.grid_train`). Ray Tune and Optuna search what cannot share
+losses summed, one backward (:func:`~.loop.train_heads`, which trains a single head as a
+grid of one). Ray Tune and Optuna search what cannot share
 a pass; the grid's values are not Optuna parameters.
 
 What a grid may vary: what one param group may hold (``lr``, ``weight_decay``, ``momentum``)
@@ -103,10 +104,18 @@ class Grid:
         if bad:
             raise GridError(f"grid: head {base.head} does not take {bad} in a grid; allowed: "
                             f"{list(allowed)}")
+        settings, points = base.to_dict(), self.points()
+        kind = head_kind(base.head)
         out = []
-        for point in self.points():
+        for point in points:  # the config's checks for every point, then the head kind's
             try:
-                out.append(TrialConfig.from_dict({**base.to_dict(), **point}))
+                out.append(TrialConfig.from_dict({**settings, **point}))
+            except ConfigError as exc:
+                raise GridError(f"grid point {label(point)}: {exc}") from None
+        for point, cfg in zip(points, out, strict=True):
+            try:
+                if kind.validate is not None:
+                    kind.validate(cfg)
             except ConfigError as exc:
                 raise GridError(f"grid point {label(point)}: {exc}") from None
         return out

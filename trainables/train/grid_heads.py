@@ -26,7 +26,8 @@ from difftune.trainables.heads.linear import LinearHead, linear_heads
 logger = logging.getLogger(__name__)
 
 
-def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+def rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torch's global random state (CPU, and CUDA when there is one)."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     return torch.get_rng_state(), cuda
 
@@ -38,17 +39,26 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
 
 
 class HeadGrid(nn.Module):
-    """``K`` heads on the same inputs; ``forward`` returns each head's ``[N x classes]``
-    logits (None for a head switched off by :meth:`drop`).
+    """``K`` heads on the same inputs (a single head: ``K = 1``); ``forward`` returns each
+    head's ``[N x classes]`` logits (None for a head switched off by :meth:`drop`).
 
     :param heads: the heads, in grid-point order.
     :param rng: each head's random state at the start of training (None: no own stream).
+    :param points: each head's grid point.
+    :param shapes: ``(t, block) -> (C, p, p)`` the heads were built for (empty: live heads);
+        :param num_classes: their classes. :param gflops: each head's GFLOPs per image.
     """
 
     def __init__(self, heads: Sequence[nn.Module],
-                 rng: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None] | None = None):
+                 rng: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None] | None = None,
+                 *, points: Sequence[dict[str, Any]] = (),
+                 shapes: dict[Key, Shape] | None = None, num_classes: int = 0,
+                 gflops: Sequence[float] = ()):
         super().__init__()
         self.heads = nn.ModuleDict({str(i): h for i, h in enumerate(heads)})
+        self.shapes, self.num_classes = dict(shapes or {}), num_classes
+        self.points = list(points) or [{} for _ in heads]
+        self.gflops = list(gflops) or [float("nan")] * len(heads)
         self.active = [True] * len(heads)
         self.rng = list(rng) if rng is not None else [None] * len(heads)
         groups: dict[Key, list[int]] = {}
@@ -65,6 +75,11 @@ class HeadGrid(nn.Module):
 
     def head(self, i: int) -> nn.Module:
         return self.heads[str(i)]
+
+    @property
+    def unet_images(self) -> int:
+        """Images the heads passed through a live U-Net themselves (DifFeed)."""
+        return sum(int(getattr(h, "unet_images", 0)) for h in self.heads.values())
 
     def drop(self, i: int) -> None:
         """Stop computing head ``i`` (it diverged); a fused head's slice still runs."""
@@ -90,17 +105,19 @@ class HeadGrid(nn.Module):
         state = self.rng[i]
         if not self.training or state is None:
             return self.head(i)(feats)
-        outer = _rng_state()
+        outer = rng_state()
         _set_rng_state(state)
         try:
             return self.head(i)(feats)
         finally:
-            self.rng[i] = _rng_state()
+            self.rng[i] = rng_state()
             _set_rng_state(outer)
 
     def plain(self, i: int) -> nn.Module:
-        """Head ``i`` alone, as a trial of its grid point would hold it (a copy); a fused
-        head gets the shared BatchNorm statistics."""
+        """Head ``i`` alone, as a trial of its grid point would hold it (a copy, unless the
+        grid holds one head); a fused head gets the shared BatchNorm statistics."""
+        if len(self) == 1:
+            return self.head(0)
         head = copy.deepcopy(self.head(i))
         for group in self.fused:
             if i in group and i != group[0]:
@@ -122,8 +139,8 @@ def build_grid(cfgs: Sequence[TrialConfig], shapes: dict[Key, Shape], num_classe
     heads, rng = [], []
     for cfg in cfgs:
         heads.append(build_head(cfg, shapes, num_classes, unet=unet))
-        rng.append(_rng_state())  # where a trial of this head alone starts training
-    grid = HeadGrid(heads, rng)
+        rng.append(rng_state())  # where a trial of this head alone starts training
+    grid = HeadGrid(heads, rng, shapes=shapes, num_classes=num_classes)
     if grid.fused:
         logger.info("grid of %d heads: %d linear heads fused into %d batched matmul(s)",
                     len(grid), sum(len(g) for g in grid.fused), len(grid.fused))
