@@ -55,7 +55,7 @@ def search(work: Path, name: str, *, epochs: int, batched: bool, concurrent: int
     from ray import tune
 
     from difftune.search.records.tracking import start_parent_run
-    from difftune.search.records.trials import MLflowTrials
+    from difftune.search.run.trials import MLflowTrials
     from difftune.search.run.tuner import make_trainable
     from difftune.search.space.spec import load_space
     from difftune.trainables.trainable import RuntimeOptions

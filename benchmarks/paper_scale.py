@@ -19,7 +19,7 @@ import sys
 from benchmarks._results import arguments, configure, record
 from difftune.search.plan.data import DataSize
 from difftune.search.plan.estimate import Plan, make_plan
-from difftune.search.plan.sizes import format_size, parse_size
+from difftune.search.space.sizes import format_size, parse_size
 from difftune.search.space.spec import Space, load_space
 
 IMAGES, CLASSES, TEST = 1_281_167, 1000, 50_000

@@ -333,3 +333,27 @@ def test_benchmarks_are_a_package_that_never_edits_sys_path():
     assert _edits_sys_path("import sys\nsys.path.insert(0, 'x')\n")
     assert _edits_sys_path("import sys\nsys.path += ['x']\n")
     assert not _edits_sys_path("import sys\nprint(sys.path[0])\n")
+
+
+#: the folders of search/, each importing only folders after it (docs/layout.md)
+SEARCH_LAYERS = ("cli", "run", "report", "records", "plan", "space")
+
+
+def test_search_folders_depend_one_way():
+    """A folder of search/ imports only the folders to its right in :data:`SEARCH_LAYERS`
+    (and modules directly under search/ or in trainables/)."""
+    rank = {name: i for i, name in enumerate(SEARCH_LAYERS)}
+    back = []
+    for module, targets in GRAPH.items():
+        parts = module.split(".")
+        if parts[:2] != ["difftune", "search"] or len(parts) < 4:
+            continue
+        for target in targets:
+            tparts = target.split(".")
+            if tparts[:2] != ["difftune", "search"] or len(tparts) < 4 or tparts[2] == parts[2]:
+                continue
+            if rank[tparts[2]] <= rank[parts[2]]:
+                back.append(f"{module} -> {target}")
+    assert set(rank) == {p.parent.name for p in (ROOT / "search").glob("*/__init__.py")}
+    assert not back, "imports against the layers " + " > ".join(SEARCH_LAYERS) + ":\n" + \
+        "\n".join(sorted(back))

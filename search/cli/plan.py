@@ -163,7 +163,7 @@ def _listing(values: list[int]) -> str:
 
 def render(plan) -> str:
     """The plan as a few readable lines."""
-    from difftune.search.plan.sizes import format_size
+    from difftune.search.space.sizes import format_size
 
     d = plan.data
     frac = "all labels" if plan.label_fraction in (None, 1, 1.0) else \

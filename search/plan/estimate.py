@@ -38,8 +38,8 @@ from difftune.search.plan.arithmetic import (
 )
 from difftune.search.plan.asks import space_asks
 from difftune.search.plan.data import DataSize
-from difftune.search.plan.sizes import format_size, parse_size
 from difftune.search.plan.stopping import early_stopping
+from difftune.search.space.sizes import format_size, parse_size
 from difftune.search.space.spec import Space
 from difftune.trainables.cache import throughput
 from difftune.trainables.cache.policy import usage

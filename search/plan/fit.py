@@ -105,6 +105,6 @@ def fitter(asks, costs, data, **kwargs) -> Callable[[Levers], Numbers]:
 
 
 def _size(n: int) -> str:
-    from difftune.search.plan.sizes import format_size
+    from difftune.search.space.sizes import format_size
 
     return format_size(n)

@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from scipy.stats import spearmanr
 
 from difftune.search.records.best import Candidate, rank_trials
-from difftune.search.records.trials import MLflowTrials
 from difftune.search.records.uris import storage_join
+from difftune.search.run.trials import MLflowTrials
 from difftune.search.run.tuner import build_tuner
 from difftune.search.space.spec import Space
 from difftune.trainables.trainable import RuntimeOptions

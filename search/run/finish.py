@@ -23,14 +23,14 @@ from ray.tune import ResultGrid
 
 from difftune.search.records.best import Candidate, rank_trials, result_candidates
 from difftune.search.records.champion import log_champion
-from difftune.search.records.evaluation import evaluate_on_test, log_test_metrics
 from difftune.search.records.pareto import log_front
 from difftune.search.records.tracking import trial_run_ids
-from difftune.search.records.trials import first_line, store_is_away
 from difftune.search.records.uris import TrackingError
 from difftune.search.report.console import SearchConsole
 from difftune.search.report.publish import LiveReport, final_publish
 from difftune.search.run.confirm import confirm_top
+from difftune.search.run.evaluation import evaluate_on_test, log_test_metrics
+from difftune.search.run.trials import first_line, store_is_away
 from difftune.search.space.spec import Space
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import DataError
@@ -219,7 +219,7 @@ def _champion(best: Candidate, result: SearchResult, space: Space, *, client: Ml
 
 def while_away(what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, called again every 5 s while the tracking store is away (as the trials'
-    records wait: :func:`~difftune.search.records.trials.store_is_away`), up to
+    records wait: :func:`~difftune.search.run.trials.store_is_away`), up to
     ``DIFFTUNE_MLFLOW_WAIT_S`` (default 300) seconds: a server that goes away as the search
     ends costs a wait, not the search."""
     wait_s = float(os.environ.get("DIFFTUNE_MLFLOW_WAIT_S", "300"))

@@ -3,7 +3,7 @@ whose driver died continued (:func:`plan_resume`, :func:`resume_search`).
 
 MLflow records the search: the parent run (the space, the runtime options, ``plan.json``,
 the Optuna study persisted where optuna-dashboard reads it), one child run per trial
-(:class:`~difftune.search.records.trials.MLflowTrials`), the figures redrawn as trials
+(:class:`~difftune.search.run.trials.MLflowTrials`), the figures redrawn as trials
 finish (:class:`~difftune.search.report.publish.LiveReport`). The Tuner is
 :func:`~.tuner.build_tuner`'s; once its trials are done, :func:`~.finish.finish_search` ends
 the search: the best trial on val, the confirm stage, the champion evaluated once on test and
@@ -33,7 +33,6 @@ from difftune.search.records.tracking import (
     space_from_run,
     start_parent_run,
 )
-from difftune.search.records.trials import MLflowTrials
 from difftune.search.records.uris import TrackingError, redact, resolve_uri, storage_join
 from difftune.search.report import ui_view
 from difftune.search.report.console import ConsoleTable, SearchConsole, log_path_for
@@ -41,6 +40,7 @@ from difftune.search.report.publish import LiveReport
 from difftune.search.run.cluster import ensure_ray
 from difftune.search.run.finish import SearchResult, finish_search, mark
 from difftune.search.run.interrupt import StopSignals, finished_trials, interrupted
+from difftune.search.run.trials import MLflowTrials
 from difftune.search.run.tuner import DEFAULT_STORAGE, build_tuner, restore_tuner
 from difftune.search.space.spec import Space
 from difftune.trainables.errors import SearchInterrupted

@@ -67,7 +67,7 @@ CACHE_POLICIES = ("auto", "block-set", "per-request")
 
 
 def _is_size(v: Any) -> bool:
-    from difftune.search.plan.sizes import parse_size
+    from difftune.search.space.sizes import parse_size
 
     try:
         parse_size(v)

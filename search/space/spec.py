@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,6 +58,7 @@ from difftune.search.space.checks import (
     values_of,
 )
 from difftune.search.space.grid import check_grid, grid_axes
+from difftune.search.space.paths import MODEL_PRESETS, user_path
 from difftune.trainables.config import TrialConfig, check_setting
 from difftune.trainables.errors import UserError
 from difftune.trainables.heads import HEAD_TYPES, checked_config
@@ -329,27 +329,6 @@ def load_space(
     check_grid(space, f"space {space.name}")
     check_scheduler(space, overrides or {})
     return space
-
-
-#: model names that are presets, not paths
-MODEL_PRESETS = ("demo", "paper256")
-
-
-def user_path(value: Any, *, keep: tuple[str, ...] = ()) -> Any:
-    """``value`` made absolute against the working directory when it is a relative file
-    path; names in ``keep`` (presets), numbers, URIs and None stay as they are."""
-    if not isinstance(value, str) or not value or value in keep or "://" in value \
-            or _number(value):
-        return value
-    return os.path.abspath(os.path.expanduser(value))
-
-
-def _number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _validate_against_model(space: Space) -> None:

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from difftune.search.cli import main
-from difftune.search.records.trials import OUTBOX, MLflowTrials, store_is_away
+from difftune.search.run.trials import OUTBOX, MLflowTrials, store_is_away
 
 
 def trial_runs(client: MlflowClient, experiment: str):
@@ -190,7 +190,7 @@ def test_a_refused_record_fails_alone_and_later_records_go_on(tmp_path, caplog):
     parent = client.create_run(exp, tags={"difftune.role": "search"}).info.run_id
     callback = MLflowTrials(uri, parent, outbox_dir=str(tmp_path / "exp"))
     bad, good = Trial("a", {"head": "linear", "bad name?": 1}), Trial("b", {"head": "mlp"})
-    with caplog.at_level(logging.ERROR, logger="difftune.search.records.trials"):
+    with caplog.at_level(logging.ERROR, logger="difftune.search.run.trials"):
         for trial in (bad, good):
             callback.on_trial_start(0, [], trial)
         for trial in (bad, good):

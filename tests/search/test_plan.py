@@ -15,8 +15,8 @@ from difftune.search.cli import main
 from difftune.search.plan.arithmetic import model_flags
 from difftune.search.plan.data import DataSize
 from difftune.search.plan.estimate import data_size, make_plan
-from difftune.search.plan.sizes import format_size, parse_size
 from difftune.search.plan.stopping import asha_rungs, early_stopping
+from difftune.search.space.sizes import format_size, parse_size
 from difftune.search.space.spec import load_space
 from difftune.trainables.errors import UserError
 from difftune.trainables.model.cost import unet_costs

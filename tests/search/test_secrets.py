@@ -51,7 +51,7 @@ def test_a_password_is_kept_in_memory_and_saved_nowhere(monkeypatch):
     import pickle
 
     from difftune.search.records import uris
-    from difftune.search.records.trials import MLflowTrials
+    from difftune.search.run.trials import MLflowTrials
 
     monkeypatch.setattr(uris, "_SECRETS", {})
     monkeypatch.delenv(uris.TRACKING_URI_ENV, raising=False)
