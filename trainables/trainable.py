@@ -18,6 +18,7 @@ memory, an I/O error) raises and is retried up to ``max_failures``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import warnings
@@ -53,11 +54,25 @@ FAILURE_KEY = "failure"
 FAILED_METRICS = ("val_top1", "val_top5", "val_loss")
 
 
+def disk_full(exc: BaseException) -> OSError | None:
+    """The "no space left on device" (or quota) error in ``exc`` or its causes, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.errno in (errno.ENOSPC, errno.EDQUOT)
+                                          or "No space left on device" in str(seen)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def failure_kind(exc: BaseException) -> str | None:
-    """``diverged``, ``data`` or ``config`` for a failure that repeats on every retry; None for
-    one that may not (it is raised, and Ray Tune retries it)."""
+    """``diverged``, ``data``, ``config`` or ``disk`` (no space left) for a failure that
+    repeats on every retry; None for one that may not (it is raised, and Ray Tune retries
+    it)."""
     if isinstance(exc, TrainingDiverged):
         return "diverged"
+    if disk_full(exc) is not None:
+        return "disk"
     if isinstance(exc, DataError):
         return "data"
     if isinstance(exc, UserError):
@@ -170,8 +185,20 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None,
         if kind is None:
             raise  # transient (or a bug): Ray Tune retries it up to max_failures
         logger.warning("trial failed (%s, not retried): %s", kind, exc)
-        tune.report({FAILURE_KEY: kind, "error": str(exc).splitlines()[0][:1000],
+        tune.report({FAILURE_KEY: kind, "error": failure_message(
+            exc, kind, cache=(runtime or RuntimeOptions()).cache),
                      **dict.fromkeys(FAILED_METRICS, float("nan"))})
+
+
+def failure_message(exc: BaseException, kind: str, *, cache: str | None = None) -> str:
+    """The one line a failed trial reports; a full disk names its path and what to do."""
+    full = disk_full(exc) if kind == "disk" else None
+    if full is None:
+        return str(exc).splitlines()[0][:1000]
+    path = full.filename or cache
+    where = f" writing {path}" if path else ""
+    return (f"the disk is full{where} ({full.strerror or full}): free space on it, put "
+            "--cache on a larger disk, or give a --cache-budget it can hold")[:1000]
 
 
 def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -> None:
