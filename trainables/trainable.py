@@ -91,7 +91,7 @@ class RuntimeOptions:
     :param extra_blocks: blocks the search can ask for: a cache miss extracts them all.
     :param threads: torch CPU threads per trial (0: leave torch's default); a retrain with
         the same count gives the same numbers.
-    :param cache_policy: ``block-set`` or ``per-request`` (:mod:`.cache_policy`; what
+    :param cache_policy: ``block-set`` or ``per-request`` (:mod:`~.cache.policy`; what
         ``store_pool`` and ``extra_blocks`` implement), recorded for the parent run.
     :param cache_budget: bytes the cache root may hold (least recently used entries are
         evicted beyond it); None: no limit.

@@ -53,7 +53,7 @@ class PlanError(UserError):
 
 @dataclass(frozen=True)
 class Levers:
-    """What a plan may change to fit a budget (:mod:`.plan_fit`)."""
+    """What a plan may change to fit a budget (:mod:`.fit`)."""
 
     timesteps: tuple[int, ...]
     cache_pool: int | None

@@ -1,5 +1,5 @@
 """Recording a search in MLflow: one parent run per search (its space, settings and code
-version), one nested child run per trial (:mod:`.mlflow_trials`), the champion
+version), one nested child run per trial (:mod:`~difftune.search.run.trials`), the champion
 (:mod:`.champion`), and finding a search's runs again (``--resume``, ``export``, ``report``).
 """
 

@@ -85,9 +85,10 @@ def sampler_for(space: Space) -> optuna.samplers.TPESampler:
     :func:`~difftune.search.space.distributions.startup_trials` startup trials (the enqueued
     points count), with the constant liar: a search runs ``max_concurrent`` trials at once,
     and the liar counts the running ones as bad so that TPE does not propose the same region
-    again before they report. Spelled out rather than left to Optuna's default: with 8 trials
-    in flight it is what keeps TPE ahead of random search (demo grid, 20 trials, 400 seeds:
-    regret 1.57 with it, 1.74 without, random 1.70; benchmarks/optuna_vs_random.py's replay)."""
+    again before they report. Spelled out rather than left to Optuna's default. How these
+    settings were chosen (on tuning seeds) and how they fare against random search (on other
+    seeds): ``python -m benchmarks.optuna_vs_random``, its rows in benchmarks/RESULTS.md and
+    docs/benchmarks.md."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(

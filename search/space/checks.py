@@ -31,7 +31,7 @@ class SpaceError(UserError):
 
 #: what a search may select on: a metric every trial reports on the val split, each epoch
 METRICS = ("val_top1", "val_top5", "val_loss")
-#: where a search's startup trials come from (search.space_optuna.prior_points)
+#: where a search's startup trials come from (search.space.distributions.prior_points)
 PRIORS = ("none", "paper")
 
 #: the allowed range of each numeric search setting: (check, what is allowed)

@@ -147,12 +147,9 @@ def _encode(name: str, spec: dict, config: dict, out: dict, head: str | None = N
 # ---- startup trials, and the paper's prior for them ----------------------------------------
 def startup_trials(trials: int) -> int:
     """Trials TPE leaves to its startup design before it models the results: a tenth of the
-    budget, between 2 and 10 (fewer than Optuna's default 10: on the demo grid, one trial at a
-    time, TPE's regret at 20 trials fell from 1.69 to 1.41 points with 2; with 2 trials in
-    flight 10 startup trials give 1.66 and 1 to 5 give 1.54-1.56 on 1,000 seeds:
-    benchmarks/optuna_vs_random.py)."""
+    budget, between 2 and 10 (fewer than Optuna's default 10; the candidates' val regret on
+    tuning seeds: the ``optuna_vs_random_tune`` row of benchmarks/RESULTS.md)."""
     return min(10, max(2, int(trials) // 10))
-
 
 
 #: where the paper found frozen diffusion features classify best: blocks near the middle of

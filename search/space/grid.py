@@ -1,6 +1,6 @@
 """The checks of a space's ``grid:`` (:mod:`difftune.trainables.train.grid`): settings that every
 head type of the space takes in a grid, neither searched nor fixed, and grid points that make
-valid trial configs; one line each (:class:`~.space_checks.SpaceError`)."""
+valid trial configs; one line each (:class:`~.checks.SpaceError`)."""
 
 from __future__ import annotations
 

@@ -27,10 +27,10 @@ A space file (see ``spaces/demo.yaml``) has these top-level keys::
              parameters; see :mod:`difftune.trainables.train.grid` for what a grid may vary)
     paper_config: the paper's best trial, enqueued first when it lies inside the space
 
-The Optuna side (define-by-run, the paper's config as a point) is :mod:`.space_optuna`;
+The Optuna side (define-by-run, the paper's config as a point) is :mod:`.distributions`;
 parameter names are spelled by :mod:`difftune.trainables.params`; the checks of a space's
-values (numbers, ranges, search settings, objectives) are :mod:`.space_checks`, of its grid
-:mod:`.space_grid`.
+values (numbers, ranges, search settings, objectives) are :mod:`.checks`, of its grid
+:mod:`.grid`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from difftune.search.space import distributions as space_optuna
+from difftune.search.space import distributions
 from difftune.search.space.checks import (
     TRIAL_KEYS,
     SpaceError,
@@ -110,7 +110,7 @@ class Space:
         const: dict[str, Any] = {"model": self.model, "data": self.data,
                                  "checkpoint": self.checkpoint, **self.data_settings(),
                                  **self.fixed}
-        return space_optuna.suggest(trial, self.params, const)
+        return distributions.suggest(trial, self.params, const)
 
     def data_settings(self) -> dict[str, Any]:
         """The top-level data settings every trial gets (label_fraction, and holdout /
@@ -123,7 +123,7 @@ class Space:
 
     def point(self, config: dict[str, Any]) -> dict[str, Any] | None:
         """Optuna parameter values for a trial config, or None if it is not in the space."""
-        return space_optuna.point(self.params, self.fixed, config)
+        return distributions.point(self.params, self.fixed, config)
 
     def setting(self, name: str) -> Any:
         """The value every trial of the space has for a data setting (fixed or top level),
@@ -145,9 +145,9 @@ class Space:
             else:
                 points.append(p)
         if self.search.get("prior") == "paper":
-            points += space_optuna.prior_points(
+            points += distributions.prior_points(
                 self.params, num_blocks=self.num_blocks, middle=self.middle_block,
-                n=space_optuna.startup_trials(self.search["trials"]),
+                n=distributions.startup_trials(self.search["trials"]),
                 seed=int(self.search["seed"]))
         return points
 
