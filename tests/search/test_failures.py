@@ -377,8 +377,14 @@ def test_driver_killed_during_an_outage_loses_no_record_after_resume(ray_session
                                   "--resume", "outbox", *common], capture_output=True,
                                  text=True, timeout=600, env=env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        runs = {r.data.tags["difftune.trial_id"]: r for r in trial_runs(client, "outbox")}
-        assert len(runs) == 3 and finished_then <= set(runs)
+        every = {r.data.tags["difftune.trial_id"]: r for r in trial_runs(client, "outbox")}
+        # a trial that started after Tune last saved its state (under load, within the
+        # seconds before the kill) is unknown to the restored search: its run is closed as
+        # KILLED by --resume, and the search runs the trial count without it
+        runs = {k: r for k, r in every.items() if r.info.status != "KILLED"}
+        assert len(runs) == 3 and finished_then <= set(runs), \
+            {k: r.info.status for k, r in every.items()}
+        assert len(every) <= 4
         for r in runs.values():
             assert r.info.status == "FINISHED"
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_top1")]

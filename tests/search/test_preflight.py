@@ -80,7 +80,7 @@ def test_the_confirm_tuner_is_the_search_tuner_running_given_configs(ray_session
 SMALL = """
 model: demo
 data: digits
-search: {trials: 2, seed: 0, cache_pool: 4}
+search: {trials: 2, seed: 0, cache_pool: 4, cache_policy: block-set}
 fixed: {head: linear, epochs: 1}
 params:
   block: {int: [3, 6]}
