@@ -22,17 +22,19 @@ def _entries(store: Store) -> Iterator[tuple[str, dict]]:
 def list_entries(root: str | None = None, *, filesystem: pafs.FileSystem | None = None
                  ) -> list[dict]:
     """Published entries: model/data names and fingerprints, split, t, seed, block, pool,
-    dtype, precision, view, rows, bytes, created, and their path below the root."""
+    dtype, precision, view, order (``""`` for a whole split, else the order whose prefix an
+    entry that extends holds), rows, bytes, created, and their path below the root."""
     out = []
     for rel, marker in _entries(Store(root or default_root(), filesystem)):
         k = marker["key"]
         out.append({**{n: k[n] for n in ("model", "model_fp", "data", "data_fp", "split", "t",
                                          "seed", "block", "pool", "dtype")},
                     "precision": k.get("precision", "fp32"), "view": k.get("view", 0),
+                    "order": k.get("order", ""),  # "": the whole split; else a prefix entry
                     "rows": marker.get("rows"), "bytes": marker.get("bytes"),
                     "created": marker.get("created"), "path": rel})
     return sorted(out, key=lambda e: (e["model"], e["data"], e["split"], e["t"], e["view"],
-                                      e["block"], e["pool"]))
+                                      e["order"], e["block"], e["pool"]))
 
 
 def total_bytes(root: str | None = None, *, filesystem: pafs.FileSystem | None = None) -> int:

@@ -6,7 +6,6 @@ entries a trial asked for (:class:`CachedFeatures`). Keys and the root: :mod:`.s
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ class EntryWriter:
         final = store.path(self.rel + ".arrow")
         store.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         self._target = f"{final}.{uuid.uuid4().hex}.tmp" if store.local else final
-        meta = {"difftune": json.dumps({"format": FORMAT, "key": dataclasses.asdict(key),
+        meta = {"difftune": json.dumps({"format": FORMAT, "key": key.fields(),
                                         "shape": list(self.shape), "native": native})}
         size = int(np.prod(self.shape))
         self.schema = pa.schema([("index", pa.int64()), ("label", pa.int64()),
@@ -82,7 +81,7 @@ class EntryWriter:
         final = self.store.path(self.rel + ".arrow")
         if self.store.local:
             self.store.fs.move(self._target, final)
-        return {"format": FORMAT, "key": dataclasses.asdict(self.key),
+        return {"format": FORMAT, "key": self.key.fields(),
                 "shape": list(self.shape), "native": self.native, "rows": self.rows,
                 "sha256": self._sha.hexdigest(),
                 "bytes": self.store.info(self.rel + ".arrow").size,
@@ -188,12 +187,13 @@ class CachedFeatures(Dataset):
         self._maps: dict[tuple[int, int], MappedEntry] | None = None
 
     @classmethod
-    def of(cls, served: dict[tuple[int, int], tuple[str | tuple[str, ...], int]]
-           ) -> CachedFeatures:
+    def of(cls, served: dict[tuple[int, int], tuple[str | tuple[str, ...], int]],
+           rows: int | None = None) -> CachedFeatures:
         """The rows of ``served`` ((t, block) -> (local path(s), pool)), labelled as the
-        entries are."""
+        entries are; with ``rows``, only the first ``rows`` of them (an entry that extends,
+        read at a rung below what it stores: the rest is mapped, never read)."""
         out = cls(served, np.zeros(0))
-        out.labels = next(iter(out.maps().values())).column(1)
+        out.labels = next(iter(out.maps().values())).column(1)[:rows]
         return out
 
     def __getstate__(self) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,13 +97,15 @@ def record_rate(store: Store, group: EntryKey, flags: dict, device: str, upto: i
 def extract_rows(extractor: Extractor, loader: DataLoader, indices: Sequence[int], store: Store,
                  group: EntryKey, plan: dict[int, int], native: dict[int, int], *,
                  finish: Callable[[EntryWriter], dict], shard: int | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> Extracted:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 skip: Mapping[int, int] | None = None) -> Extracted:
     """Pass ``loader``'s images (dataset indices ``indices``, in order) through the U-Net at
     ``group``'s timestep, noise seed and view, writing block b of ``plan`` at pool
     ``plan[b]``: into the entry itself, or with ``shard`` into that shard's part file.
     ``finish(writer)`` ends each writer once every row is in (``EntryWriter.commit``
     publishes the entry); on any error every writer is aborted. ``on_batch(images of the
-    batch, images done)`` after each batch."""
+    batch, images done)`` after each batch. ``skip[b]``: block b writes no row before the
+    pass's row ``skip[b]`` (an entry that extends, already holding them: :mod:`.prefix`)."""
     out = Extracted()
     writers: dict[int, EntryWriter] = {}
     try:
@@ -118,12 +120,17 @@ def extract_rows(extractor: Extractor, loader: DataLoader, indices: Sequence[int
                 out.timed_images += len(x0)
                 out.seconds += time.perf_counter() - began
             for b, f in feats.items():
+                drop = max(0, (skip or {}).get(b, 0) - out.images)  # rows b already holds
+                if drop >= len(x0):
+                    continue
+                if drop:
+                    f = f[drop:]
                 if b not in writers:
                     key = dataclasses.replace(group, block=b, pool=plan[b])
                     shape = tuple(f.shape[1:])
                     writers[b] = EntryWriter(store, key, shape, native[b]) if shard is None \
                         else part_writer(store, key, shape, native[b], shard)
-                writers[b].write(idx, labels, f)
+                writers[b].write(idx[drop:], labels[drop:], f)
             out.batches += 1
             out.images += len(x0)
             if on_batch is not None:

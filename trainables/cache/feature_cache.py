@@ -24,6 +24,8 @@ PUT), marker last; readers trust only entries whose marker exists and whose chec
 directory extracts at a time, under :class:`~.lock.CacheLock`. What a miss stores, and
 the storage budget: :mod:`.policy`; the miss's forward passes: :mod:`.extract`; keys and the
 root: :mod:`.store`; the entry files: :mod:`.entry`. Listing and pruning: :mod:`.admin`.
+Entries over a prefix of a split's interleaved order, which extend (rungs over images):
+:mod:`.prefix` (:meth:`FeatureCache.get_prefix`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from torch.utils.data import Dataset
 
-from difftune.trainables.cache import throughput
+from difftune.trainables.cache import prefix, throughput
 from difftune.trainables.cache.entry import CachedFeatures, EntryWriter
 from difftune.trainables.cache.extract import CacheStats, batch_to_fit, extract_entries, record_rate
 from difftune.trainables.cache.lock import CacheLock
@@ -142,7 +144,7 @@ class FeatureCache:
         self.stats = CacheStats()
         self.on_progress, self.progress_s = on_progress, progress_s
         self._extractor: Extractor | None = None
-        self._serving: set[str] = set()  # entries this process serves (never evicted by it)
+        self.serving: set[str] = set()  # entries this process serves (never evicted by it)
 
     @property
     def unet_images(self) -> int:
@@ -170,6 +172,16 @@ class FeatureCache:
         except FileNotFoundError:  # evicted by another process between lookup and open
             logger.info("a cache entry went away while opening it; looking up again")
             return self._get(cfg, split, requests, view)
+
+    def get_prefix(self, cfg: TrialConfig, split: str, requests: Sequence[Request], rows: int,
+                   *, view: int = 0) -> CachedFeatures:
+        """The features of ``requests`` over the first ``rows`` images of ``split`` in its
+        interleaved order (a rung's sample), extending stored entries by the images they
+        lack (:mod:`.prefix`). Whole-split entries (:meth:`get`) are other entries."""
+        try:
+            return prefix.get_prefix(self, cfg, split, requests, rows, view=view)
+        except FileNotFoundError:  # evicted by another process between lookup and open
+            return prefix.get_prefix(self, cfg, split, requests, rows, view=view)
 
     def resolve(self, cfg: TrialConfig, split: str, requests: Sequence[Request], view: int = 0
                 ) -> tuple:
@@ -239,7 +251,7 @@ class FeatureCache:
         return CachedFeatures.of(served)
 
     # -- lookup and the miss path (also used by :func:`~.shard.extract_sharded`)
-    def _extractor_for(self, model, diffusion) -> Extractor:
+    def extractor_for(self, model, diffusion) -> Extractor:
         if self._extractor is None or self._extractor.model is not model:
             self._extractor = Extractor(model, diffusion, precision=self.precision,
                                         channels_last=self.channels_last)
@@ -274,7 +286,7 @@ class FeatureCache:
             if path is not None and check_entry(path, marker):
                 self.stats.entries_derived += big != p
                 touch(self.store, f"{k.group}/{k.name}")
-                self._serving.add(f"{k.group}/{k.name}")
+                self.serving.add(f"{k.group}/{k.name}")
                 return path
             if purge:
                 self.stats.entries_corrupt += 1
@@ -330,7 +342,7 @@ class FeatureCache:
             costs = unet_costs(flags)
             need = sum(entry_bytes(rows, costs[b].channels, p, self.dtype)
                        for b, p in plan.items())
-            make_room(self.store, need, self.budget, keep=self._serving)
+            make_room(self.store, need, self.budget, keep=self.serving)
 
     def _ensure(self, model, diffusion, ds: Dataset, group: EntryKey, wanted: dict[int, int],
                 flags: dict) -> dict[int, EntryPath]:
@@ -356,7 +368,7 @@ class FeatureCache:
         if not indices:
             raise ValueError(f"no images to extract for {group.data} {group.split}")
         self.room_for(flags, len(indices), plan)
-        extractor = self._extractor_for(model, diffusion)
+        extractor = self.extractor_for(model, diffusion)
         done = extract_entries(extractor, ds, indices, self.store, group, plan, native,
                                batch=self.batch_for(flags, max(plan)), bar=self.progress,
                                on_progress=self.on_progress, progress_s=self.progress_s)
@@ -373,6 +385,6 @@ class FeatureCache:
             path = self._local_copy(key, done.done[b])
             if path is None or not check_entry(path, done.done[b]):
                 raise OSError(f"cache entry {key.group}/{key.name} vanished after writing it")
-            self._serving.add(f"{key.group}/{key.name}")
+            self.serving.add(f"{key.group}/{key.name}")
             out[b] = path
         return out

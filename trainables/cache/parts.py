@@ -16,7 +16,6 @@ Readers get a tuple of the parts' local paths where an unsharded entry has one p
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import posixpath
@@ -61,7 +60,7 @@ def publish(store: Store, key: EntryKey, parts: Sequence[dict], *, shape: Sequen
             raise ValueError(f"parts of {key.group}/{key.name} leave rows {at}..{p['start']} "
                              "out")
         at += p["rows"]
-    manifest = {"format": FORMAT, "key": dataclasses.asdict(key), "shape": list(shape),
+    manifest = {"format": FORMAT, "key": key.fields(), "shape": list(shape),
                 "native": native, "rows": at,
                 "sha256": hashlib.sha256("\n".join(p["sha256"] for p in parts).encode()
                                          ).hexdigest(),

@@ -47,19 +47,31 @@ class EntryKey:
     dtype: str = "float16"
     precision: str = "fp32"  # the U-Net pass: fp32, or bf16/fp16 autocast on a GPU
     view: int = 0  # 0: the images themselves; v >= 1: their seeded crop + flip (views.py)
+    #: "": the whole split in its own order (every entry before rungs); else the name of the
+    #: order whose prefix the entry holds (data/order.py): an entry that extends (prefix.py)
+    order: str = ""
 
     @property
     def group(self) -> str:
         tail = f"-v{self.view}" if self.view else ""
+        tail += f"-{self.order}" if self.order else ""
         return f"{self.model_fp}/{self.data_fp}/t{self.t}-s{self.seed}-{self.precision}{tail}"
 
     @property
     def name(self) -> str:
         return f"b{self.block}-p{self.pool}-{self.dtype}"
 
+    def fields(self) -> dict:
+        """The key as markers, manifests and Arrow metadata store it: every field, but
+        ``order`` only when set (so a whole-split entry's files are what they always were)."""
+        out = dataclasses.asdict(self)
+        if not out["order"]:
+            del out["order"]
+        return out
+
     def content(self) -> dict:
         """The fields that decide the features (names excluded)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "data")}
+        return {k: v for k, v in self.fields().items() if k not in ("model", "data")}
 
 
 class Store:
