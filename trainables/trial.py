@@ -19,18 +19,19 @@ from typing import Any
 import torch
 
 from difftune.trainables.config import TrialConfig
+from difftune.trainables.errors import ConfigError
 from difftune.trainables.heads import HeadKind, Key, Request, Shape, UNet, checked_config, head_kind
 from difftune.trainables.model.cost import gflops_to, module_gflops, unet_costs
 from difftune.trainables.model.geometry import Geometry, geometry_of_flags
 from difftune.trainables.model.unet import build, full_flags
 from difftune.trainables.model.unet import resolve as resolve_model
 from difftune.trainables.params import decode
-from difftune.trainables.train.grid import GROUP_SETTINGS, Grid
+from difftune.trainables.train.grid import GROUP_SETTINGS, Grid, GridError, grid_keys, label
 from difftune.trainables.train.grid_heads import HeadGrid, rng_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trial", "build_heads", "heads_gflops", "resolve", "trial_gflops"]
+__all__ = ["Trial", "build_heads", "grid_configs", "heads_gflops", "resolve", "trial_gflops"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,33 @@ class Trial:
     steps: int = 0
 
 
+def grid_configs(base: TrialConfig, grid: Grid) -> list[TrialConfig]:
+    """One plain trial config per point of ``grid``: ``base`` with the point's values, each
+    checked as a trial's config, then by its head kind; :class:`~.train.grid.GridError`
+    naming the point otherwise."""
+    allowed = grid_keys(base.head)
+    bad = sorted(set(grid.axes) - set(allowed))
+    if bad:
+        raise GridError(f"grid: head {base.head} does not take {bad} in a grid; allowed: "
+                        f"{list(allowed)}")
+    settings, points = base.to_dict(), grid.points()
+    kind = head_kind(base.head)
+    out = []
+    for point in points:  # the config's checks for every point, then the head kind's
+        try:
+            cfg = TrialConfig.from_dict({**settings, **point})
+        except ConfigError as exc:
+            raise GridError(f"grid point {label(point)}: {exc}") from None
+        out.append(cfg)
+    for point, cfg in zip(points, out, strict=True):
+        try:
+            if kind.validate is not None:
+                kind.validate(cfg)
+        except ConfigError as exc:
+            raise GridError(f"grid point {label(point)}: {exc}") from None
+    return out
+
+
 def resolve(config: dict[str, Any] | TrialConfig, grid: Grid | None = None) -> Trial:
     """The :class:`Trial` of ``config``: a trial's flat dict (Optuna's parameter names,
     decoded here) or a :class:`TrialConfig`; ``grid``: the heads the trial trains at once.
@@ -74,7 +102,7 @@ def resolve(config: dict[str, Any] | TrialConfig, grid: Grid | None = None) -> T
         cfgs, points = (cfg,), ({},)
     else:  # every point is checked, the head kind's checks included
         cfg = settings if isinstance(settings, TrialConfig) else TrialConfig.from_dict(settings)
-        cfgs, points = tuple(grid.configs(cfg)), tuple(grid.points())
+        cfgs, points = tuple(grid_configs(cfg, grid)), tuple(grid.points())
     kind = head_kind(cfg.head)
     flags, _ = resolve_model(cfg.model, checkpoint=cfg.checkpoint)
     flags = {**full_flags(flags), "use_fp16": False}

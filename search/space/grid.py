@@ -9,6 +9,7 @@ from typing import Any
 from difftune.search.space.checks import SpaceError
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import UserError
+from difftune.trainables.trial import grid_configs
 
 
 def grid_axes(raw: Any, where: str) -> dict[str, list] | None:
@@ -36,6 +37,6 @@ def check_grid(space, where: str) -> None:
     try:
         spec = space.grid_spec()
         for head in space.head_types():
-            spec.configs(TrialConfig.from_dict({**space.fixed, "head": head}))
+            grid_configs(TrialConfig.from_dict({**space.fixed, "head": head}), spec)
     except UserError as exc:
         raise SpaceError(f"{where}: {exc}") from None

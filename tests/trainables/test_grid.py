@@ -18,6 +18,7 @@ from difftune.trainables.heads.checkpoint import load_head, save_head
 from difftune.trainables.pipeline import DirectFeatures, TrialData, run_grid_trial, run_trial
 from difftune.trainables.train.grid import Grid, GridError, best_index, grid_keys, with_point
 from difftune.trainables.train.loop import FeatureTensors, TrainingDiverged
+from difftune.trainables.trial import grid_configs
 
 KEYS = [(10, 7), (50, 7), (10, 10), (50, 10)]  # (t, block) the tests read, pooled to 4
 
@@ -63,7 +64,7 @@ def _same_as_alone(source, base: TrialConfig, spec: Grid) -> list[dict]:
     grid's per-head rows."""
     grid, history = run_grid_trial(base, spec, source=source)
     rows = json.loads(history[-1]["grid_results"])
-    for i, cfg in enumerate(spec.configs(base)):
+    for i, cfg in enumerate(grid_configs(base, spec)):
         head, alone = run_trial(cfg, source=source)
         assert alone[-1]["val_loss"] == rows[i]["val_loss"], (i, cfg)
         assert alone[-1]["train_loss"] == rows[i]["train_loss"], (i, cfg)
@@ -122,7 +123,7 @@ def test_best_head_is_a_plain_checkpoint_and_the_grid_resumes_exactly(source, tm
     ep = epochs[-1]
     best = ep.best
     assert history[-1]["grid_index"] == best
-    assert ep.config.lr == spec.points()[best]["lr"] and ep.config == spec.configs(base)[best]
+    assert ep.config.lr == spec.points()[best]["lr"] and ep.config == grid_configs(base, spec)[best]
     shapes = source.prepare(base, [(10, 10, 2)]).shapes
     save_head(tmp_path / "best", ep.best_head(), ep.config, epoch=3, shapes=shapes,
               num_classes=10)
@@ -143,15 +144,15 @@ def test_grid_points_and_what_a_grid_may_vary():
     spec = Grid({"lr": [0.1, 0.01], "hidden": [[64], [64, 64]]})
     assert len(spec) == 4
     assert spec.points()[1] == {"lr": 0.1, "hidden": [64, 64]}  # the last axis varies fastest
-    cfgs = spec.configs(TrialConfig(head="mlp"))
+    cfgs = grid_configs(TrialConfig(head="mlp"), spec)
     assert [(c.lr, c.hidden) for c in cfgs][-1] == (0.01, [64, 64])
     assert "dropout" not in grid_keys("linear") and "dim" in grid_keys("difformer")
     with pytest.raises(GridError, match=r"head linear does not take \['hidden'\]"):
-        spec.configs(TrialConfig(head="linear"))
+        grid_configs(TrialConfig(head="linear"), spec)
     with pytest.raises(GridError, match="head diffeed runs the live U-Net"):
-        Grid({"lr": [0.1]}).configs(TrialConfig(head="diffeed"))
+        grid_configs(TrialConfig(head="diffeed"), Grid({"lr": [0.1]}))
     with pytest.raises(GridError, match="grid point lr=-1"):
-        Grid({"lr": [-1]}).configs(TrialConfig())
+        grid_configs(TrialConfig(), Grid({"lr": [-1]}))
     with pytest.raises(GridError, match="per-head metric"):
         Grid({"lr": [0.1]}, metric="test_top1")
     assert with_point({"lr": 0.5, "block": 3}, '{"lr": 0.01}') == {"lr": 0.01, "block": 3}

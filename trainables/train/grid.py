@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from difftune.trainables.config import TrialConfig
 from difftune.trainables.errors import ConfigError
 from difftune.trainables.heads import head_kind
 
@@ -96,29 +95,6 @@ class Grid:
         """Every combination of the axes' values, as ``{setting: value}``."""
         names = list(self.axes)
         return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*self.axes.values())]
-
-    def configs(self, base: TrialConfig) -> list[TrialConfig]:
-        """One plain trial config per point: ``base`` with the point's values (checked)."""
-        allowed = grid_keys(base.head)
-        bad = sorted(set(self.axes) - set(allowed))
-        if bad:
-            raise GridError(f"grid: head {base.head} does not take {bad} in a grid; allowed: "
-                            f"{list(allowed)}")
-        settings, points = base.to_dict(), self.points()
-        kind = head_kind(base.head)
-        out = []
-        for point in points:  # the config's checks for every point, then the head kind's
-            try:
-                out.append(TrialConfig.from_dict({**settings, **point}))
-            except ConfigError as exc:
-                raise GridError(f"grid point {label(point)}: {exc}") from None
-        for point, cfg in zip(points, out, strict=True):
-            try:
-                if kind.validate is not None:
-                    kind.validate(cfg)
-            except ConfigError as exc:
-                raise GridError(f"grid point {label(point)}: {exc}") from None
-        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"axes": {k: list(v) for k, v in self.axes.items()}, "metric": self.metric,
