@@ -15,8 +15,8 @@ pooling and the float16 cache store a GPU run takes), a 3-trial search without G
 
 The row says ``ok=True`` when bf16 features are within ``--tol`` (relative L2 error) of fp32
 ones, the cache entry holds float16 written by a bf16 pass, and the search finished its 3
-trials; otherwise the script exits 1. ``--json PATH`` also writes the values;
-``--no-record`` leaves RESULTS.md alone (the tests).
+trials, extracting in the device's precision (bf16 on a GPU); otherwise the script exits 1.
+``--json PATH`` also writes the values; ``--no-record`` leaves RESULTS.md alone (the tests).
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ def check(mode: str, tol: float) -> dict[str, object]:
     """Every step of ``mode`` (``full`` or ``small``); the values of the row."""
     import torch
 
+    from difftune.trainables.model.features import precision_for
     from difftune.trainables.model.unet import load_unet
 
     setup = SETUPS[mode]
@@ -221,9 +222,11 @@ def check(mode: str, tol: float) -> dict[str, object]:
         values.update(cache_check(setup, device, work, checkpoint))
         values.update(search_check(setup, work))
     values["tol"] = tol
+    trial_precision = precision_for(device)  # what the search's trials extract in
     values["ok"] = (values["bf16_rel_err"] < tol and values["cache_rel_err"] < tol
                     and values["cache_dtype"] == "float16" and values["cache_bf16_group"]
-                    and values["trials_finished"] == 3)
+                    and values["trials_finished"] == 3
+                    and values["search_precision"] == trial_precision)
     return values
 
 
