@@ -211,6 +211,8 @@ def main() -> None:
         names += ["extract", "epoch"] if n in extract_sizes else []
         for name in names:
             got = in_child(name, roots[n], cache_root)
+            if got["rows"] not in (0, n):
+                raise SystemExit(f"{name} at {n} images read {got['rows']} rows")
             walls.setdefault(name, {})[n] = got["s"]
             values[f"{name}_{label(n)}_s"] = got["s"]
             values[f"{name}_{label(n)}_mb"] = got["mb"]
