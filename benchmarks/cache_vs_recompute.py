@@ -12,7 +12,7 @@ period = epochs) so both train exactly the same epochs; one trial runs at a time
 recompute arm gets what the cache arm gets: the same threads per trial, early exit at the
 trial's block, the same batch.
 
-    python -m benchmarks.cache_vs_recompute [--trials 8] [--epochs 10] [--seed 0]
+    python -m benchmarks.cache_vs_recompute [--trials 8] [--epochs 7] [--seed 0]
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def as_keys(points: list[dict]) -> list[tuple]:
 def main() -> None:
     ap = arguments(__spec__, __doc__)
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0, help="seed of the drawn config list")
     args = ap.parse_args()
     configure()
