@@ -164,14 +164,23 @@ def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path
 
 
 def load_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load a checkpoint into ``model`` safely (``weights_only=True``).
+    """Load a checkpoint into ``model`` safely (``weights_only=True``), holding the weights
+    once: the file is memory-mapped (``mmap=True``) and its tensors become the model's
+    parameters (``load_state_dict(assign=True)``) instead of being copied into a second set
+    (``model`` may be built on the meta device). A tensor stored in another dtype than the
+    model's is converted (that one is copied).
 
     A checkpoint for another architecture raises :class:`ModelError` naming the missing,
     unexpected and mis-shaped keys in one message.
     """
-    state = read_state(checkpoint)
+    state = read_state(checkpoint, mmap=True)
+    own = {k: v.dtype for k, v in model.state_dict().items()}
     check_fit(model.state_dict(), state, checkpoint)
-    model.load_state_dict(state)
+    state = {k: v if v.dtype == own[k] else v.to(own[k]) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a tensor the state does not hold (none in a guided-diffusion U-Net)
+        raise ModelError(f"checkpoint {checkpoint} left {left[:5]} without values")
 
 
 def check_model(name_or_path: str, *, checkpoint: str | Path | None = None) -> None:
@@ -239,8 +248,11 @@ def load_unet(
     device = torch.device(device)
     model_flags = dict(model_flags)
     model_flags["use_fp16"] = bool(model_flags.get("use_fp16")) and device.type == "cuda"
-    model, diffusion = build(model_flags)
-    if not random_init:
+    if random_init:
+        model, diffusion = build(model_flags)
+    else:  # built without memory: the checkpoint's mapped tensors become its weights
+        with torch.device("meta"):
+            model, diffusion = build(model_flags)
         load_state(model, ckpt)
     if model_flags["use_fp16"]:
         model.convert_to_fp16()
