@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from difftune.trainables.config import TrialConfig, check_setting
+from difftune.trainables.data.splits import is_number
 from difftune.trainables.errors import UserError
 from difftune.trainables.heads import HEAD_TYPES
 from difftune.trainables.train.grid import HEAD_METRICS
@@ -177,7 +178,7 @@ def check_scheduler(space: Any, pins: dict[str, Any]) -> None:
 
 def check_label_fraction(name: str, value: Any) -> None:
     """A fraction in (0, 1] or the file listing the images to keep."""
-    if isinstance(value, str) and not _number(value):
+    if isinstance(value, str) and not is_number(value):
         if not Path(value).is_file():
             raise SpaceError(f"space {name}: label_fraction file {value} does not exist; "
                              "allowed: a fraction in (0, 1] or a file listing the images")
@@ -188,12 +189,6 @@ def check_label_fraction(name: str, value: Any) -> None:
         raise SpaceError(f"space {name}: {exc}") from None
 
 
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def check_subset(spec: dict, where: str) -> None:

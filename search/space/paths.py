@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from difftune.trainables.data.splits import is_number
+
 #: model names that are presets, not paths
 MODEL_PRESETS = ("demo", "paper256")
 
@@ -15,14 +17,6 @@ def user_path(value: Any, *, keep: tuple[str, ...] = ()) -> Any:
     """``value`` made absolute against the working directory when it is a relative file
     path; names in ``keep`` (presets), numbers, URIs and None stay as they are."""
     if not isinstance(value, str) or not value or value in keep or "://" in value \
-            or _number(value):
+            or is_number(value):
         return value
     return os.path.abspath(os.path.expanduser(value))
-
-
-def _number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
