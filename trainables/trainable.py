@@ -50,6 +50,9 @@ __all__ = ["FAILURE_KEY", "HEAD_FILE", "META_FILE", "RuntimeOptions", "evaluate_
 
 #: the key of a trial's last report when it failed in a way a retry would repeat
 FAILURE_KEY = "failure"
+#: failures that stop the whole search at the first trial that meets them: an image that
+#: cannot be decoded fails every trial that reads it, a full disk every trial that writes
+STOP_ALL = ("data", "disk")
 #: metrics a failure report carries as NaN (a scheduler or searcher needs its metric there)
 FAILED_METRICS = ("val_top1", "val_top5", "val_loss")
 
@@ -178,15 +181,15 @@ def train_trial(config: dict[str, Any], runtime: RuntimeOptions | None = None,
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
     from ray import tune
 
+    runtime = runtime or RuntimeOptions()
     try:
-        _train(config, runtime or RuntimeOptions(), grid)
+        _train(config, runtime, grid)
     except Exception as exc:
         kind = failure_kind(exc)
         if kind is None:
             raise  # transient (or a bug): Ray Tune retries it up to max_failures
         logger.warning("trial failed (%s, not retried): %s", kind, exc)
-        tune.report({FAILURE_KEY: kind, "error": failure_message(
-            exc, kind, cache=(runtime or RuntimeOptions()).cache),
+        tune.report({FAILURE_KEY: kind, "error": failure_message(exc, kind, cache=runtime.cache),
                      **dict.fromkeys(FAILED_METRICS, float("nan"))})
 
 

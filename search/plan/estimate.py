@@ -191,7 +191,8 @@ def warn_over_disk(budget: int, setting: str, cache: str | None) -> bool:
     if not cache or "://" in cache:
         return False
     folder = _existing_folder(cache)
-    room = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(folder).free
+    room = free
     if os.path.isdir(cache):
         room += usage(Store(cache))[0]
     if budget <= room:
@@ -199,7 +200,7 @@ def warn_over_disk(budget: int, setting: str, cache: str | None) -> bool:
     logger.warning("%s %s exceeds what the cache's disk can hold (%s: %s free plus what the "
                    "cache holds): the disk fills before the budget evicts, and a full disk "
                    "stops the search; give at most %s or --cache on a larger disk", setting,
-                   format_size(budget), folder, format_size(shutil.disk_usage(folder).free),
+                   format_size(budget), folder, format_size(free),
                    format_size(room))
     return True
 

@@ -37,7 +37,7 @@ from difftune.trainables.data.datasets import DataError
 from difftune.trainables.errors import SearchFailed
 from difftune.trainables.params import decode
 from difftune.trainables.train.grid import GRID_BEST, with_point
-from difftune.trainables.trainable import FAILURE_KEY, RuntimeOptions
+from difftune.trainables.trainable import FAILURE_KEY, STOP_ALL, RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +103,12 @@ def finish_search(results: ResultGrid, space: Space, *, client: MlflowClient, pa
     s = space.search
     candidates = result_candidates(results, s["metric"])
     failed = Counter(f for f in (_failure(c.data) for c in candidates) if f)
-    data_error = next((c.data.metrics.get("error") for c in candidates
-                       if _failure(c.data) == "data"), None)
-    if data_error:
-        _fail(client, parent, data_error, report)
-        raise DataError(data_error)
-    disk_error = next((c.data.metrics.get("error") for c in candidates
-                       if _failure(c.data) == "disk"), None)
-    if disk_error:  # not transient: every trial that writes would meet it
-        _fail(client, parent, disk_error, report)
-        raise SearchFailed(disk_error)
+    for kind in STOP_ALL:  # the failure that stopped the search: the user's data or disk
+        error = next((c.data.metrics.get("error") for c in candidates
+                      if _failure(c.data) == kind), None)
+        if error:
+            _fail(client, parent, error, report)
+            raise (DataError if kind == "data" else SearchFailed)(error)
     ranked = rank_trials(candidates, mode=s["mode"])
     if not ranked:
         why = ", ".join(f"{n} {kind}" for kind, n in sorted(failed.items())) or "none reported"

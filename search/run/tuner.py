@@ -7,7 +7,8 @@ multi-objective TPE (a metric and a mode per objective) while ASHA, which takes 
 stops trials by the first objective. With a ``grid:`` every trial trains the grid's heads and
 reports its best one (:mod:`difftune.trainables.train.grid`). A trial that fails in a way a
 retry would repeat (``diverged``, ``config``, ``data``: see :mod:`difftune.trainables.trainable`)
-ends at once; a data error stops the whole search (:class:`StopOnDataError`).
+ends at once; a data error or a full disk stops the whole search
+(:class:`StopOnRepeatingFailure`).
 
 The confirm stage's Tuner runs given configs in order (:class:`FixedConfigs`), each for its
 full epochs: no Optuna, no ASHA. Both name their trials ``trial_ID`` and keep one checkpoint.
@@ -32,7 +33,7 @@ from difftune.search.records.optuna_store import name_objectives
 from difftune.search.run.cluster import cluster_gpus, trial_resources
 from difftune.search.space.distributions import startup_trials
 from difftune.search.space.spec import Space
-from difftune.trainables.trainable import FAILURE_KEY, RuntimeOptions, train_trial
+from difftune.trainables.trainable import FAILURE_KEY, STOP_ALL, RuntimeOptions, train_trial
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORAGE = "difftune_runs"
 
 
-#: failures that stop the whole search at the first trial that meets them: an image that
-#: cannot be decoded fails every trial that reads it, and a full disk every trial that writes
-STOP_ALL = ("data", "disk")
-
-
-class StopOnDataError(tune.Stopper):
+class StopOnRepeatingFailure(tune.Stopper):
     """Stops the whole search at the first trial that reports a failure of
-    :data:`STOP_ALL` (a data error, a full disk)."""
+    :data:`~difftune.trainables.trainable.STOP_ALL` (a data error, a full disk)."""
 
     def __init__(self) -> None:
         self.seen = False
@@ -141,7 +137,7 @@ def build_tuner(
             grace_period=int(s["grace_period"]),
             reduction_factor=float(s["reduction_factor"]),
         )
-        samples, stop = int(s["trials"]), StopOnDataError()
+        samples, stop = int(s["trials"]), StopOnRepeatingFailure()
     else:
         searcher = FixedConfigs(configs, metric=s["metric"], mode=s["mode"])
         scheduler, samples, stop = None, len(configs), None

@@ -14,7 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 from difftune.search.records.optuna_store import default_storage
 from difftune.search.run.preflight import Prepared, SearchRequest, prepare_search
 from difftune.search.run.prewarm import extract_space
-from difftune.search.run.tuner import FixedConfigs, StopOnDataError, build_tuner
+from difftune.search.run.tuner import FixedConfigs, StopOnRepeatingFailure, build_tuner
 from difftune.search.space.spec import load_space
 from difftune.trainables.errors import UserError
 from difftune.trainables.trainable import RuntimeOptions
@@ -61,7 +61,7 @@ def test_the_confirm_tuner_is_the_search_tuner_running_given_configs(ray_session
         (t._local_tuner._tune_config, t._local_tuner._run_config) for t in (search, confirm)]
     assert isinstance(s_tune.search_alg, OptunaSearch)
     assert isinstance(s_tune.scheduler, ASHAScheduler) and s_tune.num_samples == 5
-    assert isinstance(s_run.stop, StopOnDataError)
+    assert isinstance(s_run.stop, StopOnRepeatingFailure)
     # the confirm stage: the configs in order, each to its last epoch, nothing stops it early
     assert isinstance(c_tune.search_alg, FixedConfigs) and c_tune.scheduler is None
     assert c_tune.num_samples == 2 and c_run.stop is None
