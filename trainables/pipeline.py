@@ -29,6 +29,7 @@ from difftune.trainables.data.datasets import (
     shared_dataset,
     targets_of,
 )
+from difftune.trainables.data.order import Rung, rung_subset
 from difftune.trainables.data.views import ViewCycle, view_batch
 from difftune.trainables.heads import Request
 from difftune.trainables.model.features import Extractor, block_sizes
@@ -126,9 +127,11 @@ class TrialData:
 
 class FeatureSource(Protocol):
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
-                splits: Sequence[str] = SPLITS) -> TrialData:
+                splits: Sequence[str] = SPLITS, *, rung: Rung | None = None) -> TrialData:
         """Data of ``splits`` for the ``(t, block, pool)`` requests of the head of ``cfg``
-        (train: :func:`split_views` views, a :class:`~.views.ViewCycle` when more than one)."""
+        (train: :func:`split_views` views, a :class:`~.views.ViewCycle` when more than one);
+        at a ``rung`` over images, the rung's sample of each split
+        (:func:`~.data.order.rung_subset`)."""
 
 
 class UNetSource:
@@ -160,11 +163,12 @@ class DirectFeatures(UNetSource):
         self.batch_size, self.progress = batch_size, progress
 
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
-                splits: Sequence[str] = SPLITS) -> TrialData:
+                splits: Sequence[str] = SPLITS, *, rung: Rung | None = None) -> TrialData:
         model = self.unet_for(cfg)
         out: dict[str, Dataset] = {}
         for split in splits:
             ds, classes = trial_dataset(cfg, split, model.image_size)
+            ds = rung_subset(ds, rung)
             labels = torch.tensor(targets_of(ds))
             views = [FeatureTensors(extract_dataset(
                 self.extractor, ds, requests, seed=cfg.noise_seed, batch_size=self.batch_size,
@@ -182,21 +186,26 @@ def clamp_requests(model: torch.nn.Module, requests: Sequence[Request]) -> list[
     return [(t, b, min(p, sizes[b])) for t, b, p in requests]
 
 
-def image_data(cfg: TrialConfig, image_size: int, splits: Sequence[str] = SPLITS) -> TrialData:
-    """Images of ``splits`` for a head that runs the U-Net itself (no feature shapes)."""
+def image_data(cfg: TrialConfig, image_size: int, splits: Sequence[str] = SPLITS, *,
+               rung: Rung | None = None) -> TrialData:
+    """Images of ``splits`` (a ``rung``'s sample of each) for a head that runs the U-Net
+    itself (no feature shapes)."""
     loaded = {s: trial_dataset(cfg, s, image_size) for s in splits}
     classes = next(iter(loaded.values()))[1]
-    return TrialData({s: ImageItems(ds) for s, (ds, _) in loaded.items()}, {}, len(classes))
+    return TrialData({s: ImageItems(rung_subset(ds, rung)) for s, (ds, _) in loaded.items()},
+                     {}, len(classes))
 
 
 def trial_data(trial: Trial, *, source: FeatureSource | None = None, device: str = "cpu",
-               splits: Sequence[str] = SPLITS) -> TrialData:
-    """What the heads of ``trial`` read from ``splits``: images for a live head, else
-    features from ``source`` (default: extracted in memory)."""
+               splits: Sequence[str] = SPLITS, rung: Rung | None = None) -> TrialData:
+    """What the heads of ``trial`` read from ``splits`` (at ``rung``: its sample of each):
+    images for a live head, else features from ``source`` (default: extracted in memory)."""
     if trial.kind.live_unet:
-        return image_data(trial.cfg, trial.geometry.image_size, splits)
+        return image_data(trial.cfg, trial.geometry.image_size, splits, rung=rung)
     source = source or DirectFeatures(device=device)
-    return source.prepare(trial.cfg, list(trial.requests), splits)
+    if rung is None:
+        return source.prepare(trial.cfg, list(trial.requests), splits)
+    return source.prepare(trial.cfg, list(trial.requests), splits, rung=rung)
 
 
 def evaluate_on(head: torch.nn.Module, cfg: TrialConfig, split: str = "test", *,
@@ -217,29 +226,46 @@ def run(
     on_epoch: Callable[[Epoch], None] | None = None,
     resume: dict[str, Any] | None = None,
     on_data: Callable[[dict[str, Any]], None] | None = None,
+    rungs: Sequence[Rung] = (),
+    start_rung: int = 0,
 ) -> tuple[HeadGrid, list[dict[str, Any]]]:
     """Train and evaluate the heads of ``trial`` (one, or its grid's) in one pass over the
-    data of each epoch.
+    data of each epoch; with ``rungs`` over images, once per rung from ``start_rung`` on:
+    the heads built afresh at each rung and trained for their epochs on its sample of train,
+    scored on its sample of val (each :class:`~.train.loop.Epoch` carries its ``rung``; the
+    caller may stop between rungs by raising from ``on_epoch``).
 
     :param source: where feature heads' features come from (default: in memory).
     :param on_epoch: called after every epoch with an :class:`~.train.loop.Epoch`.
-    :param resume: an :meth:`~.train.loop.Epoch.resume_state` to continue from.
-    :param on_data: called once the data is ready with ``{"shapes", "num_classes",
-        "grid"}`` (the heads, :class:`~.train.grid_heads.HeadGrid`, with their GFLOPs).
-    :return: ``(heads, per-epoch metrics of the best head)``.
+    :param resume: an :meth:`~.train.loop.Epoch.resume_state` to continue from (at
+        ``start_rung``).
+    :param on_data: called once the data of each rung is ready with ``{"shapes",
+        "num_classes", "grid", "rung", "train_images"}`` (the heads,
+        :class:`~.train.grid_heads.HeadGrid`, with their GFLOPs).
+    :return: ``(heads, per-epoch metrics of the best head)`` (of the last rung run).
     """
     unet = shared_unet(trial.cfg.model, trial.cfg.checkpoint, device)
-    data = trial_data(trial, source=source, device=device)
-    grid = build_heads(trial, data.shapes, data.num_classes, unet=unet)
-    if resume is not None:
-        if resume.get("heads") is not None:
-            grid.load_state_dict(resume["heads"])
-        if resume.get("extra") is not None:
-            grid.load_extra_state(resume["extra"])
-    if on_data is not None:
-        on_data({"shapes": data.shapes, "num_classes": data.num_classes, "grid": grid})
-    history = train_heads(grid, list(trial.cfgs), data.train, data.val, spec=trial.grid, device=device,
-                          wrap=data.wrap, on_epoch=on_epoch, resume=resume)
+    grid, history = None, []
+    for rung in list(rungs)[start_rung:] or [None]:
+        data = trial_data(trial, source=source, device=device, rung=rung)
+        grid = build_heads(trial, data.shapes, data.num_classes, unet=unet)
+        if resume is not None:
+            if resume.get("heads") is not None:
+                grid.load_state_dict(resume["heads"])
+            if resume.get("extra") is not None:
+                grid.load_extra_state(resume["extra"])
+        if on_data is not None:
+            on_data({"shapes": data.shapes, "num_classes": data.num_classes, "grid": grid,
+                     "rung": rung, "train_images": len(data.train)})
+
+        def at_rung(ep: Epoch, rung: Rung | None = rung) -> None:
+            ep.rung = rung
+            if on_epoch is not None:
+                on_epoch(ep)
+
+        history = train_heads(grid, list(trial.cfgs), data.train, data.val, spec=trial.grid,
+                              device=device, wrap=data.wrap, on_epoch=at_rung, resume=resume)
+        resume = None
     return grid, history
 
 

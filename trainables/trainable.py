@@ -19,7 +19,9 @@ memory, an I/O error) raises and is retried up to ``max_failures``.
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from difftune.trainables.data.order import DEFAULT_FLOOR, Rung, ladder
 from difftune.trainables.errors import DataError, UserError
 from difftune.trainables.heads.checkpoint import (
     HEAD_FILE,
@@ -104,6 +107,12 @@ class RuntimeOptions:
     :param extract_batch: images per U-Net pass on a cache miss; None: what fits the device.
     :param progress_s: seconds between the progress lines of a long extraction (posted to
         the search's :data:`~.progress.PROGRESS_BOARD` actor when there is one).
+    :param image_rungs: the search's rungs over images (fractions of each split, the last
+        1.0; empty: every trial reads every image): a trial trains at each in turn, and
+        reports each rung's end at ``rung_budget`` (:meth:`~.data.order.Rung.budget`), where
+        ASHA decides whether it goes on.
+    :param image_floor: images per class a rung's sample holds at least.
+    :param rung_factor: the scheduler's reduction factor (the rungs' ``rung_budget``).
     """
 
     cache: str | None = None
@@ -117,11 +126,19 @@ class RuntimeOptions:
     data_hash: str = "size"
     extract_batch: int | None = None
     progress_s: float = DEFAULT_EVERY_S
+    image_rungs: tuple[float, ...] = field(default_factory=tuple)
+    image_floor: int = DEFAULT_FLOOR
+    rung_factor: float = 2.0
+
+    def rungs(self) -> list[Rung]:
+        """The trials' :class:`~.data.order.Rung` ladder (empty without rungs)."""
+        return ladder(self.image_rungs, floor=self.image_floor, factor=self.rung_factor)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["extra_blocks"] = list(self.extra_blocks)
         d["data_files"] = dict(self.data_files)
+        d["image_rungs"] = list(self.image_rungs)
         return d
 
     @classmethod
@@ -129,6 +146,7 @@ class RuntimeOptions:
         """The inverse of :meth:`to_dict`; keys it does not know are ignored."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**{**known, "extra_blocks": tuple(known.get("extra_blocks", ())),
+                      "image_rungs": tuple(known.get("image_rungs") or ()),
                       "data_files": tuple(sorted(dict(known.get("data_files") or {}).items()))})
 
 
@@ -212,12 +230,16 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
     if runtime.threads > 0:
         torch.set_num_threads(runtime.threads)
     device = _device()
-    resume = None
+    resume, start_rung = None, 0
+    rungs = runtime.rungs()
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = read_resume(d, grid=grid is not None)
-        logger.info("resuming trial at epoch %d", resume["epoch"])
+            start_rung = read_rung(d)
+        logger.info("resuming trial at rung %d, epoch %d", start_rung, resume["epoch"])
+        if rungs and resume["epoch"] >= trial.cfg.epochs:  # killed between two rungs
+            start_rung, resume = start_rung + 1, None
 
     data: dict[str, Any] = {}
     source = make_source(runtime, device, on_progress=_progress_sink())
@@ -229,11 +251,44 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
             save_epoch(d, ep)
             report = {**ep.metrics, "gflops": ep.gflops,
                       "unet_images": source.unet_images + data["grid"].unet_images,
-                      "node_id": node_id}
+                      "node_id": node_id, **rung_metrics(ep, data)}
+            if ep.rung is not None:
+                write_rung(d, ep.rung.index)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
     run(trial, source=source, device=device, on_epoch=on_epoch, resume=resume,
-        on_data=data.update)
+        on_data=data.update, rungs=rungs, start_rung=start_rung)
+
+
+#: the file in a trial's checkpoint folder naming the rung over images it was saved at
+RUNG_FILE = "rung.json"
+
+
+def write_rung(path: str, index: int) -> None:
+    with open(os.path.join(path, RUNG_FILE), "w") as f:
+        json.dump({"image_rung": int(index)}, f)
+
+
+def read_rung(path: str) -> int:
+    """The rung a checkpoint folder was saved at (0 without rungs)."""
+    f = os.path.join(path, RUNG_FILE)
+    if not os.path.isfile(f):
+        return 0
+    with open(f) as fh:
+        return int(json.load(fh)["image_rung"])
+
+
+def rung_metrics(ep: Epoch, data: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports of its rung over images: ``image_rung`` (0-based),
+    ``image_fraction``, ``rung_images`` (train images it trained on) and ``rung_budget``
+    (ASHA's time at rungs: the rung's end at ``factor ** index``); nothing without rungs."""
+    rung = ep.rung
+    if rung is None:
+        return {}
+    end = int(ep.metrics.get("epoch") or 0) >= ep.config.epochs
+    return {"image_rung": rung.index, "image_fraction": rung.fraction,
+            "rung_images": int(data.get("train_images") or 0),
+            "rung_budget": rung.budget(end=end)}
 
 
 def evaluate_checkpoint(checkpoint: Any, runtime: RuntimeOptions | dict[str, Any],

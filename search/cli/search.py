@@ -137,13 +137,19 @@ def print_summary(result, *, top: int = 10, model_name: str | None = None) -> No
     cols = ["val_top1", "val_top5", "epochs", "head", "block", "t", "pool", "lr", "run_id"]
     if metric not in cols:
         cols.insert(0, metric)
+    if any("rung" in row for row in result.rows):  # rungs over images: where each stopped
+        cols[cols.index("epochs")] = "rung"
+        cols.insert(cols.index("rung") + 1, "images")
     if any(row.get("test_top1") is not None for row in result.rows):  # where it was measured
         cols.insert(cols.index("val_top5") + 1, "test_top1")
     failed = result.failed
     failures = ("; failed: " + ", ".join(f"{n} {k}" for k, n in sorted(failed.items()))
                 if failed else "")
     print(f"\nbest trials of experiment {result.experiment!r} by {metric} on val "
-          f"({len(result.rows)} finished{failures}; epochs: the epochs each trial ran):")
+          f"({len(result.rows)} finished{failures}; "
+          + ("rung: the rung over images each trial stopped at, images: its train images "
+             "there):" if any("rung" in row for row in result.rows)
+             else "epochs: the epochs each trial ran):"))
     for line in summary_table(result.rows[:top], cols):
         print(line)
     if result.confirmed:

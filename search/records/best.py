@@ -5,7 +5,10 @@ and ``train``:
 - a trial's score is its metric at its last reported epoch (a trial ASHA stopped early is
   scored where it stopped);
 - the best score wins (``mode`` max or min); ties go to the trial that ran fewer epochs,
-  then to the earlier trial.
+  then to the earlier trial;
+- with rungs over images, a trial scored at a later rung beats every trial stopped at an
+  earlier one (their scores were measured on fewer images: a lucky 50-image val sample is
+  no evidence against the full val split); the rule above ranks the trials of one rung.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Candidate:
     :param score: its metric at its last reported epoch (None: never reported).
     :param epochs: epochs it ran.
     :param ok: it finished without error.
+    :param rung: the rung over images it was scored at (0 without rungs).
     :param data: anything the caller wants back (its config, its run).
     """
 
@@ -38,6 +42,7 @@ class Candidate:
     epochs: int
     ok: bool = True
     data: Any = field(default=None, compare=False)
+    rung: int = 0
 
     @property
     def eligible(self) -> bool:
@@ -54,7 +59,7 @@ def rank_trials(candidates: Iterable[Candidate], *, mode: str) -> list[Candidate
     """Eligible candidates, best first (see the module docstring)."""
     sign = -1.0 if check_mode(mode) == "max" else 1.0
     return sorted((c for c in candidates if c.eligible),
-                  key=lambda c: (sign * c.score, c.epochs, c.order))
+                  key=lambda c: (-c.rung, sign * c.score, c.epochs, c.order))
 
 
 def best_trial(candidates: Sequence[Candidate], *, mode: str) -> Candidate | None:
@@ -75,5 +80,6 @@ def result_candidates(results, metric: str) -> list[Candidate]:
             key=str(metrics.get("trial_id", i)), order=i,
             score=float(score) if isinstance(score, (int, float)) else None,
             epochs=int(metrics.get("epoch", 0) or 0),
-            ok=r.error is None and not metrics.get("failure"), data=r))
+            ok=r.error is None and not metrics.get("failure"), data=r,
+            rung=int(metrics.get("image_rung") or 0)))
     return out

@@ -45,7 +45,8 @@ def trial_candidates(client: MlflowClient, parent, *, metric: str) -> list[Candi
         m = r.data.metrics
         out.append(Candidate(key=r.info.run_id, order=r.info.start_time or 0,
                              score=m.get(metric), epochs=int(m.get("epoch", 0)),
-                             ok=r.info.status == "FINISHED", data=r))
+                             ok=r.info.status == "FINISHED", data=r,
+                             rung=int(m.get("image_rung", 0))))
     confirmed = [c for c in out if c.data.data.tags.get("difftune.stage") == "confirm"]
     return confirmed or out
 

@@ -234,6 +234,15 @@ def _error_line(trial) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def _how_far(last: dict) -> str:
+    """``after 4 epochs``, or with rungs over images ``at rung 2 (539 images)``: where a
+    trial stopped."""
+    if "image_rung" in last:
+        return f"at rung {int(last['image_rung']) + 1} ({int(last.get('rung_images') or 0)} images)"
+    epochs = last.get("epoch", "?")
+    return f"after {epochs} epoch{'' if epochs == 1 else 's'}"
+
+
 def _label(trial) -> str:
     from difftune.search.report.gather import trial_label
 
@@ -282,15 +291,16 @@ class ConsoleTable(tune.Callback):
             return
         self._done += 1
         score = self._score(trial)
+        rung = int(last.get("image_rung") or 0)
         better = self._best is None or (score is not None and (
-            score > self._best[0] if self.mode == "max" else score < self._best[0]))
+            rung > self._best[2] or rung == self._best[2] and (
+                score > self._best[0] if self.mode == "max" else score < self._best[0])))
         if score is not None and better:
-            self._best = (score, label)
-        epochs = last.get("epoch", "?")
+            self._best = (score, label, rung)
         shown = f"{score:.2f}" if score is not None else "-"
         best = f"   best {self._best[0]:.2f}" if self._best else ""
-        out.info("done %s  %-28s %s %s after %s epoch%s%s", self._position(), label,
-                 self.metric, shown, epochs, "" if epochs == 1 else "s", best)
+        out.info("done %s  %-28s %s %s %s%s", self._position(), label, self.metric, shown,
+                 _how_far(last), best)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._failed += 1
@@ -329,6 +339,7 @@ class ConsoleTable(tune.Callback):
         for t in running:
             r = t.last_result or {}
             score = self._score(t)
+            at = f"rung {int(r['image_rung']) + 1} " if "image_rung" in r else ""
             out.info("  running %-14s %-28s %s", t.trial_id, _label(t),
-                     f"epoch {r.get('epoch')}: {self.metric} {score:.2f}" if score is not None
-                     else "preparing its features")
+                     f"{at}epoch {r.get('epoch')}: {self.metric} {score:.2f}"
+                     if score is not None else "preparing its features")

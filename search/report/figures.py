@@ -128,18 +128,23 @@ def grid_cells(data: SearchData) -> tuple[list[str], list[int], list[tuple[int, 
         blocks = list(range(blocks[0], blocks[-1] + 1))
     t_vals = sorted(set(_values(data.space, "t")) | seen_t) if data.space else sorted(seen_t)
     rows = _t_rows(t_vals)
-    better = max if data.mode == "max" else min
+    sign = 1.0 if data.mode == "max" else -1.0
     champ = data.champion
     grids, marks = {}, {}
+    data.cell_rungs = {}
     for h in heads:
         g = np.full((len(rows), len(blocks)), np.nan)
+        rung = np.full_like(g, np.nan)
         for b, x, t in single[h]:
             r = next(i for i, (lo, hi) in enumerate(rows) if lo <= x <= hi)
             c = blocks.index(b)
-            g[r, c] = t.score if np.isnan(g[r, c]) else better(g[r, c], t.score)
+            # with rungs over images, a score on more images wins the cell
+            if np.isnan(g[r, c]) or (t.rung, sign * t.score) > (rung[r, c], sign * g[r, c]):
+                g[r, c], rung[r, c] = t.score, t.rung
             if champ is not None and t.run_id == champ.run_id:
                 marks[h] = (r, c)
         grids[h] = g
+        data.cell_rungs[h] = rung
     return heads, blocks, rows, grids, marks
 
 
@@ -162,6 +167,7 @@ def block_timestep(data: SearchData) -> Figure | None:
     heads, blocks, rows, grids, marks = grid_cells(data)
     if not heads:
         return None
+    rungs = len((data.space.search.get("image_rungs") or []) if data.space else [])
     label = data.metric_label
     better = "best" if data.mode == "max" else "lowest"
     title = f"{better.capitalize()} {label} per U-Net block and timestep"
@@ -192,7 +198,11 @@ def block_timestep(data: SearchData) -> Figure | None:
             for (r, c), v in np.ndenumerate(grids[h]):
                 if not np.isnan(v):
                     frac = (v - vmin) / (vmax - vmin)
-                    ax.text(c, r, _cell(v), ha="center", va="center", fontsize=7, zorder=2,
+                    early = rungs and data.cell_rungs[h][r, c] < rungs - 1
+                    text = f"{_cell(v)}\nr{int(data.cell_rungs[h][r, c]) + 1}" if early \
+                        else _cell(v)
+                    ax.text(c, r, text, ha="center", va="center", zorder=2,
+                            fontsize=5.5 if early else 7, linespacing=0.9,
                             color="black" if frac > 0.55 else "white")
         if h in marks:
             r, c = marks[h]
@@ -208,7 +218,9 @@ def block_timestep(data: SearchData) -> Figure | None:
         ax.set_ylabel("diffusion timestep t", fontsize=9)
     cbar = fig.colorbar(image, ax=fig.axes, shrink=0.9)
     cbar.set_label(f"{better} {label} in the cell")
-    fig.suptitle(f"{title}\n{subtitle(data)}; hatched = never tried", fontsize=11)
+    stopped = (f"\nrK: stopped at rung K of {rungs} over images (scored on a sample of them)"
+               if rungs else "")
+    fig.suptitle(f"{title}\n{subtitle(data)}; hatched = never tried{stopped}", fontsize=11)
 
     html = make_subplots(rows=nrows, cols=ncols, subplot_titles=[f"head: {h}" for h in heads],
                          horizontal_spacing=0.08, vertical_spacing=0.15)
@@ -252,7 +264,14 @@ def curves(data: SearchData) -> Figure | None:
         name = f"#{rank} {trial_label(t.config)}: {short_score(t.score)}"
         ax.plot(steps, vals, marker="o", ms=3, label=name)
         html.add_trace(go.Scatter(x=list(steps), y=list(vals), mode="lines+markers", name=name))
-    ax.set_xlabel("epoch")
+    rungs = data.space.search.get("image_rungs") if data.space else None
+    ax.set_xlabel("epoch (the rungs over images one after another: each rung starts the "
+                  "head afresh on more images)" if rungs else "epoch")
+    per_rung = data.space.max_epochs() if rungs else 0
+    for k in range(1, len(rungs or [])):
+        ax.axvline(k * per_rung + 0.5, ls=":", color="grey", lw=1)
+        ax.text(k * per_rung + 0.6, 0.02, f"rung {k + 1}", transform=ax.get_xaxis_transform(),
+                fontsize=8, color="grey")
     ax.set_ylabel(label)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{title}\n{subtitle(data)}", fontsize=10)

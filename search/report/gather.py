@@ -71,6 +71,11 @@ class TrialRow:
     confirms: str | None = None
 
     @property
+    def rung(self) -> int:
+        """The rung over images it was last scored at (0 without rungs)."""
+        return int(self.metrics.get("image_rung") or 0)
+
+    @property
     def finished(self) -> bool:
         return self.status == "FINISHED" and self.score is not None and math.isfinite(self.score)
 
@@ -95,11 +100,13 @@ class SearchData:
     parent_metrics: dict[str, float] = field(default_factory=dict)
     #: the confirm stage's runs (the search's top configs retrained), in order
     confirmed: list[TrialRow] = field(default_factory=list)
+    #: head -> the rung of each block x t cell's best trial (set by the figures' grid_cells)
+    cell_rungs: dict[str, Any] = field(default_factory=dict)
 
     def ranked(self) -> list[TrialRow]:
         """Finished trials, best first (:mod:`.best`'s rule)."""
         cands = [Candidate(key=t.run_id, order=t.order, score=t.score, epochs=t.epochs,
-                           ok=t.finished, data=t) for t in self.trials]
+                           ok=t.finished, data=t, rung=t.rung) for t in self.trials]
         return [c.data for c in rank_trials(cands, mode=self.mode)]
 
     @property

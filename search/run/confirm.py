@@ -53,8 +53,9 @@ def confirm_top(space: Space, ranked: list[Candidate], *, runtime: RuntimeOption
     logger.info("confirm: retraining the top %d configs at label_fraction %s", len(configs),
                 fraction if fraction is not None else "1 (all labels)")
     # the confirm trials read what they ask: nothing else is extracted for them
+    # ... and every image at once (no rungs over images: each runs to its last epoch)
     confirm_runtime = dataclasses.replace(runtime, extra_blocks=(), store_pool=None,
-                                          cache_policy="per-request")
+                                          cache_policy="per-request", image_rungs=())
     client = MlflowClient(tracking_uri)
     # a Tune experiment of its own beside the search's (a URI keeps its query at the end)
     base, sep, query = tune_path.partition("?") if "://" in tune_path else (tune_path, "", "")

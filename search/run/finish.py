@@ -121,7 +121,8 @@ def finish_search(results: ResultGrid, space: Space, *, client: MlflowClient, pa
     rows = [{**trial_settings(c.data), "trial_id": c.key,
              "val_top1": c.data.metrics.get("val_top1"),
              "val_top5": c.data.metrics.get("val_top5"), s["metric"]: c.score,
-             "epochs": c.epochs, "run_id": runs.get(c.key)}
+             "epochs": c.epochs, "run_id": runs.get(c.key),
+             **rung_cells(c.data.metrics, space)}
             for c in ranked]
     pareto = None
     objectives = space.objectives()
@@ -157,6 +158,14 @@ def finish_search(results: ResultGrid, space: Space, *, client: MlflowClient, pa
     while_away("finishing the search run", lambda: client.set_terminated(parent, "FINISHED"))
     result.figures = final_publish(client, parent, report)
     return result
+
+
+def rung_cells(metrics: dict[str, Any], space: Space) -> dict[str, Any]:
+    """A trial's rung over images in the closing table (``rung`` 1..K, ``images`` its train
+    images there); nothing without rungs."""
+    if not space.search.get("image_rungs") or "image_rung" not in metrics:
+        return {}
+    return {"rung": int(metrics["image_rung"]) + 1, "images": metrics.get("rung_images")}
 
 
 def _test_confirmed(confirmed: list[Candidate], rows: list[dict[str, Any]], space: Space, *,

@@ -63,6 +63,10 @@ def extract_first(space: Space, plan: Plan, runtime: RuntimeOptions, *,
     (when there is more than one worker; else trials extract on a miss, as they always do)."""
     if runtime.cache is None or runtime.cache_policy == "none":
         return
+    if runtime.image_rungs:
+        logger.info("extraction: per trial (rungs over images: each trial extends the "
+                    "entries it reads to the images of its rung)")
+        return
     cpu_trials = not float(space.search.get("gpus_per_trial") or 0)
     workers = cluster_workers(gpus=not cpu_trials)
     reason = why_not(plan, space, workers)

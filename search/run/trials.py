@@ -43,9 +43,10 @@ from difftune.trainables.trainable import FAILURE_KEY
 
 logger = logging.getLogger(__name__)
 
-#: metrics a trial reports each epoch that its run records (step = epoch)
+#: metrics a trial reports each epoch that its run records (step = epoch; with rungs over
+#: images, the epochs of its earlier rungs are counted before: :func:`step_of`)
 METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "lr", "unet_images", "epoch",
-           "gflops", GRID_INDEX)
+           "gflops", GRID_INDEX, "image_rung", "image_fraction", "rung_images")
 #: the table artifact of a grid trial's run
 GRID_TABLE = "grid_results.json"
 #: the file of waiting records, in the Tune experiment's folder
@@ -105,8 +106,7 @@ class MLflowTrials(tune.Callback):
         self.outbox_dir = outbox_dir
         self.tags = dict(tags or {})  # put on every trial run (e.g. the search stage)
         self.report = report
-        self._finished = 0
-        self._runs: dict[str, str] = {}
+        self._finished, self._runs = 0, {}
         self._last: dict[str, dict] = {}
         self._logged_steps: dict[str, int] = {}  # run id -> last epoch already in MLflow
         self._outbox: list[dict[str, Any]] = []
@@ -267,7 +267,7 @@ class MLflowTrials(tune.Callback):
             self._last.setdefault(trial.trial_id, {}).update(
                 {k: result[k] for k in (FAILURE_KEY, "error")})
             return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step = step_of(result, self._epochs(trial))
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), ts, step) for k in METRICS if k in result]
         previous = self._last.get(trial.trial_id, {})
@@ -285,12 +285,17 @@ class MLflowTrials(tune.Callback):
 
     def _finals(self, trial) -> tuple[int, list[Metric], list[RunTag]]:
         last = self._last.get(trial.trial_id) or trial.last_result or {}
-        epochs = int(decode(trial.config).get(self.epochs_key, 0) or 0)
-        done = int(last.get("epoch", 0))
+        epochs = self._epochs(trial)
+        done = step_of(last, epochs)
         ts = int(time.time() * 1000)
         finals = [Metric(f"final_{k}", float(last[k]), ts, done) for k in ("val_top1", "val_top5")
                   if k in last]
-        return done, finals, [RunTag("early_stopped", str(bool(epochs and done < epochs)).lower())]
+        # stopped before its last epoch, or before the last rung over images
+        stopped = bool(epochs and last.get("epoch", 0) < epochs) or last.get("image_fraction", 1) < 1
+        return done, finals, [RunTag("early_stopped", str(stopped).lower())]
+
+    def _epochs(self, trial) -> int:  # a trial's epochs (per rung over images)
+        return int(decode(trial.config).get(self.epochs_key, 0) or 0)
 
     def _grid(self, trial, last: dict) -> None:
         """A grid trial's table of heads and best point (a record of its own: a store that
@@ -370,6 +375,12 @@ class MLflowTrials(tune.Callback):
                 if self._on_disk else ""
             logger.error("MLflow at %s did not come back: %d trial record(s) were not "
                          "written%s", redact(self.tracking_uri), len(self._outbox), where)
+
+
+def step_of(result: dict, epochs: int) -> int:
+    """A report's MLflow step: its epoch after ``epochs`` per earlier rung (never repeats)."""
+    epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+    return epoch + int(result.get("image_rung") or 0) * int(epochs)
 
 
 def grid_table(rows: list[dict]) -> dict[str, list]:

@@ -97,6 +97,22 @@ def max_epochs(space: Space) -> int:
     return space.max_epochs()
 
 
+def scheduler_for(space: Space) -> ASHAScheduler:
+    """ASHA over epochs (``training_iteration``, from ``grace_period`` epochs on); with
+    ``search.image_rungs``, ASHA over the rungs instead: a trial reports the end of rung k at
+    ``rung_budget = reduction_factor ** k`` (:meth:`~difftune.trainables.data.order.Rung.budget`),
+    so ASHA's milestones 1, rf, rf^2, ... fall at the rungs' ends, and the top 1 / rf of the
+    trials scored at a rung go on to the next one's images."""
+    s = space.search
+    rf = float(s["reduction_factor"])
+    rungs = s.get("image_rungs")
+    if rungs:
+        return ASHAScheduler(time_attr="rung_budget", max_t=rf ** (len(rungs) - 1) or 1,
+                             grace_period=1, reduction_factor=rf)
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(space),
+                         grace_period=int(s["grace_period"]), reduction_factor=rf)
+
+
 def build_tuner(
     space: Space,
     *,
@@ -131,12 +147,7 @@ def build_tuner(
             storage=study_storage,
             study_name=name if study_storage is not None else None,
         )
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=max_epochs(space),
-            grace_period=int(s["grace_period"]),
-            reduction_factor=float(s["reduction_factor"]),
-        )
+        scheduler = scheduler_for(space)
         samples, stop = int(s["trials"]), StopOnRepeatingFailure()
     else:
         searcher = FixedConfigs(configs, metric=s["metric"], mode=s["mode"])

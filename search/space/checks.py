@@ -62,7 +62,21 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
     "confirm_top": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no confirm stage)"),
     "confirm_label_fraction": (lambda v: v is None or (_is_num(v) and 0 < v <= 1),
                                "a fraction in (0, 1], or unset (all labels)"),
+    "image_rungs": (lambda v: v is None or _is_rungs(v),
+                    "increasing fractions of each split in (0, 1] ending at 1.0, e.g. "
+                    "[0.02, 0.1, 0.5, 1.0], or unset (every trial reads every image)"),
+    "image_floor": (lambda v: _is_int(v) and v >= 1,
+                    "an integer >= 1 (images per class a rung's sample holds at least)"),
+    "probe_rung": (lambda v: isinstance(v, bool), "true or false"),
 }
+
+
+def _is_rungs(v: Any) -> bool:
+    if not isinstance(v, list) or not v or not all(_is_num(f) and 0 < f <= 1 for f in v):
+        return False
+    return v[-1] == 1 and all(a < b for a, b in zip(v, v[1:], strict=False))
+
+
 #: what a cache miss stores (:mod:`difftune.trainables.cache.policy`); auto: the plan decides
 CACHE_POLICIES = ("auto", "block-set", "per-request")
 
@@ -159,7 +173,7 @@ def check_scheduler(space: Any, pins: dict[str, Any]) -> None:
     1) are :data:`SEARCH_LIMITS` and the trial settings' own. ``pins``: the ``--set``
     settings, named by their flag."""
     grace, max_t = int(space.search["grace_period"]), space.max_epochs()
-    if max_t >= grace:
+    if max_t >= grace or space.search.get("image_rungs"):  # rungs: ASHA's time is the rung
         return
     at = f"space {space.name}"
     if "epochs" in pins:

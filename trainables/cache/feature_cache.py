@@ -52,6 +52,7 @@ from difftune.trainables.cache.policy import make_room, stored_pool, touch
 from difftune.trainables.cache.store import ENTRY_NAME, EntryKey, Store, default_root, sweep_tmp
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import data_fingerprint, dataset_indices
+from difftune.trainables.data.order import Rung
 from difftune.trainables.data.views import ViewCycle
 from difftune.trainables.heads import Request
 from difftune.trainables.model import unet
@@ -153,7 +154,9 @@ class FeatureCache:
 
     # -- FeatureSource
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
-                splits: Sequence[str] = SPLITS) -> TrialData:
+                splits: Sequence[str] = SPLITS, *, rung: Rung | None = None) -> TrialData:
+        if rung is not None:  # every rung, the last too, reads (and extends) prefix entries
+            return prefix.prepare_rung(self, cfg, requests, splits, rung)
         out = {}
         for split in splits:
             views = [self.get(cfg, split, requests, view=v)

@@ -47,10 +47,11 @@ from difftune.trainables.cache.policy import stored_pool, touch
 from difftune.trainables.cache.store import ENTRY_NAME, EntryKey
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import dataset_indices, targets_of
-from difftune.trainables.data.order import ORDER, interleaved_order
+from difftune.trainables.data.order import ORDER, Rung, interleaved_order
+from difftune.trainables.data.views import ViewCycle
 from difftune.trainables.heads import Request
 from difftune.trainables.model.features import block_sizes
-from difftune.trainables.pipeline import trial_dataset
+from difftune.trainables.pipeline import TrialData, split_views, trial_dataset
 from difftune.trainables.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -224,17 +225,33 @@ def extend(cache, model, diffusion, ds: Dataset, order: np.ndarray, group: Entry
     return out
 
 
-def get_prefix(cache, cfg: TrialConfig, split: str, requests: Sequence[Request], rows: int,
-               *, view: int = 0) -> CachedFeatures:
+def prepare_rung(cache, cfg: TrialConfig, requests: Sequence[Request], splits: Sequence[str],
+                 rung: Rung) -> TrialData:
+    """What a trial reads at ``rung`` (``FeatureCache.prepare`` at a rung): each split's
+    sample, every view of train, from prefix entries (:func:`get_prefix`)."""
+    out: dict[str, Dataset] = {}
+    for split in splits:
+        views = [get_prefix(cache, cfg, split, requests, rung, view=v)
+                 for v in range(split_views(cfg, split))]
+        out[split] = views[0] if len(views) == 1 else ViewCycle(views)
+    first = next(iter(out.values()))
+    return TrialData(out, first.shapes(), len(first.classes))
+
+
+def get_prefix(cache, cfg: TrialConfig, split: str, requests: Sequence[Request],
+               rows: int | Rung, *, view: int = 0) -> CachedFeatures:
     """The features of ``requests`` ((t, block, pool)) over the first ``rows`` images of
     ``split`` in its interleaved order (view ``view``), extending the stored prefix entries
     that hold fewer rows by the images they lack. ``cache`` is the
     :class:`~.feature_cache.FeatureCache` whose keys, policy and lock are used.
 
+    :param rows: a count, or a :class:`~..data.order.Rung` (its sample of the split).
     :return: ``rows`` items; item i is the i-th image of the order (``labels`` [rows] aligned).
     """
     model, diffusion, ds, base, by_t, flags = cache.resolve(cfg, split, requests, view)
     order = split_order(ds, base.data_fp)
+    if isinstance(rows, Rung):
+        rows = rows.rows(ds)
     if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) \
             or not 1 <= rows <= len(order):
         raise ValueError(f"rows={rows!r} is invalid for {cfg.data} {split}; allowed: an int in "

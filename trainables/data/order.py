@@ -24,9 +24,12 @@ import heapq
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from torch.utils.data import Dataset, Subset
 
+from difftune.trainables.data.splits import targets_of
 from difftune.trainables.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -135,3 +138,57 @@ def rung_rows(targets: Sequence[int], fraction: float, floor_per_class: int = DE
     """
     counts = np.unique(np.asarray(targets, dtype=np.int64), return_counts=True)[1]
     return sample_size(counts.tolist(), fraction, floor_per_class)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of a search's rungs over images: it reads the first :func:`rung_rows` images
+    of each split's :func:`interleaved_order` (``fraction`` of them, at least ``floor`` per
+    class).
+
+    :param index: 0-based, among ``count`` rungs (the last reads every image).
+    :param factor: the scheduler's reduction factor: the rung's end is reported at
+        ``rung_budget = factor ** index`` (ASHA's milestones, :meth:`budget`).
+    """
+
+    index: int
+    fraction: float
+    floor: int = DEFAULT_FLOOR
+    count: int = 1
+    factor: float = 2.0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+    def rows(self, ds: Dataset) -> int:
+        """The images of ``ds`` (a split) this rung reads: its prefix length."""
+        return rung_rows(targets_of(ds), self.fraction, self.floor)
+
+    def budget(self, *, end: bool) -> float:
+        """The ``rung_budget`` a trial reports: ``factor ** index`` at the rung's last epoch
+        (ASHA decides there), the previous rung's value before it (0 at rung 0), where ASHA
+        has nothing to decide."""
+        if end:
+            return float(self.factor ** self.index)
+        return float(self.factor ** (self.index - 1)) if self.index else 0.0
+
+
+def ladder(fractions: Sequence[float], *, floor: int = DEFAULT_FLOOR, factor: float = 2.0
+           ) -> list[Rung]:
+    """The rungs of ``fractions`` (increasing, the last 1.0), each a :class:`Rung`."""
+    fr = [float(f) for f in fractions]
+    return [Rung(i, f, floor, len(fr), float(factor)) for i, f in enumerate(fr)]
+
+
+def rung_subset(ds: Dataset, rung: Rung | None) -> Dataset:
+    """The images of ``ds`` a rung reads, in the interleaved order (``ds`` itself without a
+    rung, or at a rung that reads every image, so whole-split entries and noise stay as
+    they are)."""
+    if rung is None:
+        return ds
+    targets = targets_of(ds)
+    rows = rung_rows(targets, rung.fraction, rung.floor)
+    if rows >= len(targets) and rung.fraction >= 1:
+        return ds
+    return Subset(ds, interleaved_order(targets)[:rows].tolist())

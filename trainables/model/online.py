@@ -18,6 +18,7 @@ from torch import nn
 
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import ImageItems
+from difftune.trainables.data.order import Rung, rung_subset
 from difftune.trainables.data.views import crop_flip
 from difftune.trainables.heads import Request
 from difftune.trainables.model.features import Extractor, block_shapes
@@ -66,9 +67,10 @@ class OnlineFeatures(UNetSource):
     """Feature source that recomputes features on every batch (no cache)."""
 
     def prepare(self, cfg: TrialConfig, requests: Sequence[Request],
-                splits: Sequence[str] = SPLITS) -> TrialData:
+                splits: Sequence[str] = SPLITS, *, rung: Rung | None = None) -> TrialData:
         model = self.unet_for(cfg)
         loaded = {s: trial_dataset(cfg, s, model.image_size) for s in splits}
+        loaded = {s: (rung_subset(ds, rung), c) for s, (ds, c) in loaded.items()}
         native = block_shapes(model)
         shapes = {(t, b): (native[b][0], p, p) for t, b, p in requests}
         extractor = self.extractor

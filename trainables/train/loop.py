@@ -187,6 +187,8 @@ class Epoch:
     cfgs: list[TrialConfig] = field(default_factory=list)
     spec: Grid | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: the rung over images it was trained at (a :class:`~..data.order.Rung`; None: all)
+    rung: Any = None
 
     @property
     def config(self) -> TrialConfig:

@@ -1,0 +1,165 @@
+"""Rungs over images in a real search (``search: image_rungs``): Ray Tune's ASHA decides at
+the rungs' ends, every trial stops at the end of a rung, the closing table and the runs say
+where each stopped, the champion comes from the last rung; a search killed (SIGKILL) between
+rungs resumes without passing a rung's images through the U-Net again; a wrong setting is one
+line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from difftune.search.space.checks import SpaceError
+from difftune.search.space.spec import load_space
+from difftune.trainables.cache.admin import list_entries
+from difftune.trainables.data.order import ORDER
+
+EPOCHS = 2
+RUNGS = [0.05, 0.3, 1.0]
+
+
+def space_text(trials: int, *, concurrent: int = 2, epochs: int = EPOCHS) -> str:
+    return f"""
+model: demo
+data: digits
+search: {{trials: {trials}, seed: 1, max_concurrent: {concurrent}, reduction_factor: 2,
+          cpus_per_trial: 1, max_failures: 1, cache_pool: 2, image_rungs: {RUNGS}}}
+fixed: {{head: linear, epochs: {epochs}, batch_size: 32, pool: 1, momentum: 0.9}}
+params:
+  block: {{choice: [3, 10, 13]}}
+  t: {{choice: [10, 200]}}
+  lr: {{float: [0.01, 0.1], log: true}}
+"""
+
+
+def trial_runs(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("difftune.role") == "trial"]
+
+
+def test_search_with_rungs_decides_at_rung_ends(ray_session, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text(6))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
+         "rungs", "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+         "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = trial_runs(client, "rungs")
+    assert len(runs) == 6
+    reached = sorted(int(x.data.metrics["image_rung"]) for x in runs)
+    assert reached[-1] == len(RUNGS) - 1  # some trial saw every image
+    assert reached[0] < len(RUNGS) - 1, reached  # ASHA stopped some trial at an earlier rung
+    for x in runs:
+        # ASHA decides only at a rung's end: no trial stops inside a rung
+        assert x.data.metrics["epoch"] == EPOCHS
+        assert x.data.tags["early_stopped"] == str(x.data.metrics["image_rung"] < 2).lower()
+        steps = [m.step for m in client.get_metric_history(x.info.run_id, "val_top1")]
+        assert steps == list(range(1, EPOCHS * (int(x.data.metrics["image_rung"]) + 1) + 1))
+    # the closing table says where each trial stopped; the champion saw every image
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("val_top1"))
+    assert "rung" in header.split() and "images" in header.split() and "epochs" not in header
+    champion = client.get_model_version_by_alias("difftune-rungs", "champion").run_id
+    (best,) = [x for x in runs if x.info.run_id == champion]
+    assert best.data.metrics["image_rung"] == len(RUNGS) - 1
+    assert best.data.metrics["rung_images"] == 1078  # every digits training image
+    # train and val only in prefix entries (the last rung extended them to every image; no
+    # whole-split entry), each holding the rows of the deepest rung read at its timestep;
+    # test (the champion's one evaluation) as a whole split
+    entries = list_entries(str(tmp_path / "cache"))
+    assert {(e["split"], e["order"]) for e in entries} == {
+        ("train", ORDER), ("val", ORDER), ("test", "")}
+    deepest = {}
+    for x in runs:
+        t = int(json.loads(x.data.tags["difftune.config"])["t"])
+        deepest[t] = max(deepest.get(t, 0), x.data.metrics["rung_images"])
+    for e in entries:
+        if e["split"] == "train":
+            assert e["rows"] == deepest[e["t"]], (e, deepest)
+
+
+def tune_results(storage: Path) -> list[dict]:
+    out = []
+    for f in storage.rglob("result.json"):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def test_search_killed_between_rungs_resumes_without_extracting_a_rung_again(ray_session,
+                                                                            tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text(1, concurrent=1, epochs=20))  # rungs long enough to kill in
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
+         "between", "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+         *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    try:  # killed as soon as the trial is past its first rung
+        while time.monotonic() < deadline:
+            if any(x.get("image_rung", 0) >= 1 for x in tune_results(tmp_path / "runs")):
+                break
+            assert driver.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.1)
+        else:
+            pytest.fail("the trial did not reach its second rung in time")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = tune_results(tmp_path / "runs")
+    resumed = subprocess.run([sys.executable, "-m", "difftune", "search", "--resume",
+                              "between", *common], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = tune_results(tmp_path / "runs")
+    assert results[-1]["image_rung"] == len(RUNGS) - 1
+    # every process the trial ran in counted its own U-Net passes: together they are the
+    # train + val images of the last rung, once (1 timestep): no rung was extracted twice
+    last_by_pid: dict[int, int] = {}
+    for x in results:
+        last_by_pid[x["pid"]] = x["unet_images"]
+    assert len(last_by_pid) == 2 and len(results) > len(before), (last_by_pid, len(before))
+    # (whether Tune restored the trial from its checkpoint or started it over, the passes of
+    # the rungs already done are not paid again: the cache's prefix entries hold them)
+    assert sum(last_by_pid.values()) == 1078 + 359, (last_by_pid, len(before))
+    (run,) = trial_runs(MlflowClient(uri), "between")
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ([0.1, 0.5], "ending at 1.0"),
+    ([0.5, 0.1, 1.0], "increasing"),
+    ([0, 1.0], "in (0, 1]"),
+    ("half", "increasing fractions"),
+])
+def test_a_wrong_image_rungs_is_one_line(tmp_path, value, fragment):
+    raw = yaml.safe_load(space_text(2))
+    raw["search"]["image_rungs"] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpaceError) as e:
+        load_space(str(path))
+    message = str(e.value)
+    assert "\n" not in message and "search.image_rungs" in message and fragment in message
+    raw["search"].update(image_rungs=RUNGS, image_floor=0)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpaceError, match="search.image_floor=0 is invalid"):
+        load_space(str(path))

@@ -1,0 +1,91 @@
+"""A trial over rungs of images (trainables/pipeline.py ``run(rungs=...)``,
+trainables/data/order.py ``Rung``), with the demo U-Net and a real feature cache, without Ray:
+each rung trains on its sample (a prefix of the interleaved order) and scores on val's; every
+image passes the U-Net once per timestep over all rungs; a trial resumed at a later rung
+extracts nothing it already has; the rung budgets fall on ASHA's milestones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from difftune.trainables.cache.feature_cache import FeatureCache
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.data.datasets import shared_dataset, targets_of
+from difftune.trainables.data.order import Rung, interleaved_order, ladder, rung_rows, rung_subset
+from difftune.trainables.pipeline import DirectFeatures, run
+from difftune.trainables.trial import resolve
+
+CFG = {"model": "demo", "data": "digits", "head": "linear", "block": 10, "t": 50, "pool": 2,
+       "epochs": 2, "lr": 0.05, "batch_size": 64}
+FRACTIONS = [0.02, 0.1, 1.0]
+
+
+def test_budgets_fall_on_asha_milestones():
+    rungs = ladder([0.1, 0.3, 1.0], floor=3, factor=3)
+    assert [r.index for r in rungs] == [0, 1, 2] and rungs[-1].last and not rungs[0].last
+    assert [r.budget(end=True) for r in rungs] == [1.0, 3.0, 9.0]  # grace 1, rf 3: 1, 3, 9
+    # before a rung's end the budget repeats a milestone already decided (ASHA: no decision)
+    assert [r.budget(end=False) for r in rungs] == [0.0, 1.0, 3.0]
+
+
+def test_rung_subset_is_a_prefix_of_the_interleaved_order():
+    ds, _ = shared_dataset("digits", "train", 16, None, 0, None, "stop")
+    targets = targets_of(ds)
+    small, big = (Rung(0, 0.02, 5, 2), Rung(1, 0.5, 5, 2))
+    a, b = rung_subset(ds, small), rung_subset(ds, big)
+    assert len(a) == rung_rows(targets, 0.02, 5) >= 50  # 10 classes x floor 5
+    assert list(b.indices[:len(a)]) == list(a.indices)  # the sample grows by a prefix
+    assert list(a.indices) == interleaved_order(targets)[:len(a)].tolist()
+    assert np.bincount(targets_of(a), minlength=10).min() >= 5
+    assert rung_subset(ds, Rung(1, 1.0, 5, 2)) is ds and rung_subset(ds, None) is ds
+
+
+def test_each_rung_reads_its_sample_and_every_image_passes_once(tmp_path):
+    cache = FeatureCache(str(tmp_path / "cache"))
+    seen: list[tuple[int, int, int]] = []
+    sizes: dict[int, int] = {}
+
+    def on_data(info):
+        sizes[info["rung"].index] = info["train_images"]
+
+    def on_epoch(ep):
+        seen.append((ep.rung.index, ep.epoch, len(ep.grid.heads) if hasattr(ep.grid, "heads")
+                     else 1))
+
+    rungs = ladder(FRACTIONS, factor=2)
+    _, history = run(resolve(CFG), source=cache, rungs=rungs, on_epoch=on_epoch,
+                     on_data=on_data)
+    assert [(r, e) for r, e, _ in seen] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    train, _ = shared_dataset("digits", "train", 16, None, 0, None, "stop")
+    val, _ = shared_dataset("digits", "val", 16, None, 0, None, "stop")
+    assert sizes == {0: rung_rows(targets_of(train), 0.02, 5),
+                     1: rung_rows(targets_of(train), 0.1, 5), 2: len(train)}
+    assert sizes[0] < sizes[1] < sizes[2]
+    # three rungs, one timestep: each train and val image went through the U-Net once
+    assert cache.unet_images == len(train) + len(val)
+    assert len(history) == 2 and 0 <= history[-1]["val_top1"] <= 100
+
+    # a trial resumed at its last rung (its earlier rungs done by another process) passes no
+    # image again: every entry it reads is already long enough
+    again = FeatureCache(str(tmp_path / "cache"))
+    run(resolve(CFG), source=again, rungs=rungs, start_rung=2)
+    assert again.unet_images == 0
+    # and a deeper rung of another trial at the same t extends nothing either
+    other = FeatureCache(str(tmp_path / "cache"))
+    run(resolve({**CFG, "lr": 0.01}), source=other, rungs=rungs[:2])
+    assert other.unet_images == 0
+
+
+def test_rungs_without_a_cache_score_on_the_rung_sample():
+    """The in-memory source (no cache) reads the same samples: a rung's val score is over
+    its val sample (a multiple of 1/len(sample))."""
+    val, _ = shared_dataset("digits", "val", 16, None, 0, None, "stop")
+    n_val = rung_rows(targets_of(val), 0.02, 5)
+    scores = []
+    run(resolve(CFG), source=DirectFeatures(), rungs=ladder(FRACTIONS)[:1],
+        on_epoch=lambda ep: scores.append(ep.metrics["val_top1"]))
+    assert len(scores) == 2
+    for s in scores:
+        assert s * n_val / 100 == pytest.approx(round(s * n_val / 100), abs=1e-6)
+    assert TrialConfig.from_dict(CFG).epochs == 2
