@@ -114,6 +114,23 @@ def fraction(text: str) -> float:
     return value
 
 
+def rungs(text: str) -> list[float]:
+    """An argparse type: rungs over images, increasing comma-separated fractions ending at 1
+    (``0.02,0.1,0.5,1``), or ``off`` (``[]``: every trial reads every image)."""
+    if text.strip().lower() in ("off", "none"):
+        return []
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or values[-1] != 1 or any(not 0 < v <= 1 for v in values) \
+            or any(a >= b for a, b in zip(values, values[1:], strict=False)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is invalid; allowed: increasing fractions in (0, 1] ending at 1, e.g. "
+            "0.02,0.1,0.5,1, or off")
+    return values
+
+
 def int_list(text: str) -> list[int]:
     """An argparse type: comma-separated integers (at least one)."""
     try:

@@ -8,7 +8,7 @@ import logging
 import os
 import shlex
 
-from difftune.search.cli.args import check_env_number, integer, number
+from difftune.search.cli.args import check_env_number, integer, number, rungs
 from difftune.search.records.uris import TRACKING_URI_ENV, has_secret, paste_form, server_ui
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "libpq reads $PGPASSWORD) or a journal file path (default: optuna.db beside "
                    "a sqlite tracking store, else optuna.journal in --storage; or "
                    "$DIFFTUNE_OPTUNA_STORAGE)")
+    p.add_argument("--image-rungs", type=rungs, metavar="FRACTIONS",
+                   help="rungs over images, e.g. 0.02,0.1,0.5,1: every trial first trains and "
+                   "is scored on that fraction of train and val (at least image_floor images "
+                   "per class), and only those ASHA promotes see more images; off: every trial "
+                   "reads every image (default: the space's search.image_rungs)")
     p.add_argument("--top", type=integer(1), default=10, help="rows of the closing table")
     p.set_defaults(run=run)
 

@@ -70,6 +70,7 @@ class SearchRequest:
     gpus_per_trial: float | None = None
     cpus_per_trial: float | None = None
     max_concurrent: int | None = None
+    image_rungs: list[float] | None = None  # [] turns a space's rungs off
     storage: str | None = None
     cache: str | None = None
     no_cache: bool = False
@@ -134,7 +135,8 @@ def prepare_search(request: SearchRequest, *, echo: Echo = _log) -> Prepared:
         search_overrides={"trials": request.trials, "seed": request.seed,
                           "gpus_per_trial": request.gpus_per_trial,
                           "cpus_per_trial": request.cpus_per_trial,
-                          "max_concurrent": request.max_concurrent},
+                          "max_concurrent": request.max_concurrent,
+                          "image_rungs": request.image_rungs},
     )
     check_model(space.model, checkpoint=space.checkpoint)
     check_data(space.data)

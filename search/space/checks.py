@@ -62,9 +62,9 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
     "confirm_top": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no confirm stage)"),
     "confirm_label_fraction": (lambda v: v is None or (_is_num(v) and 0 < v <= 1),
                                "a fraction in (0, 1], or unset (all labels)"),
-    "image_rungs": (lambda v: v is None or _is_rungs(v),
+    "image_rungs": (lambda v: v is None or v == [] or _is_rungs(v),
                     "increasing fractions of each split in (0, 1] ending at 1.0, e.g. "
-                    "[0.02, 0.1, 0.5, 1.0], or unset (every trial reads every image)"),
+                    "[0.02, 0.1, 0.5, 1.0], or unset or [] (every trial reads every image)"),
     "image_floor": (lambda v: _is_int(v) and v >= 1,
                     "an integer >= 1 (images per class a rung's sample holds at least)"),
     "probe_rung": (lambda v: isinstance(v, bool), "true or false"),
@@ -128,7 +128,8 @@ def check_search(name: str, search: dict[str, Any], flags: dict[str, Any]) -> No
         if _is_int(value) and key not in ("reduction_factor", "cpus_per_trial",
                                           "gpus_per_trial"):
             search[key] = int(value)
-
+    if search.get("image_rungs") == []:
+        search["image_rungs"] = None
 
 def check_objectives(name: str, search: dict[str, Any], given: dict[str, Any]) -> None:
     """``search.objectives``: a list of ``{metric, mode}`` over the metrics trials report; the

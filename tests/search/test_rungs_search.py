@@ -163,3 +163,19 @@ def test_a_wrong_image_rungs_is_one_line(tmp_path, value, fragment):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SpaceError, match="search.image_floor=0 is invalid"):
         load_space(str(path))
+
+
+def test_image_rungs_flag_is_checked_and_overrides_the_space(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "difftune", "search", "--image-rungs", "0.5"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2
+    (line,) = bad.stderr.strip().splitlines()
+    assert "--image-rungs" in line and "ending at 1" in line
+    assert not list(tmp_path.iterdir())  # nothing written
+    path = tmp_path / "space.yaml"
+    path.write_text(space_text(2))
+    assert load_space(str(path)).search["image_rungs"] == RUNGS
+    off = load_space(str(path), search_overrides={"image_rungs": []})
+    assert off.search["image_rungs"] is None
+    on = load_space("demo", search_overrides={"image_rungs": [0.1, 1.0]})
+    assert on.search["image_rungs"] == [0.1, 1.0]
