@@ -50,6 +50,19 @@ def test_matches_a_direct_least_squares_solve(lam):
     np.testing.assert_allclose(got, _direct(x, y, 3, lam * len(y)), rtol=1e-6, atol=1e-8)
 
 
+def test_fewer_rows_than_dims_solve_in_the_kernel_form():
+    x, y = _data(n=12, dim=40, classes=3, seed=1)
+    ridge = StreamingRidge(40, 3, project_to=None)
+    ridge.update(x[:5], y[:5])
+    ridge.update(x[5:], y[5:])
+    assert ridge._rows is not None  # 12 rows of 40 dims: held, n x n system
+    for lam in (1e-3, 1.0):
+        np.testing.assert_allclose(ridge.solve([lam]).decision(x)[0].numpy(),
+                                   _direct(x, y, 3, lam * 12), rtol=1e-5, atol=1e-7)
+    ridge.update(*_data(n=40, dim=40, classes=3, seed=9))
+    assert ridge._rows is None  # 52 rows: the Gram form from now on
+
+
 def test_matches_sklearn_ridge():
     sklearn = pytest.importorskip("sklearn.linear_model")
     x, y = _data(n=90, dim=7, classes=4, seed=3)

@@ -3,12 +3,14 @@ SGD epochs (the search's probe rung scores every cell of its block x timestep ma
 
 Features stream in batch by batch (:meth:`StreamingRidge.update`); the probe keeps only sums:
 ``n``, ``sum z`` [D], ``Z^T Z`` [D x D] and ``Z^T Y`` [D x C] (Y the one-hot labels), in
-float64. :meth:`StreamingRidge.solve` standardises the features from the same sums (mean and
+float64, and, while it has seen no more rows than dims, the rows themselves (at most D x D).
+:meth:`StreamingRidge.solve` standardises the features from the same sums (mean and
 population variance of each of the D inputs), centres Y (the intercept), and solves ridge
-regression on one-hot labels for several strengths at once from one eigendecomposition of the
-standardised Gram matrix. A strength ``lam`` is relative: the penalty is ``lam * n ||W||^2``
-on standardised features (each of whose squared norms is n), so one list of strengths fits
-any sample size.
+regression on one-hot labels for each strength by a Cholesky solve: of the D x D Gram matrix,
+or of the n x n kernel matrix while it holds the rows (a rung's small sample: 50 rows of
+2048 dims solve in a 50 x 50 system, not a 2048 x 2048 one; the weights are the same). A
+strength ``lam`` is relative: the penalty is ``lam * n ||W||^2`` on standardised features
+(each of whose squared norms is n), so one list of strengths fits any sample size.
 
 Memory is bounded for wide blocks (16,384 dims for block 1 of ``paper256`` at pool 8): inputs
 wider than ``project_to`` (default 2048) are first mapped to ``project_to`` dims by a seeded
@@ -16,9 +18,10 @@ sparse random projection (a balanced count sketch: input i is added, with a seed
 sign, to output ``perm[i] mod D``). It holds two [dim] index vectors, not a dense dim x D
 matrix (128 MB of float32 at 16k x 2048), costs O(N dim) per batch instead of O(N dim D),
 and like a Gaussian projection preserves inner products in expectation. The probe's memory
-is then ``D^2 + D C`` float64 whatever the block's width (32 MB at D = 2048). The features
-are standardised after the projection (standardising before it would need the full
-dim x dim sums), so the probe sees the block's channels at their own scales.
+is then at most ``2 D^2 + D C`` float64 whatever the block's width (64 MB at D = 2048). The
+projected features are what is standardised (standardising the inputs first would need their
+variances before the first batch, a second pass): within one output, inputs add at their own
+scales.
 
 Pure torch; no Ray, no search imports.
 """
@@ -118,6 +121,9 @@ class StreamingRidge:
         self.gram = torch.zeros(self.dim, self.dim, **f64)
         self.cross = torch.zeros(self.dim, self.classes, **f64)
         self.counts = torch.zeros(self.classes, **f64)
+        #: the rows seen, while they are no more than the dims (the kernel form's n x D)
+        self._rows: list[torch.Tensor] | None = []
+        self._labels: list[torch.Tensor] | None = []
 
     @property
     def projected(self) -> bool:
@@ -150,9 +156,17 @@ class StreamingRidge:
         self.gram += z.T @ z
         self.cross.index_add_(1, y, z.T)  # column y_i += z_i: Z^T Y for one-hot Y
         self.counts += torch.bincount(y, minlength=self.classes).to(torch.float64)
+        if self._rows is not None:
+            if self.n <= self.dim:
+                self._rows.append(z)
+                self._labels.append(y)
+            else:  # more rows than dims: the Gram form from now on
+                self._rows = self._labels = None
 
     def solve(self, lambdas: Sequence[float] = LAMBDAS) -> RidgeSolution:
-        """The ridge weights for every strength in ``lambdas`` (one eigendecomposition).
+        """The ridge weights for every strength in ``lambdas``: one Cholesky solve each, of
+        the D x D standardised Gram matrix, or, while the probe holds its rows (n <= D), of
+        the n x n kernel matrix (the same weights: ``Zs^T (Zs Zs^T + a I)^-1 Yc``).
 
         :return: a :class:`RidgeSolution` ([L x D x C] weights on standardised inputs).
         """
@@ -166,21 +180,34 @@ class StreamingRidge:
         cov = self.gram - n * torch.outer(mean, mean)  # centred Z^T Z
         var = torch.clamp(torch.diagonal(cov) / n, min=0.0)
         scale = torch.where(var > _EPS, var.sqrt(), torch.ones_like(var))
-        inv = 1.0 / scale
-        g = cov * inv[:, None] * inv[None, :]
-        g = (g + g.T) / 2
         bias = self.counts / n
-        b = (self.cross - torch.outer(self.sum, bias)) * inv[:, None]  # centred, scaled Z^T Y
-        evals, evecs = torch.linalg.eigh(g)
-        evals = torch.clamp(evals, min=0.0)
-        vb = evecs.T @ b  # [D x C]
-        alphas = torch.tensor(lambdas, dtype=torch.float64, device=self.device) * n
-        weights = torch.stack([evecs @ (vb / (evals + a)[:, None]) for a in alphas])
+        alphas = [lam * n for lam in lambdas]
+        if self._rows is not None:  # the kernel form: n x n
+            zs = (torch.cat(self._rows) - mean) / scale
+            yc = torch.zeros(self.n, self.classes, dtype=torch.float64, device=self.device)
+            yc[torch.arange(self.n, device=self.device), torch.cat(self._labels)] = 1.0
+            yc -= bias
+            k = zs @ zs.T
+            weights = torch.stack([zs.T @ _spd_solve(k, a, yc) for a in alphas])
+        else:
+            inv = 1.0 / scale
+            g = cov * inv[:, None] * inv[None, :]
+            b = (self.cross - torch.outer(self.sum, bias)) * inv[:, None]  # centred Zs^T Yc
+            weights = torch.stack([_spd_solve(g, a, b) for a in alphas])
         return RidgeSolution(lambdas, weights, mean, scale, bias, self)
 
     def score(self, x: Any, y: Any, lambdas: Sequence[float] = LAMBDAS) -> np.ndarray:
         """:return: [L] top-1 (%) on ``x`` [N x dim], ``y`` [N] of the weights solved now."""
         return self.solve(lambdas).score(x, y)
+
+
+def _spd_solve(a: torch.Tensor, ridge: float, b: torch.Tensor) -> torch.Tensor:
+    """``(a + ridge I)^-1 b`` for a symmetric PSD ``a`` [K x K], ``b`` [K x C]."""
+    m = (a + a.T) / 2 + ridge * torch.eye(len(a), dtype=a.dtype, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.solve(m, b)  # not positive definite in floating point: LU
 
 
 def _chunks(n: int, chunk: int):
