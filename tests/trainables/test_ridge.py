@@ -47,7 +47,11 @@ def test_matches_a_direct_least_squares_solve(lam):
         ridge.update(x[s], y[s])
     sol = ridge.solve([lam])
     got = sol.decision(x)[0].numpy()
-    np.testing.assert_allclose(got, _direct(x, y, 3, lam * len(y)), rtol=1e-6, atol=1e-8)
+    direct = _direct(x, y, 3, lam * len(y))
+    np.testing.assert_allclose(got, direct, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sol.sq_error(x, y)[0], ((direct - np.eye(3)[y]) ** 2).sum(),
+                               rtol=1e-6)
+    assert sol.correct(x, y)[0] == (direct.argmax(1) == y).sum()
 
 
 def test_fewer_rows_than_dims_solve_in_the_kernel_form():
@@ -105,6 +109,7 @@ def test_separable_data_scores_100():
     assert out["val_top1"] == 100.0
     assert out["dim"] == 3000 and out["probe_dim"] == 256
     assert set(out["val_top1_by_lambda"]) >= {out["lambda"]}
+    assert 0 <= out["val_mse"] < 1  # one-hot targets, well fitted
 
 
 def test_noise_scores_near_chance():

@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: the ridge strengths tried (relative to n: the penalty is lam * n * ||W||^2)
-LAMBDAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LAMBDAS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 #: the widest input the probe keeps unprojected (and the width it projects to)
 PROJECT_TO = 2048
 #: rows read at once by :func:`probe_scores`
@@ -84,6 +84,14 @@ class RidgeSolution:
         [N] (sum it over batches for a split's top-1)."""
         y = _as_tensor(y).to(self.weights.device, torch.int64)
         return (self.predict(x) == y).sum(dim=1).cpu().numpy()
+
+    def sq_error(self, x: Any, y: Any) -> np.ndarray:
+        """:return: [L] float64 the summed squared error of each strength's scores on ``x``
+        [N x dim] against the one-hot ``y`` [N] (a tie-breaker finer than top-1)."""
+        y = _as_tensor(y).to(self.weights.device, torch.int64)
+        d = self.decision(x)
+        d[:, torch.arange(len(y), device=d.device), y] -= 1.0
+        return (d * d).sum(dim=(1, 2)).cpu().numpy()
 
     def score(self, x: Any, y: Any) -> np.ndarray:
         """:return: [L] top-1 (%) of each strength on ``x`` [N x dim], ``y`` [N]."""
@@ -226,9 +234,10 @@ def probe_scores(train_feats: Any, train_y: Any, val_feats: Any, val_y: Any, *,
     :param train_feats: [N x ...] features of the train sample (numpy, memmap or Tensor).
     :param train_y: [N] labels. ``val_feats`` [M x ...], ``val_y`` [M]: the val sample.
     :param classes: the number of classes (default: the largest label + 1).
-    :return: ``lambda`` (the best strength on val; ties go to the stronger one),
-        ``val_top1`` (%, that strength's), ``val_top1_by_lambda`` {lambda: %}, ``dim`` (the
-        input width) and ``probe_dim`` (the width after the projection).
+    :return: ``lambda`` (the best strength on val: the highest top-1, ties to the lower
+        squared error), ``val_top1`` (%, that strength's), ``val_mse`` (its mean squared
+        error against the one-hot labels, per row), ``val_top1_by_lambda`` {lambda: %},
+        ``dim`` (the input width) and ``probe_dim`` (the width after the projection).
     """
     train_y, val_y = np.asarray(train_y, dtype=np.int64), np.asarray(val_y, dtype=np.int64)
     if classes is None:
@@ -247,12 +256,16 @@ def score_solution(ridge: StreamingRidge, val_batches: Any,
     ``(x [N x ...], y [N])``): the dict :func:`probe_scores` returns."""
     sol = ridge.solve(lambdas)
     correct, total = np.zeros(len(sol.lambdas), dtype=np.int64), 0
+    sq = np.zeros(len(sol.lambdas))
     for x, y in val_batches:
         correct += sol.correct(x, y)
+        sq += sol.sq_error(x, y)
         total += len(y)
     top1 = 100.0 * correct / max(1, total)
-    best = max(range(len(top1)), key=lambda i: (top1[i], sol.lambdas[i]))
+    mse = sq / max(1, total)
+    best = min(range(len(top1)), key=lambda i: (-top1[i], mse[i], -sol.lambdas[i]))
     return {"lambda": sol.lambdas[best], "val_top1": float(top1[best]),
+            "val_mse": float(mse[best]),
             "val_top1_by_lambda": {lam: float(s) for lam, s in zip(sol.lambdas, top1,
                                                                     strict=True)},
             "dim": ridge.in_dim, "probe_dim": ridge.dim}
