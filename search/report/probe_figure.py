@@ -82,8 +82,8 @@ def draw_probe_map(pmap: dict[str, Any]):
     best = best_cells(pmap, 1)[0]
     r, c = times.index(int(best["t"])), blocks.index(int(best["block"]))
     ties = sum(float(x["val_top1"]) == float(best["val_top1"]) for x in pmap["cells"]) - 1
-    tied = f"; {ties} other cell{'s' if ties > 1 else ''} as high, by val squared error" \
-        if ties else ""
+    tied = f"; ahead of {ties} other cell{'s' if ties > 1 else ''} at {best['val_top1']:.1f}% " \
+        "by val squared error" if ties else ""
     ax.add_patch(mpatches.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=2.5,
                                     edgecolor="crimson",
                                     label=f"best: block {best['block']}, t={best['t']} "
