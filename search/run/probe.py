@@ -28,6 +28,7 @@ prior the first trials draw from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -241,6 +242,10 @@ def run_probe(space: Space, runtime: RuntimeOptions, *, local: bool = False) -> 
                 logger.info("%s", line)
             if ready:
                 return ray.get(ref)
+    except BaseException:  # Ctrl-C, or the task failed: nothing of it left running
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+        raise
     finally:
         ray.kill(board)
 
@@ -267,7 +272,6 @@ def prior_points(space: Space, pmap: dict[str, Any], *, n: int | None = None,
         return []
     paper = dict(space.paper_config or {})
     rng = random.Random(seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     searched_head = len(space.head_types()) > 1
     points: list[dict[str, Any]] = []
