@@ -21,6 +21,8 @@ from difftune.search.report.gather import (
     score_text,
     trial_label,
 )
+from difftune.search.report.probe_figure import TAG as PROBE_TAG
+from difftune.search.report.probe_figure import probe_line
 
 NOTE_TAG = "mlflow.note.content"
 #: rows of the top-trials table
@@ -152,6 +154,9 @@ def note(data: SearchData, figures: list[str] | None = None) -> str:
     plan = plan_line(data.plan)
     if plan:
         lines += ["", f"**Plan**: {plan}"]
+    probe = probe_line(data.parent_tags.get(PROBE_TAG), data.parent_run_id)  # probe rung
+    if probe:
+        lines += ["", probe]
     champ = data.champion
     label = metric_label(data.metric)
     confirmed = data.champion_confirmed

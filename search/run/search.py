@@ -40,6 +40,7 @@ from difftune.search.report.publish import LiveReport
 from difftune.search.run.cluster import ensure_ray
 from difftune.search.run.finish import SearchResult, finish_search, mark
 from difftune.search.run.interrupt import StopSignals, finished_trials, interrupted
+from difftune.search.run.probe import first_points
 from difftune.search.run.trials import MLflowTrials
 from difftune.search.run.tuner import DEFAULT_STORAGE, build_tuner, restore_tuner
 from difftune.search.space.spec import Space
@@ -114,9 +115,10 @@ def run_search(
         callbacks.append(ConsoleTable(metric=space.search["metric"], mode=space.search["mode"],
                                       total=int(space.search["trials"])))
         verbose = 1 if console.verbose else 0
+    points = first_points(space, runtime, client=client, parent=parent)  # the probe rung
     tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
                         callbacks=callbacks, verbose=verbose,
-                        study_storage=optuna_store.open_storage(study_url))
+                        study_storage=optuna_store.open_storage(study_url), points=points)
     result = _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
                              tracking_uri=tracking_uri, tune_path=tune_path,
                              model_name=model_name, runtime=runtime, verbose=verbose,

@@ -123,6 +123,7 @@ def build_tuner(
     verbose: int = 1,
     study_storage: optuna.storages.BaseStorage | None = None,
     configs: Sequence[dict[str, Any]] | None = None,
+    points: Sequence[dict[str, Any]] | None = None,
 ) -> tune.Tuner:
     """The ``tune.Tuner`` of a search (the one place that wires Ray Tune and Optuna), or,
     given ``configs``, of its confirm stage: those configs in order, each to its last epoch.
@@ -130,6 +131,8 @@ def build_tuner(
     :param storage_path: Ray Tune's storage; the experiment is ``storage_path/name``.
     :param study_storage: where the Optuna study named ``name`` is kept (None: in memory).
     :param configs: trial configs to run as they are (no Optuna, no ASHA, no stopper).
+    :param points: Optuna points run first, after the space's own (the probe rung's prior:
+        :func:`~.probe.prior_points`).
     """
     s = space.search
     if configs is None:
@@ -143,7 +146,7 @@ def build_tuner(
             metric=[o["metric"] for o in objectives] if multi else s["metric"],
             mode=[o["mode"] for o in objectives] if multi else s["mode"],
             sampler=sampler_for(space),
-            points_to_evaluate=space.points_to_evaluate() or None,
+            points_to_evaluate=[*space.points_to_evaluate(), *(points or [])] or None,
             storage=study_storage,
             study_name=name if study_storage is not None else None,
         )
