@@ -115,7 +115,14 @@ def run_search(
         callbacks.append(ConsoleTable(metric=space.search["metric"], mode=space.search["mode"],
                                       total=int(space.search["trials"])))
         verbose = 1 if console.verbose else 0
-    points = first_points(space, runtime, client=client, parent=parent)  # the probe rung
+    stop = StopSignals()
+    try:  # the probe rung (when asked): Ctrl-C or SIGTERM there ends the search as in the trials
+        with stop:
+            points = first_points(space, runtime, client=client, parent=parent)
+    except KeyboardInterrupt:
+        mark(client, parent, "KILLED")
+        raise _interrupted(space, None, stop.received or signal.SIGINT,
+                           {"experiment": experiment, "tracking_uri": tracking_uri}) from None
     tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
                         callbacks=callbacks, verbose=verbose,
                         study_storage=optuna_store.open_storage(study_url), points=points)
