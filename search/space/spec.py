@@ -76,7 +76,8 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=None, max_failures=2, cache_pool=None,
     objectives=None,
     cache_policy="auto", cache_budget=None, extract_batch=None, confirm_top=0,
-    confirm_label_fraction=None, prior="none",
+    confirm_label_fraction=None, prior="none", image_rungs=None, image_floor=5,
+    probe_rung=False,
 )
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
 TIME_KEYS = ("t", "timesteps")
