@@ -13,7 +13,8 @@ Cache bytes are worst cases. Passes are priced on both sides of every comparison
   can read, as :func:`space_asks` lists them, equally likely);
 - epochs a trial runs are the expected epochs under the search's early stopping
   (:mod:`.stopping`); every epoch (``max_t``) is the bound kept beside them. Confirm trials
-  run every epoch (no scheduler).
+  run every epoch (no scheduler). Under rungs over images (:mod:`.rungs`) each rung's
+  extension of an entry is paid by the trials that reach it, which run every epoch there.
 
 A trial that misses pays one pass per image and timestep it asks; with the ``block-set``
 policy only the first trial at each timestep does. Which pool an entry is stored at is

@@ -9,7 +9,13 @@ evaluations apart.
 
 GPU-hours are GFLOPs over an effective FLOP rate: each pass priced at the GFLOPs to the
 deepest block it needs; a measured img/s (to the deepest block it was measured at) is
-converted to that rate.
+converted to that rate. Head training is priced apart at the same rate (3 head forwards per
+train image and 1 per val image each epoch, alike on both sides).
+
+With ``search: image_rungs`` the plan prices each rung (:mod:`.rungs`): the trials ASHA
+lets reach it, each split's sample there, the passes and bytes that extend the entries to
+it, head training on it, and the probe rung; the same search without rungs and the paper's
+way on the same rungs beside it (:func:`~.rungs.rung_table`, ``Plan.rungs``).
 
 Nothing needs the checkpoint or the data: the architecture comes from the model's flags and
 image counts from the data folder's listing, or from ``--images``/``--classes`` for a dataset
@@ -121,10 +127,15 @@ class Plan:
                  f"{self.policy} cache policy, cache <= {format_size(self.cache_bytes_bound)}"
                  + budget + (", least recently used entries evicted" if self.evicts else ""))
         ratio = self.gpu_hours_paper / max(self.gpu_hours, 1e-12)
+        rungs = "" if not self.rungs else (
+            " over image rungs " + ", ".join(f"{f:g}" for f in self.rungs["fractions"])
+            + (" and the probe rung" if self.rungs["probe"] else "")
+            + f" ({self.rungs['single']['gpu_hours']:.3g} without)")
         return (f"plan: {cache}; {self.unet_image_passes:,} U-Net image-passes, "
-                f"{self.gpu_hours:.3g} GPU-hours ({self.gpu_hours_paper:.3g} the paper's way, "
-                f"{ratio:.3g}x, at {self.expected_epochs:.3g} expected epochs of "
-                f"{self.epochs}) at {self.gflops_per_s / 1000:.3g} TFLOP/s effective; "
+                f"{self.gpu_hours:.3g} GPU-hours{rungs} ({self.gpu_hours_paper:.3g} the "
+                f"paper's way, {ratio:.3g}x, at {self.expected_epochs:.3g} expected epochs of "
+                f"{self.epochs}), head training {self.head_gpu_hours:.3g}, at "
+                f"{self.gflops_per_s / 1000:.3g} TFLOP/s effective; "
                 f"test apart: {self.test['image_passes']:,} image-passes; "
                 f"{self.gflops_per_image:.4g} GFLOPs and "
                 f"{format_size(self.activation_bytes_per_image)} of activations per image "
@@ -342,9 +353,10 @@ def extraction(plan: Plan, gpus: int = 1) -> dict[str, Any] | None:
 def refusal(plan: Plan) -> str:
     """The one line a search that does not fit ends with."""
     need = plan.working_set_bytes if plan.policy == "per-request" else plan.cache_bytes_bound
-    what = (f"the trials running at once need {format_size(need)} of cache "
-            f"({plan.max_concurrent} x the largest trial)" if plan.policy == "per-request"
-            else f"the cache needs {format_size(need)}")
+    at_once = (f"the {plan.max_concurrent} holding the most, at the rungs they reach"
+               if plan.rungs else f"{plan.max_concurrent} x the largest trial")
+    what = (f"the trials running at once need {format_size(need)} of cache ({at_once})"
+            if plan.policy == "per-request" else f"the cache needs {format_size(need)}")
     fix = ("; changes that fit: " + "; ".join(plan.changes)) if plan.changes else \
         ("; no smaller label fraction, fewer timesteps, smaller cache_pool or fewer trials "
          "at once fits: raise the budget")

@@ -180,7 +180,7 @@ def rung_table(n: Any, single: Any, rungs: Rungs, rate: float, *, deepest: int
             "confirm": {"image_passes": int(rest[0]), "gpu_hours": rest[1]},
             "total": {"image_passes": n.passes, "gpu_hours": hours(n.gflops),
                       "head_gpu_hours": hours(n.head_gflops),
-                      "cache_bytes": n.bound},
+                      "cache_bytes": n.unevicted},  # without eviction, as the rows
             "single": {"policy": single.policy, "image_passes": single.passes,
                        "gpu_hours": hours(single.gflops),
                        "head_gpu_hours": hours(single.head_gflops),

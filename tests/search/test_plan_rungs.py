@@ -226,3 +226,17 @@ def test_bad_rungs_are_one_line(capsys, tmp_path):
     assert main(["plan", "--space", str(tmp_path / "s.yaml"), "--cache-budget", "1GB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image_rungs" in err[0], err
+
+
+def test_a_live_head_reruns_the_unet_every_epoch_of_each_rung(imagenet):
+    """DifFeed caches nothing: under rungs its trials run every epoch at each rung they
+    reach on that rung's sample, as the paper's way on the same rungs does; with 16 trials
+    and reduction 3 that is fewer passes than the epochs ASHA leaves it without rungs."""
+    plan = make_plan(load_space("diffeed"), imagenet)
+    r = plan.rungs
+    assert plan.policy == "none" and r is not None
+    assert plan.unet_image_passes == pytest.approx(r["paper_rungs"]["image_passes"], abs=2)
+    by_hand = sum(m * 28 * (t + v) for m, t, v in zip(
+        [row["trials"] for row in r["rows"]], r["train_rows"], r["val_rows"], strict=True))
+    assert plan.unet_image_passes == pytest.approx(2 * by_hand)  # feedback + second pass
+    assert plan.unet_image_passes < r["single"]["image_passes"]
