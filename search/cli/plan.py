@@ -175,7 +175,9 @@ def render(plan) -> str:
         f"{frac}: {d['train_rows']:,} train + {d['val_rows']:,} val images; "
         f"{d['test_images']:,} test images apart",
         f"  early stopping {es['scheduler']} (grace {es['grace_period']}, reduction "
-        f"{es['reduction_factor']:g}): {es['formula']} expected epochs per trial, both ways",
+        f"{es['reduction_factor']:g}): {es['formula']} expected epochs per trial, "
+        + ("both ways" if not plan.rungs else "the paper's way and the search without rungs "
+           "(with rungs: every epoch at each rung a trial reaches)"),
         f"  timesteps ({len(plan.timesteps)}): {_listing(plan.timesteps)}",
         f"  blocks ({len(plan.blocks)}): {_listing(plan.blocks)}; to block {plan.deepest_block}"
         f" an image costs {plan.gflops_per_image:.4g} GFLOPs and "
@@ -219,8 +221,61 @@ def render(plan) -> str:
         f"{plan.gflops_per_s / 1000:.3g} TFLOP/s effective, each pass at its own block's "
         f"GFLOPs ({plan.img_per_s:.3g} img/s to block {plan.deepest_block}; "
         f"{plan.img_per_s_source})",
+        f"  head training: {plan.head_gpu_hours:,.3g} GPU-hours (the paper's way: "
+        f"{plan.head_gpu_hours_paper:,.3g}), {plan.head_gflops_per_image:.3g} GFLOPs per "
+        "image forward (mean over the space), 3 per train image and 1 per val image each "
+        "epoch, at the same rate",
         f"  test, apart (the champion and each confirmed config, once): "
         f"{plan.test['evaluations']} x {plan.test['images']:,} images, "
         f"{plan.test['image_passes']:,} image-passes, {plan.test['gpu_hours']:,.4g} GPU-hours",
     ]
+    if plan.rungs:
+        lines += render_rungs(plan)
     return "\n".join(lines)
+
+
+def _n(x: float) -> str:
+    return f"{x / 1e6:.3g} M" if x >= 1e6 else f"{x:,.0f}"
+
+
+def render_rungs(plan) -> list[str]:
+    """The rungs over images: one row per rung (and the probe rung), the totals beside the
+    search without rungs and the paper's way."""
+    from difftune.search.space.sizes import format_size
+
+    r = plan.rungs
+    head = (f"  image rungs {', '.join(f'{f:g}' for f in r['fractions'])} (at least "
+            f"{r['floor']} images per class; ASHA on rung_budget: grace 1, 1/"
+            f"{r['reduction_factor']:g} go on, max_t {r['max_t']}; a trial trains from "
+            f"scratch for {plan.epochs} epochs at each rung it reaches):")
+    cols = "    {:<6} {:>8} {:>7} {:>11} {:>9} {:>12} {:>13} {:>10} {:>8}"
+    lines = [head, cols.format("rung", "fraction", "trials", "train", "val",
+                               "U-Net passes", "cache added", "GPU-hours", "heads")]
+    if r["probe"]:
+        p = r["probe"]
+        lines.append(cols.format("probe", f"{r['fractions'][0]:g}", "-",
+                                 f"{p['train_rows']:,}", f"{p['val_rows']:,}",
+                                 _n(p["image_passes"]), "not cached", f"{p['gpu_hours']:.3g}",
+                                 "-"))
+    for row in r["rows"]:
+        lines.append(cols.format(row["rung"], f"{row['fraction']:g}", f"{row['trials']:.3g}",
+                                 f"{row['train_rows']:,}", f"{row['val_rows']:,}",
+                                 _n(row["image_passes"]), format_size(row["cache_bytes"]),
+                                 f"{row['gpu_hours']:.3g}", f"{row['head_gpu_hours']:.3g}"))
+    if r["confirm"]["image_passes"] > 0:
+        c = r["confirm"]
+        lines.append(cols.format("confirm", "1", "", "", "", _n(c["image_passes"]), "",
+                                 f"{c['gpu_hours']:.3g}", ""))
+    t = r["total"]
+    lines.append(cols.format("total", "", "", "", "", _n(t["image_passes"]),
+                             format_size(t["cache_bytes"]), f"{t['gpu_hours']:.3g}",
+                             f"{t['head_gpu_hours']:.3g}"))
+    ours = plan.gpu_hours + plan.head_gpu_hours
+    one, pr = r["single"], r["paper_rungs"]
+    others = [("without rungs", one["gpu_hours"] + one["head_gpu_hours"],
+               f" ({one['policy']}, {_n(one['image_passes'])} passes)"),
+              ("the paper's way", plan.gpu_hours_paper + plan.head_gpu_hours_paper, ""),
+              ("the paper's way on the same rungs", pr["gpu_hours"] + pr["head_gpu_hours"], "")]
+    lines.append(f"  with rungs: {ours:,.4g} GPU-hours (U-Net and heads); " + "; ".join(
+        f"{name}: {h:,.4g}{extra}, {h / max(ours, 1e-12):.3g}x" for name, h, extra in others))
+    return lines

@@ -13,7 +13,8 @@ Cache bytes are worst cases. Passes are priced on both sides of every comparison
   can read, as :func:`space_asks` lists them, equally likely);
 - epochs a trial runs are the expected epochs under the search's early stopping
   (:mod:`.stopping`); every epoch (``max_t``) is the bound kept beside them. Confirm trials
-  run every epoch (no scheduler).
+  run every epoch (no scheduler). Under rungs over images (:mod:`.rungs`) each rung's
+  extension of an entry is paid by the trials that reach it, which run every epoch there.
 
 A trial that misses pays one pass per image and timestep it asks; with the ``block-set``
 policy only the first trial at each timestep does. Which pool an entry is stored at is
@@ -35,6 +36,7 @@ from difftune.search.plan.asks import (
     mean_cost,
 )
 from difftune.search.plan.data import DataSize
+from difftune.search.plan.rungs import Rungs, running_rows
 from difftune.search.space.spec import Space
 from difftune.trainables.cache.policy import stored_pool
 from difftune.trainables.errors import UserError
@@ -103,16 +105,40 @@ class Numbers:
     test_passes: int = 0
     test_gflops: float = 0.0
     test_evaluations: int = 0
+    #: per rung (one without rungs): the search trials' (passes, GFLOPs) and cache bytes
+    #: added under the chosen policy, and the trials that reach it
+    rung_costs: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    rung_bytes: list[float] = dataclasses.field(default_factory=list)
+    rung_trials: list[float] = dataclasses.field(default_factory=list)
+    #: the probe rung's (passes, GFLOPs): every timestep on rung 0's sample, not cached
+    probe: tuple[float, float] = (0.0, 0.0)
+    #: head training GFLOPs: the search's per rung (confirm apart), and the paper's way's
+    rung_heads: list[float] = dataclasses.field(default_factory=list)
+    head_gflops: float = 0.0
+    head_gflops_paper: float = 0.0
+    #: the paper's way with the same rungs over images (every epoch of every rung reruns the
+    #: U-Net on that rung's sample): passes, GFLOPs
+    paper_rungs: tuple[float, float] = (0.0, 0.0)
 
 
 def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
     return a[0] + b[0], a[1] + b[1]
 
 
+def _sum(costs: list[tuple[float, float]]) -> tuple[float, float]:
+    return sum(p for p, _ in costs), sum(g for _, g in costs)
+
+
+def _addl(a: list[tuple[float, float]], b: list[tuple[float, float]]
+          ) -> list[tuple[float, float]]:
+    return [_add(x, y) for x, y in zip(a, b, strict=True)]
+
+
 def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers, *,
              trials: int, epochs: int, budget: int | None, confirm_top: int,
              confirm_fraction: float | None, cached: bool = True,
-             expected_epochs: float | None = None) -> Numbers:
+             expected_epochs: float | None = None, rungs: Rungs | None = None,
+             head_gflops: float = 0.0) -> Numbers:
     """The cost of a search under levers ``lv``: the policy it gets (``lv.policy`` or, for
     ``auto``, of the policies that fit the budget the one with fewer GFLOPs, i.e.
     GPU-hours, then fewer bytes; per-request when none fits), its cache bounds, passes and
@@ -120,7 +146,11 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
 
     :param epochs: the most epochs a trial runs (``max_t``).
     :param expected_epochs: the epochs a search trial runs in expectation under the early
-        stopping (:func:`.stopping.early_stopping`; default ``epochs``).
+        stopping (:func:`.stopping.early_stopping`; default ``epochs``); not under rungs,
+        where a trial runs every epoch at each rung it reaches.
+    :param rungs: rungs over images (:mod:`.rungs`): each rung's extension priced for the
+        trials that reach it (None: one rung of every image).
+    :param head_gflops: GFLOPs per image of a head's forward (mean over the space).
     """
     expected = float(epochs if expected_epochs is None else expected_epochs)
     allowed, top = set(lv.timesteps), lv.max_pool or 1 << 30
@@ -137,6 +167,10 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     views = max(1, int(lv.views))
     r_search = r_train * views + r_val  # cached: K views of every train image, one of val
     r_paper = r_train + r_val  # the paper's way draws a fresh view at every pass, stores none
+    # per rung: the trials of n that reach it, the rows it adds to an entry, its images
+    reach = rungs.trials if rungs else (lambda n: [float(n)])
+    added = rungs.added(views) if rungs else [r_search]
+    sample = [t + v for t, v in zip(rungs.train, rungs.val, strict=True)] if rungs else None
     confirm_k = min(confirm_top, trials)
     same = confirm_fraction in (None, 1, 1.0) and lv.label_fraction in (None, 1, 1.0) or \
         confirm_fraction == lv.label_fraction
@@ -154,8 +188,26 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
         return rows * paper_kind.passes, rows * paper_kind.gflops
 
     paper, paper_bound = paper_of(expected), paper_of(epochs)
-    live_trial = (expected * r_paper * live.passes, expected * r_paper * live.gflops)
     live_confirm = (epochs * r_paper * live.passes, epochs * r_paper * live.gflops)
+
+    def live_of(n: float) -> list[tuple[float, float]]:  # live heads rerun every epoch
+        rows = [n * expected * r_paper] if not rungs else \
+            [m * epochs * r for m, r in zip(reach(n), sample, strict=True)]
+        return [(r * live.passes, r * live.gflops) for r in rows]
+
+    # head training: 3 forwards per train image (forward, backward), 1 per val image, per
+    # epoch; under rungs every epoch at each rung a trial reaches, on that rung's sample
+    conf_heads = confirm_k * epochs * (3 * (r_conf or r_train) + r_val) * head_gflops
+    heads_single = trials * expected * (3 * r_train + r_val) * head_gflops
+    rung_heads = [m * epochs * (3 * t + v) * head_gflops for m, t, v in zip(
+        reach(trials), rungs.train, rungs.val, strict=True)] if rungs else [heads_single]
+    # the paper's way under the same rungs: every epoch of each rung on its sample
+    paper_list = [paper] if not rungs else [
+        (m * r * epochs * paper_kind.passes, m * r * epochs * paper_kind.gflops)
+        for m, r in zip(reach(trials), sample, strict=True)]
+    paper_rungs = _add(_sum(paper_list), (conf_rows * epochs * paper_kind.passes,
+                                          conf_rows * epochs * paper_kind.gflops)) \
+        if rungs else (0.0, 0.0)
 
     store = lv.cache_pool or max((p for _, _, p in requests), default=None)
     stored = {b: stored_pool(min(store, costs[b].side), costs[b].side, store) if store else 1
@@ -166,35 +218,45 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     confirm_working = min(confirm_k, lv.max_concurrent) * per_trial * (r_conf * views + r_val) \
         if r_conf else 0
 
-    def worst(feature_cost) -> tuple[float, float]:  # trials split between live and feature
+    def worst(feature_cost) -> list[tuple[float, float]]:  # trials: live and feature
         if not asks.live:
             return feature_cost(trials)
         if not combos:
-            return trials * live_trial[0], trials * live_trial[1]
-        return max((_add((n * live_trial[0], n * live_trial[1]), feature_cost(trials - n))
-                    for n in range(trials + 1)), key=lambda pg: pg[1])
+            return live_of(trials)
+        return max((_addl(live_of(n), feature_cost(trials - n)) for n in range(trials + 1)),
+                   key=lambda costs: _sum(costs)[1])
 
     # block-set: every block of every timestep asked, at the store pool; odd pools apart.
     # Each pass runs to the deepest block of the set.
     deep_gflops = costs[blocks[-1]].gflops_to if blocks else 0.0
-    k = min(trials * tpt, len(timesteps))
-    bs_unserved = min(sum(row_bytes(costs, b, p) for _, b, p in unserved),
-                      trials * max((sum(row_bytes(costs, b, p) for _, b, p in c
-                                        if (_, b, p) in unserved) for c in combos), default=0))
-    bs_total = (k * per_t + bs_unserved) * r_search + confirm_bytes
+    odd_all = sum(row_bytes(costs, b, p) for _, b, p in unserved)
+    odd_one = max((sum(row_bytes(costs, b, p) for _, b, p in c if (_, b, p) in unserved)
+                   for c in combos), default=0)
+    # an entry extends to the deepest rung a trial at it reached: each rung's rows for the
+    # timesteps the trials reaching it can ask
+    bs_bytes = [(min(m * tpt, len(timesteps)) * per_t + min(odd_all, m * odd_one)) * d
+                for m, d in zip(reach(trials), added, strict=True)]
+    bs_total = sum(bs_bytes) + confirm_bytes
 
-    def bs_cost(n: int) -> tuple[float, float]:
-        p = (n * tpt if unserved else min(n * tpt, len(timesteps))) * r_search
-        return p, p * deep_gflops
+    def bs_cost(n: float) -> list[tuple[float, float]]:
+        out = []
+        for m, d in zip(reach(n), added, strict=True):
+            p = (m * tpt if unserved else min(m * tpt, len(timesteps))) * d
+            out.append((p, p * deep_gflops))
+        return out
 
     # per-request: what each trial asks (one pass per timestep to its own deepest block),
     # evicting beyond the budget
-    pr_unevicted = min(sum(row_bytes(costs, b, p) for _, b, p in requests),
-                       trials * per_trial) * r_search + confirm_bytes
-    pr_working = max(min(trials, lv.max_concurrent) * per_trial * r_search, confirm_working)
+    all_bytes = sum(row_bytes(costs, b, p) for _, b, p in requests)
+    pr_bytes = [min(all_bytes, m * per_trial) * d
+                for m, d in zip(reach(trials), added, strict=True)]
+    pr_unevicted = sum(pr_bytes) + confirm_bytes
+    pr_working = max(per_trial * running_rows(rungs, trials, lv.max_concurrent, r_search,
+                                              views), confirm_working)
 
-    def pr_cost(n: int) -> tuple[float, float]:
-        return n * feature.passes * r_search, n * feature.gflops * r_search
+    def pr_cost(n: float) -> list[tuple[float, float]]:
+        return [(m * feature.passes * d, m * feature.gflops * d)
+                for m, d in zip(reach(n), added, strict=True)]
 
     conf_train = (r_conf * views or r_search - r_val) + r_val
     conf = max(((feature.passes * conf_train, feature.gflops * conf_train) if combos
@@ -202,8 +264,14 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                key=lambda pg: pg[1])
     conf = (confirm_k * conf[0], confirm_k * conf[1])
     limit = float("inf") if budget is None else budget
-    bs = _add(worst(bs_cost), conf if r_conf else (0.0, 0.0))
-    pr = _add(worst(pr_cost), conf)
+    probe = (0.0, 0.0)
+    if rungs and rungs.probe and combos:  # every timestep once, to the deepest block
+        probe = (len(timesteps) * sample[0], len(timesteps) * sample[0] * deep_gflops)
+    # confirm trials that did not reach the last rung extend their timesteps' entries
+    late = max(0.0, confirm_k - reach(trials)[-1]) * tpt * r_search if rungs else 0.0
+    bs_rungs, pr_rungs = worst(bs_cost), worst(pr_cost)
+    bs = _add(_add(_sum(bs_rungs), conf if r_conf else (late, late * deep_gflops)), probe)
+    pr = _add(_add(_sum(pr_rungs), conf), probe)
     options = {
         "block-set": {"fits": bs_total <= limit, "cache_bytes": int(bs_total),
                       "image_passes": int(round(bs[0])), "gflops": bs[1]},
@@ -215,8 +283,11 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     } if cached and combos else {}
     if not cached or not combos:  # --no-cache, or only live heads: nothing is cached
         policy, fits, bound, unevicted, working = "none", True, 0, 0, 0
-        passes, gflops = paper if not cached else _add(worst(lambda n: (0.0, 0.0)), (
-            confirm_k * live_confirm[0], confirm_k * live_confirm[1]))
+        zero = [(0.0, 0.0)] * len(added)
+        chosen = paper_list if not cached else worst(lambda n: zero)
+        chosen_bytes = [0.0] * len(added)
+        passes, gflops = (paper_rungs if rungs else paper) if not cached else _add(
+            _sum(chosen), (confirm_k * live_confirm[0], confirm_k * live_confirm[1]))
     else:
         policy = lv.policy
         if policy == "auto":
@@ -226,11 +297,11 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                 if fitting else "per-request"
         if policy == "block-set":
             fits, bound, unevicted, working = bs_total <= limit, bs_total, bs_total, bs_total
-            passes, gflops = bs
+            (passes, gflops), chosen, chosen_bytes = bs, bs_rungs, bs_bytes
         else:
             fits, unevicted, working = pr_working <= limit, pr_unevicted, pr_working
             bound = int(min(pr_unevicted, limit))
-            passes, gflops = pr
+            (passes, gflops), chosen, chosen_bytes = pr, pr_rungs, pr_bytes
     # the test split: the champion and each confirmed config, once, to its own blocks
     evaluations = max(confirm_k, 1)
     return Numbers(policy=policy, fits=fits, bound=int(bound), unevicted=int(unevicted),
@@ -247,7 +318,11 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                    gflops_paper_bound=paper_bound[1], trial=paper_kind, policies=options,
                    test_passes=int(round(evaluations * data.test * paper_kind.passes)),
                    test_gflops=evaluations * data.test * paper_kind.gflops,
-                   test_evaluations=evaluations)
+                   test_evaluations=evaluations, rung_costs=chosen, rung_bytes=chosen_bytes,
+                   rung_trials=reach(trials), probe=probe, rung_heads=rung_heads,
+                   head_gflops=sum(rung_heads) + conf_heads,
+                   head_gflops_paper=heads_single + conf_heads, paper_rungs=paper_rungs)
+
 
 
 def entries(n: Numbers, costs: dict[int, BlockCost]) -> list[dict[str, Any]]:

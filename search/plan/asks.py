@@ -19,8 +19,8 @@ from difftune.trainables.model.cost import BlockCost
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LIVE_PASSES", "SCALAR_KEYS", "Asks", "TrialCost", "combo_cost", "live_cost",
-           "mean_cost", "space_asks", "subset_odds"]
+__all__ = ["LIVE_PASSES", "SCALAR_KEYS", "Asks", "TrialCost", "combo_cost", "head_gflops",
+           "live_cost", "mean_cost", "space_asks", "subset_odds"]
 
 #: settings of one value per trial that decide what a feature head reads
 SCALAR_KEYS = ("block", "t", "pool", "pre_pool")
@@ -41,6 +41,8 @@ class Asks:
     live_passes: tuple[tuple[int, int, float], ...] = ()
     #: the probability of each of ``combos`` (None: all alike)
     weights: list[float] | None = None
+    #: the trial config each of ``combos`` was read from (its head, block, t, ...)
+    configs: list[TrialConfig] | None = None
 
 
 #: subsets of more members than this are not enumerated: a trial is priced as asking them all
@@ -97,6 +99,7 @@ def space_asks(space: Space, costs: dict[int, BlockCost]) -> Asks:
     with its probability (settings of a head alike; a subset's subsets as sampled)."""
     combos: list[list[tuple[int, int, int]]] = []
     weights: list[float] = []
+    configs: list[TrialConfig] = []
     live, live_blocks, live_passes = False, set(), []
     heads = space.head_types()
     for head in heads:
@@ -131,8 +134,48 @@ def space_asks(space: Space, costs: dict[int, BlockCost]) -> Asks:
                 combos.append(sorted({(t, b, min(p, costs[b].side))
                                       for t, b, p in kind.requests(cfg)}))
                 weights.append(p_list / n_scalar / len(heads))
+                configs.append(cfg)
     return Asks(combos=combos, live=live, live_blocks=tuple(sorted(live_blocks)),
-                live_passes=tuple(live_passes), weights=weights)
+                live_passes=tuple(live_passes), weights=weights, configs=configs)
+
+
+#: head shapes counted per head kind at most (evenly spread over the distinct ones)
+HEAD_SAMPLES = 16
+
+
+def head_gflops(space: Space, asks: Asks, costs: dict[int, BlockCost], classes: int) -> float:
+    """GFLOPs per image of one forward of a feature head, in expectation over the space's
+    settings: each head kind built on the meta device (nothing allocated) with the space's
+    fixed settings (TrialConfig's defaults for the sampled architecture settings) on the
+    maps of its (t, block, pool) sets, at most :data:`HEAD_SAMPLES` distinct map sets per
+    head kind, evenly spread and weighted as the space samples them. Live heads (DifFeed)
+    are priced by their U-Net passes alone."""
+    import torch
+
+    from difftune.trainables.model.cost import module_gflops
+
+    groups: dict[tuple[str, tuple], list] = {}  # (head, maps) -> [weight, config, combo]
+    weights = asks.weights or [1.0] * len(asks.combos)
+    for cfg, combo, w in zip(asks.configs or [], asks.combos, weights, strict=True):
+        maps = tuple(sorted((b, p) for _, b, p in combo))  # what the head's size depends on
+        group = groups.setdefault((cfg.head, maps), [0.0, cfg, combo])
+        group[0] += w
+    fields = {f.name for f in dataclasses.fields(TrialConfig)}
+    read = {*SCALAR_KEYS, "head", "blocks", "timesteps", "feedback_blocks"}
+    fixed = {k: v for k, v in space.fixed.items() if k in fields and k not in read}
+    total = weight = 0.0
+    for head in sorted({h for h, _ in groups}):
+        keys = sorted(k for k in groups if k[0] == head)
+        step = max(1, len(keys) // HEAD_SAMPLES)
+        for key in keys[::step][:HEAD_SAMPLES]:
+            w, cfg, combo = groups[key]
+            shapes = {(t, b): (costs[b].channels, p, p) for t, b, p in combo}
+            with torch.random.fork_rng(), torch.device("meta"):
+                module = head_kind(head).build(dataclasses.replace(cfg, **fixed), shapes,
+                                               classes, None).eval()
+                g = module_gflops(module, {k: torch.zeros(1, *s) for k, s in shapes.items()})
+            total, weight = total + g * w * step, weight + w * step
+    return total / weight if weight else 0.0
 
 
 def combo_cost(costs: dict[int, BlockCost], combo: list[tuple[int, int, int]]

@@ -34,6 +34,8 @@ class DataSize:
     per_class: tuple[int, ...] | None = None
     test: int = 0
     holdout: float | None = None
+    #: val images per class (None: ``val / classes`` each)
+    val_per_class: tuple[int, ...] | None = None
 
     @classmethod
     def folder_layout(cls, images: int, classes: int, *, test: int, holdout: float,
@@ -45,7 +47,7 @@ class DataSize:
         held = holdout_counts(counts, holdout)
         fit = tuple(n - k for n, k in zip(counts, held, strict=True))
         return cls(train_all=sum(fit), val=sum(held), classes=classes, source=source,
-                   per_class=fit, test=test, holdout=holdout)
+                   per_class=fit, test=test, holdout=holdout, val_per_class=tuple(held))
 
     def train(self, fraction: float | str | None) -> int:
         from difftune.trainables.data.datasets import subset_size

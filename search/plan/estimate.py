@@ -9,7 +9,13 @@ evaluations apart.
 
 GPU-hours are GFLOPs over an effective FLOP rate: each pass priced at the GFLOPs to the
 deepest block it needs; a measured img/s (to the deepest block it was measured at) is
-converted to that rate.
+converted to that rate. Head training is priced apart at the same rate (3 head forwards per
+train image and 1 per val image each epoch, alike on both sides).
+
+With ``search: image_rungs`` the plan prices each rung (:mod:`.rungs`): the trials ASHA
+lets reach it, each split's sample there, the passes and bytes that extend the entries to
+it, head training on it, and the probe rung; the same search without rungs and the paper's
+way on the same rungs beside it (:func:`~.rungs.rung_table`, ``Plan.rungs``).
 
 Nothing needs the checkpoint or the data: the architecture comes from the model's flags and
 image counts from the data folder's listing, or from ``--images``/``--classes`` for a dataset
@@ -20,6 +26,7 @@ gets the cheapest changes that would (:mod:`.fit`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -36,8 +43,9 @@ from difftune.search.plan.arithmetic import (
     model_flags,
     weights_bytes,
 )
-from difftune.search.plan.asks import space_asks
+from difftune.search.plan.asks import head_gflops, space_asks
 from difftune.search.plan.data import DataSize
+from difftune.search.plan.rungs import rung_table, rungs_of
 from difftune.search.plan.stopping import early_stopping
 from difftune.search.space.sizes import format_size, parse_size
 from difftune.search.space.spec import Space
@@ -100,6 +108,13 @@ class Plan:
     confirm: dict[str, Any]
     entries: list[dict[str, Any]] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
+    #: head training (GFLOPs per image of a head's forward; GPU-hours: the search's, the
+    #: paper's way's), at the same FLOP rate
+    head_gflops_per_image: float = 0.0
+    head_gpu_hours: float = 0.0
+    head_gpu_hours_paper: float = 0.0
+    #: rungs over images (None without ``image_rungs``): :func:`rung_table`
+    rungs: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,10 +127,15 @@ class Plan:
                  f"{self.policy} cache policy, cache <= {format_size(self.cache_bytes_bound)}"
                  + budget + (", least recently used entries evicted" if self.evicts else ""))
         ratio = self.gpu_hours_paper / max(self.gpu_hours, 1e-12)
+        rungs = "" if not self.rungs else (
+            " over image rungs " + ", ".join(f"{f:g}" for f in self.rungs["fractions"])
+            + (" and the probe rung" if self.rungs["probe"] else "")
+            + f" ({self.rungs['single']['gpu_hours']:.3g} without)")
         return (f"plan: {cache}; {self.unet_image_passes:,} U-Net image-passes, "
-                f"{self.gpu_hours:.3g} GPU-hours ({self.gpu_hours_paper:.3g} the paper's way, "
-                f"{ratio:.3g}x, at {self.expected_epochs:.3g} expected epochs of "
-                f"{self.epochs}) at {self.gflops_per_s / 1000:.3g} TFLOP/s effective; "
+                f"{self.gpu_hours:.3g} GPU-hours{rungs} ({self.gpu_hours_paper:.3g} the "
+                f"paper's way, {ratio:.3g}x, at {self.expected_epochs:.3g} expected epochs of "
+                f"{self.epochs}), head training {self.head_gpu_hours:.3g}, at "
+                f"{self.gflops_per_s / 1000:.3g} TFLOP/s effective; "
                 f"test apart: {self.test['image_passes']:,} image-passes; "
                 f"{self.gflops_per_image:.4g} GFLOPs and "
                 f"{format_size(self.activation_bytes_per_image)} of activations per image "
@@ -155,7 +175,8 @@ def data_size(space: Space, *, images: int | None = None, classes: int | None = 
     train, val, test = (class_counts(space.data, split, holdout=holdout)
                         for split in ("train", "val", "test"))
     return DataSize(train_all=sum(train), val=sum(val), classes=len(train), source=space.data,
-                    per_class=tuple(train), test=sum(test), holdout=holdout)
+                    per_class=tuple(train), test=sum(test), holdout=holdout,
+                    val_per_class=tuple(val))
 
 
 def resolve_budget(cli: str | None, space: Space, cache: str | None
@@ -254,15 +275,24 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
     stopping = early_stopping(int(s["grace_period"]), float(s["reduction_factor"]), epochs)
     asks = space_asks(space, costs)
     lv = levers_of(space)
-    run = plan_fit.fitter(asks, costs, data, trials=trials, epochs=epochs, budget=budget,
-                          confirm_top=int(s.get("confirm_top") or 0),
-                          confirm_fraction=s.get("confirm_label_fraction"), cached=cached,
-                          expected_epochs=stopping.expected_epochs)
+    heads = head_gflops(space, asks, costs, data.classes)
+    rungs = functools.lru_cache(maxsize=None)(lambda fraction: rungs_of(
+        space, data, label_fraction=fraction))
+    kwargs = dict(trials=trials, epochs=epochs, budget=budget,
+                  confirm_top=int(s.get("confirm_top") or 0),
+                  confirm_fraction=s.get("confirm_label_fraction"), cached=cached,
+                  expected_epochs=stopping.expected_epochs, head_gflops=heads)
+    run = plan_fit.fitter(asks, costs, data, rungs=rungs, **kwargs)
     n = run(lv)
     deepest = max([*n.blocks, *asks.live_blocks], default=0)
     gflops = costs[deepest].gflops_to if deepest else 0.0
     rate, source, measured = resolve_rate(flags, gflops, img_per_s=img_per_s, cache=cache,
                                           device=device)
+    table = None
+    if rungs(lv.label_fraction) is not None:  # beside it: the same search without rungs
+        single = plan_fit.fitter(asks, costs, data, rungs=lambda _: None, **kwargs)(lv)
+        table = rung_table(n, single, rungs(lv.label_fraction), rate,
+                           deepest=max(n.blocks, default=0))
     precision = precision or measured or "bf16"
     changes = [] if n.fits else plan_fit.changes_that_fit(
         lv, run, top_pool=max((p for c in asks.combos for _, _, p in c), default=None))
@@ -297,7 +327,10 @@ def make_plan(space: Space, data: DataSize, *, trials: int | None = None,
               "image_passes": n.test_passes, "gpu_hours": gflop_hours(n.test_gflops, rate)},
         confirm={"top": k, "label_fraction": s.get("confirm_label_fraction"),
                  "train_rows": rows["confirm"] or (rows["train"] if k else 0)},
-        entries=entries(n, costs), changes=changes)
+        entries=entries(n, costs), changes=changes, head_gflops_per_image=heads,
+        head_gpu_hours=gflop_hours(n.head_gflops, rate),
+        head_gpu_hours_paper=gflop_hours(n.head_gflops_paper, rate), rungs=table)
+
 
 
 def extraction(plan: Plan, gpus: int = 1) -> dict[str, Any] | None:
@@ -320,9 +353,10 @@ def extraction(plan: Plan, gpus: int = 1) -> dict[str, Any] | None:
 def refusal(plan: Plan) -> str:
     """The one line a search that does not fit ends with."""
     need = plan.working_set_bytes if plan.policy == "per-request" else plan.cache_bytes_bound
-    what = (f"the trials running at once need {format_size(need)} of cache "
-            f"({plan.max_concurrent} x the largest trial)" if plan.policy == "per-request"
-            else f"the cache needs {format_size(need)}")
+    at_once = (f"the {plan.max_concurrent} holding the most, at the rungs they reach"
+               if plan.rungs else f"{plan.max_concurrent} x the largest trial")
+    what = (f"the trials running at once need {format_size(need)} of cache ({at_once})"
+            if plan.policy == "per-request" else f"the cache needs {format_size(need)}")
     fix = ("; changes that fit: " + "; ".join(plan.changes)) if plan.changes else \
         ("; no smaller label fraction, fewer timesteps, smaller cache_pool or fewer trials "
          "at once fits: raise the budget")

@@ -99,9 +99,11 @@ def _mildest(choices: list[tuple[str, Levers]], run: Callable[[Levers], Numbers]
     return best
 
 
-def fitter(asks, costs, data, **kwargs) -> Callable[[Levers], Numbers]:
-    """``evaluate`` with everything but the levers fixed."""
-    return lambda lv: evaluate(asks, costs, data, lv, **kwargs)
+def fitter(asks, costs, data, *, rungs=None, **kwargs) -> Callable[[Levers], Numbers]:
+    """``evaluate`` with everything but the levers fixed; ``rungs(label_fraction)`` gives
+    the rungs over images at the levers' label fraction (None: no rungs)."""
+    return lambda lv: evaluate(asks, costs, data, lv,
+                               rungs=rungs(lv.label_fraction) if rungs else None, **kwargs)
 
 
 def _size(n: int) -> str:

@@ -7,6 +7,7 @@ entry sizes checked against entries the cache really writes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,11 @@ from difftune.search.plan.data import DataSize
 from difftune.search.plan.estimate import data_size, make_plan
 from difftune.search.plan.stopping import asha_rungs, early_stopping
 from difftune.search.space.sizes import format_size, parse_size
-from difftune.search.space.spec import load_space
+from difftune.search.space.spec import Space, load_space
 from difftune.trainables.errors import UserError
 from difftune.trainables.model.cost import unet_costs
 
+ROOT = Path(__file__).resolve().parents[2]
 IMAGENET = ["--images", "1281167", "--classes", "1000"]
 IMAGES, CLASSES, TEST = 1_281_167, 1000, 50_000
 # the splits' rule (trainables/data/splits.py) for train/ + val/ without test/: val (selection)
@@ -36,17 +38,34 @@ def imagenet(space: str = "linear", **kw) -> DataSize:
     return data_size(load_space(space, **kw), images=IMAGES, classes=CLASSES)
 
 
+def single(**kw) -> Space:
+    """spaces/linear.yaml without its rungs over images: the single-fidelity search."""
+    space = load_space("linear", **kw)
+    space.search["image_rungs"] = None
+    return space
+
+
+@pytest.fixture(scope="module")
+def linear_file(tmp_path_factory) -> str:
+    """spaces/linear.yaml without its rungs over images, as a file still named linear.yaml."""
+    text = (ROOT / "spaces" / "linear.yaml").read_text().splitlines()
+    path = tmp_path_factory.mktemp("single") / "linear.yaml"
+    path.write_text("\n".join(line for line in text if not line.strip().startswith(
+        ("image_rungs:", "image_floor:", "probe_rung:"))) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def linear_2tb() -> dict:
     """The plan of spaces/linear.yaml on ImageNet-1k with a 2 TB budget, as JSON holds it."""
-    plan = make_plan(load_space("linear"), imagenet(), budget=2 * 10**12, budget_source="test")
+    plan = make_plan(single(), imagenet(), budget=2 * 10**12, budget_source="test")
     return json.loads(json.dumps(plan.to_dict()))
 
 
 @pytest.fixture(scope="module")
 def gflops_to() -> dict[int, float]:
     """GFLOPs per image of a pass to each block of paper256 (counted on the meta device)."""
-    return {b: c.gflops_to for b, c in unet_costs(model_flags(load_space("linear"))).items()}
+    return {b: c.gflops_to for b, c in unet_costs(model_flags(single())).items()}
 
 
 def plan_json(capsys, *argv: str) -> tuple[int, dict | None, str]:
@@ -56,8 +75,8 @@ def plan_json(capsys, *argv: str) -> tuple[int, dict | None, str]:
     return rc, json.loads(out) if out.strip() else None, err
 
 
-def test_linear_on_imagenet_fits_2tb_with_one_pass_per_trial(capsys, tmp_path):
-    rc, plan, err = plan_json(capsys, "--space", "linear", *IMAGENET, "--cache-budget", "2TB",
+def test_linear_on_imagenet_fits_2tb_with_one_pass_per_trial(capsys, tmp_path, linear_file):
+    rc, plan, err = plan_json(capsys, "--space", linear_file, *IMAGENET, "--cache-budget", "2TB",
                               "--cache", str(tmp_path / "none"))
     assert rc == 0, err
     for key in ("unet_image_passes", "unet_image_passes_paper", "gflops_per_image",
@@ -99,23 +118,23 @@ def test_entry_sizes_match_hand_arithmetic(linear_2tb):
     assert by[("val", 90, 30, 2)]["bytes"] == VAL * (512 * 4 * 2 + 16)
 
 
-def test_linear_with_200gb_is_refused_naming_what_would_fit(capsys, tmp_path):
+def test_linear_with_200gb_is_refused_naming_what_would_fit(capsys, tmp_path, linear_file):
     # 8 trials at once of the 128,000 val images at pool 8 need 134 GB whatever the labels
     capsys.readouterr()
-    rc = main(["plan", "--space", "linear", *IMAGENET, "--cache-budget", "200GB",
+    rc = main(["plan", "--space", linear_file, *IMAGENET, "--cache-budget", "200GB",
                "--cache", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "200 GB (--cache-budget)" in err[0] and "changes that fit: label_fraction" in err[0]
     # the change it names does fit
     frac = err[0].split("label_fraction: ")[1].split()[0]
-    rc, plan, _ = plan_json(capsys, "--space", "linear", *IMAGENET, "--cache-budget", "200GB",
+    rc, plan, _ = plan_json(capsys, "--space", linear_file, *IMAGENET, "--cache-budget", "200GB",
                             "--set", f"label_fraction={frac}", "--cache", str(tmp_path / "none"))
     assert rc == 0 and plan["fits"] and plan["cache_bytes_bound"] <= 200 * 10**9
 
 
 def test_block_set_when_it_fits_and_the_changes_that_make_it_fit():
-    space = load_space("linear", overrides={"t": 90})
+    space = single(overrides={"t": 90})
     data = imagenet()
     roomy = make_plan(space, data, budget=10**15, budget_source="test")
     # one timestep: the 37 blocks at pool 8, train and val; one pass over the data
@@ -124,7 +143,7 @@ def test_block_set_when_it_fits_and_the_changes_that_make_it_fit():
     assert per_image == pytest.approx(2.78e6, rel=0.01)  # the issue's ~2.8 MB per image
     assert roomy.cache_bytes_bound == sum(e["bytes"] for e in roomy.entries)
     assert roomy.unet_image_passes == TRAIN + VAL
-    forced = load_space("linear", overrides={"t": 90})
+    forced = single(overrides={"t": 90})
     forced.search["cache_policy"] = "block-set"
     tight = make_plan(forced, data, budget=2 * 10**12, budget_source="test")
     assert not tight.fits
@@ -220,7 +239,7 @@ def test_a_search_extracts_first_only_when_its_trials_may_ask_every_timestep():
 
     data = imagenet()
     two = Workers(2, {"num_gpus": 1}, "gpu")
-    few = load_space("linear", search_overrides={"trials": 4})  # 51 timesteps, 4 trials
+    few = single(search_overrides={"trials": 4})  # 51 timesteps, 4 trials
     few.search["cache_policy"] = "block-set"  # asked for: auto takes per-request (cheaper)
     plan = make_plan(few, data, budget=10**16, budget_source="test")
     ahead = extraction(plan)
@@ -229,7 +248,7 @@ def test_a_search_extracts_first_only_when_its_trials_may_ask_every_timestep():
     assert "51 timesteps for 4 trials" in why_not(plan, few, two)
     assert why_not(plan, few, None) is None  # `difftune extract --space` does what it is told
     assert "one worker" in why_not(plan, few, Workers(1))
-    many = load_space("linear", overrides={"t": 90}, search_overrides={"trials": 4})
+    many = single(overrides={"t": 90}, search_overrides={"trials": 4})
     plan = make_plan(many, data, budget=10**16, budget_source="test")
     assert extraction(plan)["worth_it"] and why_not(plan, many, two) is None
 
@@ -239,7 +258,7 @@ def test_views_count_in_the_passes_and_bytes():
     timestep and K times the train entries' bytes; the paper's way stores none, so its passes
     do not change."""
     data = imagenet()
-    spaces = [load_space("linear"), load_space("linear", overrides={"views": 4})]
+    spaces = [single(), single(overrides={"views": 4})]
     for space in spaces:
         space.search["cache_policy"] = "block-set"
     one, four = (make_plan(space, data).to_dict() for space in spaces)
@@ -259,8 +278,8 @@ def test_the_papers_way_runs_each_trial_to_its_own_block(gflops_to):
     """Over blocks 1-37 a trial of the paper's way costs the mean of its blocks' GFLOPs, not
     the deepest's: at most 0.6x of the same space pinned to block 37 (about a third)."""
     data = imagenet()
-    spread = make_plan(load_space("linear"), data)
-    pinned = make_plan(load_space("linear", overrides={"block": 37}), data)
+    spread = make_plan(single(), data)
+    pinned = make_plan(single(overrides={"block": 37}), data)
     mean = sum(gflops_to[b] for b in range(1, 38)) / 37
     assert spread.trial_gflops_per_image == pytest.approx(mean)
     assert pinned.trial_gflops_per_image == pytest.approx(gflops_to[37])
@@ -304,16 +323,16 @@ def test_the_cheaper_policy_by_gpu_hours_and_a_policy_asked_for():
     data = imagenet()
     # 51 timesteps, 60 trials: one pass per trial to its own block costs fewer GPU-hours
     # than 51 passes to block 37
-    auto = make_plan(load_space("linear"), data)
+    auto = make_plan(single(), data)
     bs, pr = auto.policies["block-set"], auto.policies["per-request"]
     assert bs["fits"] and pr["fits"] and auto.policy == "per-request"
     assert pr["gpu_hours"] < bs["gpu_hours"] and auto.gpu_hours == pytest.approx(pr["gpu_hours"])
     assert pr["cache_bytes"] < bs["cache_bytes"]
     # one timestep: one pass to block 37 for all 60 trials is the cheaper
-    one_t = make_plan(load_space("linear", overrides={"t": 90}), data)
+    one_t = make_plan(single(overrides={"t": 90}), data)
     assert one_t.policy == "block-set"
     assert one_t.policies["block-set"]["gpu_hours"] < one_t.policies["per-request"]["gpu_hours"]
-    asked = load_space("linear")
+    asked = single()
     asked.search["cache_policy"] = "block-set"
     forced = make_plan(asked, data)
     assert forced.policy == "block-set" and forced.gpu_hours == pytest.approx(bs["gpu_hours"])
@@ -322,10 +341,10 @@ def test_the_cheaper_policy_by_gpu_hours_and_a_policy_asked_for():
     assert 3 < forced.gpu_hours_paper / forced.gpu_hours < 7
 
 
-def test_imagenet_splits_by_the_splits_rule_and_test_apart(capsys, tmp_path):
+def test_imagenet_splits_by_the_splits_rule_and_test_apart(capsys, tmp_path, linear_file):
     from difftune.trainables.data.splits import DEFAULT_HOLDOUT, holdout_positions
 
-    rc, plan, err = plan_json(capsys, "--space", "linear", *IMAGENET, "--cache-budget", "2TB",
+    rc, plan, err = plan_json(capsys, "--space", linear_file, *IMAGENET, "--cache-budget", "2TB",
                               "--cache", str(tmp_path / "none"))
     assert rc == 0, err
     d = plan["data"]
@@ -342,28 +361,28 @@ def test_imagenet_splits_by_the_splits_rule_and_test_apart(capsys, tmp_path):
                                           / plan["gflops_per_s"] / 3600})
     assert plan["unet_image_passes"] == 60 * (TRAIN + VAL)
     # the champion among each confirmed config: one evaluation each
-    rc, confirm, _ = plan_json(capsys, "--space", "linear", *IMAGENET, "--test-images", "1000",
+    rc, confirm, _ = plan_json(capsys, "--space", linear_file, *IMAGENET, "--test-images", "1000",
                                "--set", "label_fraction=0.1", "--cache-budget", "2TB",
                                "--cache", str(tmp_path / "none"))
     assert rc == 0 and confirm["test"]["images"] == 1000 and confirm["test"]["evaluations"] == 1
-    space = load_space("linear", search_overrides={})
+    space = single(search_overrides={})
     space.search.update(confirm_top=3, confirm_label_fraction=1.0)
     plan3 = make_plan(space, data_size(space, images=IMAGES, classes=CLASSES,
                                        test_images=TEST))
     assert plan3.test["evaluations"] == 3 and plan3.test["image_passes"] == 3 * TEST
-    rc, alias, _ = plan_json(capsys, "--space", "linear", *IMAGENET, "--val-images", "7",
+    rc, alias, _ = plan_json(capsys, "--space", linear_file, *IMAGENET, "--val-images", "7",
                              "--cache-budget", "2TB", "--cache", str(tmp_path / "none"))
     assert rc == 0 and alias["data"]["test_images"] == 7  # --val-images: ImageNet's val/
 
 
-def test_plan_takes_a_search_command_line(capsys, tmp_path):
+def test_plan_takes_a_search_command_line(capsys, tmp_path, linear_file):
     from difftune.search.cli import build_parser
 
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices
     flags = {s for a in subs["search"]._actions for s in a.option_strings}
     assert flags <= {s for a in subs["plan"]._actions for s in a.option_strings}
-    search_argv = ["--space", "linear", "--checkpoint", str(tmp_path / "x.pt"),
+    search_argv = ["--space", linear_file, "--checkpoint", str(tmp_path / "x.pt"),
                    "--trials", "7", "--seed", "3", "--experiment", "e", "--model-name", "m",
                    "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
                    "--artifact-location", str(tmp_path / "art"), "--address", "auto",
