@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from difftune.search.cli.args import integer, number
+from difftune.search.cli.args import integer, number, rungs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "class, as ImageNet-1k's 50,000)")
     p.add_argument("--trials", type=integer(1), help="number of trials (default: the space's)")
     p.add_argument("--seed", type=integer(0), help="Optuna sampler seed (default: the space's)")
+    p.add_argument("--image-rungs", type=rungs, metavar="FRACTIONS",
+                   help="rungs over images to price, e.g. 0.02,0.1,0.5,1, or off (default: "
+                   "the space's search.image_rungs)")
     p.add_argument("--max-concurrent", type=integer(1),
                    help="trials running at once: the per-request policy's working set "
                    "(default: the space's)")
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                        search_overrides={"trials": args.trials, "seed": args.seed,
                                          "gpus_per_trial": args.gpus_per_trial,
                                          "cpus_per_trial": args.cpus_per_trial,
-                                         "max_concurrent": args.max_concurrent})
+                                         "max_concurrent": args.max_concurrent,
+                                         "image_rungs": args.image_rungs})
     cache = None if args.no_cache else (args.cache or default_root())
     budget, source, _ = resolve_budget(args.cache_budget, space, cache)
     data = data_size(space, images=args.images, classes=args.classes,

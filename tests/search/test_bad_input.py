@@ -151,7 +151,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("space, argv, says", [
-    ("linear", ["--set", "epochs=1"],
+    ("linear", ["--image-rungs", "off", "--set", "epochs=1"],
      "--set epochs=1 is below search.grace_period=7 of space linear (ASHA stops no trial "
      "before its grace period, so every trial may run that many epochs); allowed: epochs >= 7, "
      "or a space file with search.grace_period <= 1"),
@@ -185,7 +185,8 @@ def test_the_scheduler_takes_every_space_the_checks_let_through():
 
     from difftune.search.space.spec import load_space, parse_set
 
-    space = load_space("linear", overrides=parse_set(["epochs=7"]))
+    space = load_space("linear", overrides=parse_set(["epochs=7"]),
+                       search_overrides={"image_rungs": []})  # ASHA over epochs
     s = space.search
     ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs(),
                   grace_period=int(s["grace_period"]), reduction_factor=float(s["reduction_factor"]))
