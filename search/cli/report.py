@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from difftune.search.report.description import note
     from difftune.search.report.draw import write_figures
     from difftune.search.report.gather import find_search, gather
+    from difftune.search.report.probe_figure import draw_probe_map, read_probe_map
     from difftune.search.report.publish import publish
 
     uri = resolve_uri(args.tracking_uri)
@@ -55,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("difftune_report") / args.experiment)
     data = gather(client, parent.info.run_id)
     names = write_figures(data, out_dir=out)
+    pmap = read_probe_map(client, parent.info.run_id)  # the probe rung's map, when it ran
+    if pmap is not None:
+        import matplotlib.pyplot as plt
+
+        fig = draw_probe_map(pmap)
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / "probe_map.png", dpi=120)
+        plt.close(fig)
     (out / "report.md").write_text(note(data, names))
     if args.update_run:
         publish(client, parent.info.run_id)
@@ -63,5 +72,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(data.trials)} trials finished): {len(names)} figures in {out}/")
     for name in names:
         print(f"  {out / name}.png  (.html to explore)")
+    if pmap is not None:
+        print(f"  {out / 'probe_map.png'}  (the probe rung's block x timestep map)")
     print(f"  {out / 'report.md'}")
     return 0

@@ -64,7 +64,7 @@ def draw_probe_map(pmap: dict[str, Any]):
     import matplotlib.pyplot as plt
 
     blocks, times, grid = grid_of(pmap)
-    fig = plt.figure(figsize=(max(5.5, 0.32 * len(blocks) + 2.6),
+    fig = plt.figure(figsize=(max(7.0, 0.32 * len(blocks) + 2.6),
                               max(3.6, 0.16 * len(times) + 1.9)), layout="constrained")
     ax = fig.add_subplot()
     vmin, vmax = float(np.nanmin(grid)), float(np.nanmax(grid))

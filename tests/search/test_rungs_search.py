@@ -179,3 +179,40 @@ def test_image_rungs_flag_is_checked_and_overrides_the_space(tmp_path):
     assert off.search["image_rungs"] is None
     on = load_space("demo", search_overrides={"image_rungs": [0.1, 1.0]})
     assert on.search["image_rungs"] == [0.1, 1.0]
+
+
+def test_probe_rung_maps_every_cell_and_the_trials_rung_0_reads_its_entries(ray_session,
+                                                                           tmp_path):
+    """``probe_rung: true``: the map is on the parent run before the first trial, the first
+    trials are its best cells, and no trial pays a U-Net pass at rung 0 (the probe's prefix
+    entries serve it)."""
+    raw = yaml.safe_load(space_text(2, concurrent=1))
+    raw["search"].update(probe_rung=True, seed=0)
+    raw["params"]["block"] = {"choice": [3, 13]}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
+         "probe", "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+         "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("probe")
+    (parent,) = [x for x in client.search_runs([exp.experiment_id])
+                 if x.data.tags.get("difftune.role") == "search"]
+    from difftune.search.report.probe_figure import best_cells, read_probe_map
+
+    pmap = read_probe_map(client, parent.info.run_id)
+    assert {(c["block"], c["t"]) for c in pmap["cells"]} == {
+        (b, t) for b in (3, 13) for t in (10, 200)}
+    train, val = 54, 50  # rung 0 (0.05, at least 5 per class) of the digits' train and val
+    assert parent.data.metrics["probe_unet_images"] == 2 * (train + val)
+    runs = sorted(trial_runs(client, "probe"), key=lambda x: x.info.start_time)
+    first = json.loads(runs[0].data.tags["difftune.config"])
+    best = best_cells(pmap, 1)[0]
+    assert (first["block"], first["t"]) == (best["block"], best["t"])
+    for x in runs:  # rung 0 of every trial: its features were the probe's
+        history = client.get_metric_history(x.info.run_id, "unet_images")
+        assert [m.value for m in history if m.step <= EPOCHS] == [0] * EPOCHS
