@@ -225,14 +225,32 @@ def extend(cache, model, diffusion, ds: Dataset, order: np.ndarray, group: Entry
     return out
 
 
+class InSplitOrder(Subset):
+    """The rows of a prefix entry (the interleaved order's first n images) as the split holds
+    them: item i is the i-th of those images by its position in the split. A trial trains on
+    a rung's sample in the order a search without rungs reads its split, so that the last
+    rung trains on exactly what such a trial does (and ``difftune train`` of an exported
+    config gives the same numbers)."""
+
+    def __init__(self, features: CachedFeatures, prefix_order: np.ndarray):
+        super().__init__(features, np.argsort(prefix_order, kind="stable").tolist())
+        self.classes = features.classes
+        self.labels = np.asarray(features.labels)[self.indices]
+
+    def shapes(self) -> dict:
+        return self.dataset.shapes()
+
+
 def prepare_rung(cache, cfg: TrialConfig, requests: Sequence[Request], splits: Sequence[str],
                  rung: Rung) -> TrialData:
     """What a trial reads at ``rung`` (``FeatureCache.prepare`` at a rung): each split's
-    sample, every view of train, from prefix entries (:func:`get_prefix`)."""
+    sample in split order (:class:`InSplitOrder`), every view of train, from prefix entries
+    (:func:`get_prefix`)."""
     out: dict[str, Dataset] = {}
     for split in splits:
         views = [get_prefix(cache, cfg, split, requests, rung, view=v)
                  for v in range(split_views(cfg, split))]
+        views = [InSplitOrder(v, v.order) for v in views]
         out[split] = views[0] if len(views) == 1 else ViewCycle(views)
     first = next(iter(out.values()))
     return TrialData(out, first.shapes(), len(first.classes))
@@ -279,4 +297,5 @@ def get_prefix(cache, cfg: TrialConfig, split: str, requests: Sequence[Request],
             raise RuntimeError(f"cache entry {served[key][0]} holds other images than the "
                                f"first {rows} of {cfg.data} {split}")
     out.classes = list(trial_dataset(cfg, split, model.image_size)[1])
+    out.order = order[:rows]  # [rows] positions in the split of its rows
     return out

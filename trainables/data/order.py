@@ -182,13 +182,13 @@ def ladder(fractions: Sequence[float], *, floor: int = DEFAULT_FLOOR, factor: fl
 
 
 def rung_subset(ds: Dataset, rung: Rung | None) -> Dataset:
-    """The images of ``ds`` a rung reads, in the interleaved order (``ds`` itself without a
-    rung, or at a rung that reads every image, so whole-split entries and noise stay as
-    they are)."""
+    """The images of ``ds`` a rung reads (the first :func:`rung_rows` of its
+    :func:`interleaved_order`), in split order (``ds`` itself without a rung, or at a rung
+    that reads every image: the last rung trains on what a search without rungs does)."""
     if rung is None:
         return ds
     targets = targets_of(ds)
     rows = rung_rows(targets, rung.fraction, rung.floor)
     if rows >= len(targets) and rung.fraction >= 1:
         return ds
-    return Subset(ds, interleaved_order(targets)[:rows].tolist())
+    return Subset(ds, np.sort(interleaved_order(targets)[:rows]).tolist())
