@@ -8,7 +8,8 @@ The table (:mod:`benchmarks.data_fidelity_table`, ``benchmarks/demo_rungs.json``
 (a floor of 5 images per class) on the rung's sample of train (a prefix of the split's
 interleaved order, read with ``FeatureCache.get_prefix``) for its full 4 epochs and scored
 on the rung's sample of val; the last rung reproduces the grid (``full_equals_grid``).
-``spearman_rungK``: Spearman's rho between rung K's val and the full val over the configs.
+``spearman_rungK``: Spearman's rho between rung K's val and the full val over the configs;
+``spearman_probe``: between the probe rung's map and each (block, t)'s best full val.
 
 Three searches per report seed, each of ``--max-trials`` trials (the space's seed, its
 enqueued paper config and difftune's TPE, :func:`difftune.search.run.tuner.sampler_for`, 2
@@ -73,6 +74,7 @@ from benchmarks.data_fidelity_table import (
     TASKS,
     Table,
     make_table,
+    probe_spearman,
     read_table,
     spearman,
 )
@@ -298,6 +300,7 @@ def report(table: Table, seeds: range, budget: int, *, task: str = "digits",
         summary["full_equals_grid"] = all(ref[k] == v for k, v in grid.items())
     for k, r in enumerate(rho):
         summary[f"spearman_rung{k}"] = r
+    summary["spearman_probe"] = probe_spearman(table)
     runs = []
     with space_file(space_text(list(grid))) as path:
         rf = rf or int(load(path, seed=0, trials=1).search["reduction_factor"])

@@ -250,3 +250,17 @@ def noisy_digits(root: Path, *, sigma: float, patch: int, seed: int = 0) -> Path
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2)).save(folder / f"{i:04d}.png")
     return root
+
+
+def probe_spearman(table: Table) -> float:
+    """Spearman's rho between the probe rung's map (ridge at rung 0, widest pool) and each
+    (block, t) cell's best full val over its pools (nan without a probe)."""
+    from scipy.stats import spearmanr
+
+    if not table.probe:
+        return float("nan")
+    best: dict[tuple[int, int], float] = {}
+    for (b, t, _), v in table.scores.items():
+        best[b, t] = max(best.get((b, t), -1.0), v[-1])
+    cells = sorted(table.probe)
+    return float(spearmanr([table.probe[c] for c in cells], [best[c] for c in cells]).statistic)
