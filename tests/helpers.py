@@ -137,3 +137,12 @@ def chromium_page(user_data_dir: Path, *, width: int = 1400, height: int = 900):
             yield context.new_page()
         finally:
             context.close()
+
+
+def trial_runs(client, experiment: str) -> list:
+    """The trial runs (``difftune.role`` trial) of ``experiment`` in an MLflow store."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("difftune.role") == "trial"]

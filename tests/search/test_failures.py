@@ -16,20 +16,12 @@ import urllib.request
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import free_port, trial_runs
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from difftune.search.cli import main
 from difftune.search.run.trials import OUTBOX, MLflowTrials, store_is_away
-
-
-def trial_runs(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
-            if r.data.tags.get("difftune.role") == "trial"]
 
 
 def search(tmp_path, space: str, experiment: str, *more: str) -> tuple[int, str]:

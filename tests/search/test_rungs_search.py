@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import trial_runs
 from mlflow.tracking import MlflowClient
 
 from difftune.search.space.checks import SpaceError
@@ -41,23 +42,22 @@ params:
 """
 
 
-def trial_runs(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
-            if r.data.tags.get("difftune.role") == "trial"]
+def search(ray_session, tmp_path: Path, space: Path, experiment: str
+           ) -> subprocess.CompletedProcess:
+    """``difftune search`` of ``space`` in ``tmp_path`` on the test session's Ray."""
+    return subprocess.run(
+        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
+         experiment, "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+         "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--address",
+         ray_session.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=600)
 
 
 def test_search_with_rungs_decides_at_rung_ends(ray_session, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(space_text(6))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    r = subprocess.run(
-        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
-         "rungs", "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
-         "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address],
-        capture_output=True, text=True, timeout=600)
+    r = search(ray_session, tmp_path, space, "rungs")
     assert r.returncode == 0, r.stderr[-3000:]
     client = MlflowClient(uri)
     runs = trial_runs(client, "rungs")
@@ -192,11 +192,7 @@ def test_probe_rung_maps_every_cell_and_the_trials_rung_0_reads_its_entries(ray_
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    r = subprocess.run(
-        [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
-         "probe", "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
-         "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address],
-        capture_output=True, text=True, timeout=600)
+    r = search(ray_session, tmp_path, space, "probe")
     assert r.returncode == 0, r.stderr[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("probe")
