@@ -105,6 +105,8 @@ def test_a_lost_worker_s_shards_go_to_the_others(ray_session, tmp_path):
     # no CPUs asked: the module's pool holds both of this Ray's
     with WorkerPool(Workers(2, {"num_cpus": 0}), progress=False) as two:
         ray.kill(two.actors[1])  # its node lost before its first shard
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(two.actors[1].progress.remote(), timeout=120)
         counts = extract_groups(cache, CFG, ("train",), REQUESTS[:2], shards=2,
                                 runner=two.runner)
         assert counts["written"] == 2 and counts["images"] == 2 * 51
