@@ -383,8 +383,7 @@ def extract_prefixes(cfg: TrialConfig, requests: Sequence[Request], rows: Mappin
 
     def call(actor, unit):
         split, reqs = unit
-        return actor.extend.remote(cache, cache_kw, cfg, split, reqs, int(rows[split]),
-                                       view)
+        return actor.extend.remote(cache, cache_kw, cfg, split, reqs, int(rows[split]), view)
 
     for _, done in pool.schedule(units, sizes, call, what, batches=False):
         for k in ("images", "written", "reused"):
