@@ -1,15 +1,25 @@
 """Extraction across the cluster before the first trial (``difftune extract --space``, and
 ``difftune search`` when its plan shows extraction work and the cluster has more than one
-worker): every entry the plan foresees at its timesteps is extracted as Ray tasks, one shard
-of the images each (:mod:`difftune.trainables.cache.shard`), with progress on the console.
+worker), and the extension of prefix entries (a rung's sample) across it: a pool of workers
+that stay (:class:`WorkerPool`), with progress on the console.
 
-- **Workers**: one shard per GPU (each task asks ``num_gpus=1``) on a cluster with GPUs; else
-  one per node with CPUs, each task asking that node's CPUs (the least of the nodes), spread
-  over the nodes (``scheduling_strategy="SPREAD"``).
-- **Failures**: a task whose worker or node is lost, or that raises, is rerun by Ray
-  (``max_retries``, ``retry_exceptions``); its half-written part is a temporary file that no
-  manifest lists.
-- **One worker** (one node without GPUs, or one GPU): no shards and no Ray tasks; ``difftune
+- **Workers that stay**: one Ray actor per GPU (each asks ``num_gpus=1``) on a cluster with
+  GPUs; else one per node with CPUs, each asking that node's CPUs (the least of the nodes),
+  spread over the nodes (``scheduling_strategy="SPREAD"``), its torch threads = its CPUs. A
+  pool is created once per extraction (or per search: pass it on), and each actor loads the
+  U-Net once and keeps it, the splits' datasets and its extractor across every timestep,
+  split and rung (:class:`~difftune.trainables.cache.shard.ShardWorker`).
+- **One work list**: :func:`extract_plan` hands every (split, t) group's shards to the pool at
+  once; each actor gets its share of every group (balanced by images) queued back to back,
+  and a group's entries are published as soon as its last part is in
+  (:func:`~difftune.trainables.cache.shard.extract_groups`): no round per group, no waiting
+  for a round's slowest shard, no process started per round. :func:`extract_prefixes`
+  extends prefix entries to a rung's rows, one (split, t) per call, on whichever worker has
+  the least work queued.
+- **Failures**: a shard (or extension) that raises is run again, on any live worker, up to
+  :data:`MAX_RETRIES` times; an actor whose node is lost is dropped and its queued work goes
+  to the others (its half-written part is a temporary file that no manifest lists).
+- **One worker** (one node without GPUs, or one GPU): no shards and no Ray; ``difftune
   search`` leaves extraction to its trials (today's path), ``difftune extract --space``
   extracts in its own process.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,24 +40,28 @@ from difftune.trainables.cache.feature_cache import FeatureCache
 from difftune.trainables.cache.shard import (
     ShardJob,
     ShardResult,
-    extract_sharded,
+    ShardWorker,
+    extract_groups,
     local_runner,
-    run_shard,
 )
 from difftune.trainables.config import TrialConfig
-from difftune.trainables.model.cost import free_memory
+from difftune.trainables.heads import Request
 from difftune.trainables.model.features import precision_for
 from difftune.trainables.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-#: reruns of a shard whose node was lost or that failed
+#: runs of a shard (or an extension) after its first that fail before the extraction does
 MAX_RETRIES = 3
+#: seconds between the driver's looks at its workers' progress
+REPORT_S = 1.0
+#: the actors' concurrency group that answers progress while a job runs
+_PROGRESS = "progress"
 
 
 @dataclass(frozen=True)
 class Workers:
-    """Where shards run: how many at once and what each task asks of Ray."""
+    """Where shards run: how many workers at once and what each asks of Ray."""
 
     shards: int
     resources: dict[str, float] = field(default_factory=dict)
@@ -70,106 +85,179 @@ def cluster_workers(*, gpus: bool = True) -> Workers:
     return Workers(len(cpus), {"num_cpus": float(int(min(cpus)))} if cpus else {}, "cpu")
 
 
-#: seconds between a shard's reports to the driver's progress (the driver looks every second)
-REPORT_S = 1.0
+class _RayWorker(ShardWorker):
+    """A :class:`ShardWorker` as a Ray actor: on its GPU if it was given one, its torch
+    threads = its CPUs, its node recorded in its parts."""
+
+    def __init__(self, *, gpu: bool, threads: int):
+        import ray  # Ray: only in an actor of a pool
+
+        device = "cuda" if gpu and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        super().__init__(device=device, threads=threads,
+                         node=ray.get_runtime_context().get_node_id())
 
 
-def _shard_task(job: ShardJob, counter: Any) -> ShardResult:
-    """One shard on whatever node Ray chose (a GPU if the task asked one)."""
-    import ray  # Ray: only where shards run as its tasks (not `difftune extract` alone)
+class WorkerPool:
+    """Extraction workers that stay: one Ray actor per worker of ``workers``
+    (:class:`_RayWorker`), created here and kept until :meth:`close` (a ``with`` block),
+    across every extraction run through it: pass one pool to :func:`extract_plan` and to
+    each :func:`extract_prefixes` of a search, and each worker loads the U-Net once.
 
-    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    :param progress: a progress bar on the console; ``lines_s``: progress lines every
+        ``lines_s`` seconds instead (:class:`~difftune.trainables.progress.Progress`: what
+        ``difftune search``'s console shows).
+    """
 
-    last = [0.0]
+    def __init__(self, workers: Workers, *, progress: bool = True,
+                 lines_s: float | None = None):
+        import ray  # Ray: only with a cluster (not `difftune extract` alone)
 
-    def report(done: int) -> None:  # after every batch: one actor call a second at most
-        now = time.monotonic()
-        if counter is not None and (now - last[0] >= REPORT_S or done == job.images):
-            last[0] = now
-            counter.report.remote(job.shard, done)
+        self.workers, self.progress, self.lines_s = workers, progress, lines_s
+        threads = max(1, int(workers.resources.get("num_cpus", 1)))
+        cls = ray.remote(concurrency_groups={_PROGRESS: 1})(_RayWorker)
+        self.actors = [cls.options(**workers.resources, scheduling_strategy="SPREAD",
+                                   max_restarts=0).remote(gpu=workers.kind == "gpu",
+                                                          threads=threads)
+                       for _ in range(max(1, workers.shards))]
+        self.alive = list(self.actors)
+        self._seen = [0] * len(self.actors)  # images each actor said it passed, lately
 
-    return run_shard(job, device=device, node=ray.get_runtime_context().get_node_id(),
-                     on_batch=report)
+    def __enter__(self) -> WorkerPool:
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-class _Progress:
-    """Images each shard has done (a retried shard starts again from 0)."""
+    def close(self) -> None:
+        """End every actor (what they hold goes with them)."""
+        import ray
 
-    def __init__(self) -> None:
-        self.done: dict[int, int] = {}
+        for actor in self.actors:
+            ray.kill(actor)
+        self.alive = []
 
-    def report(self, shard: int, done: int) -> None:
-        self.done[shard] = done
+    def _ask(self, method: str, timeout: float | None = 30.0) -> list:
+        """``method()`` of each live worker, answered while a job runs."""
+        import ray
 
-    def total(self) -> int:
-        return sum(self.done.values())
+        return ray.get([getattr(a, method).options(concurrency_group=_PROGRESS).remote()
+                        for a in self.alive], timeout=timeout)
 
+    def stats(self) -> list[dict[str, Any]]:
+        """Each live worker's :meth:`~ShardWorker.stats` (``loads``: U-Net loads, ...)."""
+        return self._ask("stats", timeout=None)
 
-def _probe_gpu() -> tuple[str, int]:
-    """On a GPU worker: the precision a trial there runs the U-Net in, and free bytes."""
-    return precision_for("cuda"), int(free_memory("cuda"))
+    def prepare(self, cfg: TrialConfig, splits: Sequence[str], *, wait: bool = False
+                ) -> list[dict[str, Any]] | None:
+        """Each worker loads the U-Net and the datasets of ``splits`` now, ahead of the jobs
+        queued after this (while the driver plans them); ``wait``: until they have.
+        :return: with ``wait``, each worker's :meth:`~ShardWorker.stats`."""
+        import ray
 
+        refs = [a.prepare.remote(cfg, list(splits)) for a in self.alive]
+        return ray.get(refs) if wait else None
 
-def probe_gpu(workers: Workers) -> tuple[str, int]:
-    """:func:`_probe_gpu` run on one of ``workers`` (a GPU)."""
-    import ray  # Ray: only with a cluster (not `difftune extract` alone)
+    def _done(self, start: Sequence[int]) -> int:
+        """Images the live workers passed since they had passed ``start`` (best effort)."""
+        try:
+            now = self._ask("progress", timeout=5)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            return 0
+        done = 0
+        for actor, n in zip(self.alive, now, strict=True):
+            k = self.actors.index(actor)
+            self._seen[k] = n
+            done += n - start[k]
+        return done
 
-    return ray.get(ray.remote(_probe_gpu).options(**workers.resources).remote())
+    def schedule(self, units: Sequence[Any], sizes: Sequence[int],
+                 call: Callable[[Any, Any], Any], what: str, *, batches: bool = True
+                 ) -> Iterator[tuple[int, Any]]:
+        """Run ``call(actor, unit)`` (an actor method's ``.remote``) for every unit: each on
+        the live actor with the fewest images queued (``sizes``: a unit's images), queued back
+        to back in order; yield ``(index, result)`` as each finishes. A unit that raises runs
+        again (:data:`MAX_RETRIES`); an actor that dies is dropped, its units go to the others.
+        Progress under ``what``: the images the workers passed (``batches``: they count
+        every batch), else the sizes of the units done."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
 
+        total = int(sum(sizes))
+        queued = {id(a): 0 for a in self.alive}
+        pending: dict[Any, tuple[int, Any]] = {}
+        tries = [0] * len(units)
 
-def ray_runner(workers: Workers, *, progress: bool = True, lines_s: float | None = None):
-    """A :data:`~difftune.trainables.cache.shard.Runner` running each shard as a Ray task
-    with ``workers.resources``, retried on failure, and a progress bar on the console
-    (images/s, time left) fed by a small actor on the driver's node; with ``lines_s``, a
-    progress line every ``lines_s`` seconds instead (:class:`~difftune.trainables.progress.
-    Progress`: what ``difftune search``'s console shows)."""
-    # Ray: only with a cluster (not `difftune extract` alone)
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        def submit(i: int) -> None:
+            if not self.alive:
+                raise RuntimeError(f"{what}: every extraction worker was lost")
+            actor = min(self.alive, key=lambda a: queued[id(a)])
+            queued[id(actor)] += sizes[i]
+            pending[call(actor, units[i])] = (i, actor)
 
-    task = ray.remote(_shard_task).options(**workers.resources, max_retries=MAX_RETRIES,
-                                           retry_exceptions=True, scheduling_strategy="SPREAD")
-    here = ray.get_runtime_context().get_node_id()
-
-    def run(jobs: list[ShardJob]) -> list[ShardResult]:
-        counter = ray.remote(num_cpus=0)(_Progress).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
-        total = sum(j.images for j in jobs)
         began = time.monotonic()
-        refs = [task.remote(job, counter) for job in jobs]
-        what = f"extract {jobs[0].label} [{len(jobs)} shards]"
+        for i in range(len(units)):
+            submit(i)
+        start = list(self._seen)
         bar = tqdm(total=total, unit="img", desc=what, mininterval=1.0,
-                   disable=not progress or lines_s is not None)
-        said = Progress(what, total, every_s=lines_s) if lines_s is not None else None
-        seen = 0  # images reported so far (a disabled bar counts nothing)
-        pending = list(refs)
+                   disable=not self.progress or self.lines_s is not None)
+        said = Progress(what, total, every_s=self.lines_s) if self.lines_s is not None else None
+        seen, finished, looked = 0, 0, time.monotonic()
+        nodes: set[str] = set()
         try:
             while pending:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-                try:
-                    done = ray.get(counter.total.remote(), timeout=5)
-                except Exception:  # noqa: BLE001 - progress is best effort
-                    done = seen
-                step = max(0, min(done, total) - seen)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_S)
+                for ref in ready:
+                    i, actor = pending.pop(ref)
+                    queued[id(actor)] -= sizes[i]
+                    try:
+                        result = ray.get(ref)
+                    except RayError as e:
+                        if isinstance(e, RayActorError) and actor in self.alive:
+                            self.alive.remove(actor)
+                            logger.warning("%s: a worker was lost (%s); %d left", what,
+                                           type(e).__name__, len(self.alive))
+                        tries[i] += 1
+                        if tries[i] > MAX_RETRIES:
+                            raise
+                        logger.warning("%s: unit %d failed (%s); running it again", what, i,
+                                       str(e).splitlines()[0][:200])
+                        submit(i)
+                        continue
+                    finished += sizes[i]
+                    node = result.get("node") if isinstance(result, dict) else \
+                        getattr(result, "node", None)
+                    nodes.add((node or "?")[:8])
+                    yield i, result
+                if pending and time.monotonic() - looked < REPORT_S:
+                    continue
+                looked = time.monotonic()
+                done = self._done(start) if batches else finished
+                step = max(0, min(total if not pending else done, total) - seen)
                 seen += step
                 bar.update(step)
                 if said is not None and step:
                     said.update(step)
-            results = ray.get(refs)
-            if said is not None:
-                said.update(total - seen)
-                said.close()
-            bar.update(total - bar.n)  # the last reports may still be on their way
         finally:
+            for ref in pending:  # the extraction failed: the queued shards are not wanted
+                ray.cancel(ref)
             bar.close()
-            ray.kill(counter)
+            if said is not None:
+                said.close()
         wall = time.monotonic() - began
-        logger.info("extracted %s: %d images in %.1f s (%.3g img/s) on %d shards, nodes %s",
-                    jobs[0].label, total, wall, total / max(wall, 1e-9), len(jobs),
-                    sorted({(r.node or "?")[:8] for r in results}))
-        return results
+        logger.info("%s: %d images in %.1f s (%.3g img/s) on %d worker(s), nodes %s", what,
+                    total, wall, total / max(wall, 1e-9), len(self.alive), sorted(nodes))
 
-    return run
+    def runner(self, jobs: Sequence[ShardJob]) -> Iterator[tuple[int, ShardResult]]:
+        """A :data:`~difftune.trainables.cache.shard.Runner`: every job of the work list
+        queued at once on the actors, results yielded as they finish."""
+        return self.schedule(jobs, [j.images for j in jobs],
+                             lambda actor, job: actor.run.remote(job), _label(jobs))
+
+
+def _label(jobs: Sequence[ShardJob]) -> str:
+    splits = "+".join(dict.fromkeys(j.split for j in jobs))
+    ts = ",".join(str(t) for t in sorted({j.group.t for j in jobs}))
+    return f"extract {splits} t={ts} [{len(jobs)} shards]"
 
 
 # ------------------------------------------------------------------------ a space's plan
@@ -202,7 +290,7 @@ def why_not(plan, space, workers: Workers | None) -> str | None:
     if space_config(space) is None:
         return "the space searches seed or noise_seed"
     if workers is not None and workers.shards <= 1:
-        return "one worker: a trial's miss extracts as fast, without Ray tasks"
+        return "one worker: a trial's miss extracts as fast, without Ray"
     ahead = extraction(plan)
     if workers is not None and ahead and not ahead["worth_it"]:  # a search, not the user's ask
         return (f"{len(plan.timesteps)} timesteps for {plan.trials} trials: extracting them "
@@ -211,37 +299,49 @@ def why_not(plan, space, workers: Workers | None) -> str | None:
     return None
 
 
-def extract_plan(space, plan, *, cache: str, workers: Workers | None, progress: bool = True,
+def extract_plan(space, plan, *, cache: str, workers: Workers | None,
+                 pool: WorkerPool | None = None, progress: bool = True,
                  lines_s: float | None = None, **cache_kw: Any) -> dict[str, Any]:
     """Extract every entry ``plan`` foresees for ``space`` into ``cache`` (train and val),
-    in shards on ``workers`` (a Ray cluster), or in this process when ``workers`` is None or
-    has one worker. ``cache_kw``: the trials' :class:`~difftune.trainables.cache.feature_cache.FeatureCache`
+    in shards on a :class:`WorkerPool` of ``workers`` (``pool``: one already started, kept
+    open; else one started and closed here), or in this process when ``workers`` is None or
+    has one CPU worker. ``cache_kw``: the trials' :class:`~difftune.trainables.cache.feature_cache.FeatureCache`
     options (``store_pool``, ``extra_blocks``, ``budget``, ``data_files``, ``data_hash``,
-    ``batch_size``); ``lines_s``: progress lines instead of bars (:func:`ray_runner`).
-    :return: counts (written, reused, images, seconds, wall_s, shards)."""
+    ``batch_size``); ``lines_s``: progress lines instead of bars (:class:`WorkerPool`).
+    :return: counts (written, reused, images, seconds, wall_s, shards, loads: the U-Net
+    loads of the workers, one each)."""
     cfg = space_config(space)
     requests = planned_requests(plan)
     if cfg is None or not requests:
         raise ValueError("the plan foresees no entries to extract")
-    sharded = workers is not None and (workers.shards > 1 or workers.kind == "gpu")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "fp32" if sharded else precision_for(device)
-    if sharded and workers.kind == "gpu":
-        precision, free = probe_gpu(workers)
-        logger.info("GPU workers: %s autocast, %.3g GB free", precision, free / 1e9)
-    cache_kw = dict(cache_kw)
-    if not cache_kw.get("batch_size"):
-        cache_kw.pop("batch_size", None)
-    fc = FeatureCache(cache, device="cpu", precision=precision, progress=progress, **cache_kw)
-    runner = (ray_runner(workers, progress=progress, lines_s=lines_s) if sharded
-              else local_runner(device))
-    shards = workers.shards if sharded else 1
+    sharded = pool is not None or (workers is not None and (workers.shards > 1
+                                                            or workers.kind == "gpu"))
     began = time.monotonic()
-    totals: dict[str, Any] = {}
-    for split in ("train", "val"):
-        counts = extract_sharded(fc, cfg, split, requests, shards=shards, runner=runner)
-        for k, v in counts.items():
-            totals[k] = totals.get(k, 0) + v
+    own = pool is None and sharded
+    if own:
+        pool = WorkerPool(workers, progress=progress, lines_s=lines_s)
+    try:
+        if sharded:
+            pool.prepare(cfg, ("train", "val"))  # the workers load while the driver plans
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision = "fp32" if sharded else precision_for(device)
+        if sharded and pool.workers.kind == "gpu":
+            precision, free = pool._ask("probe", timeout=None)[0]
+            logger.info("GPU workers: %s autocast, %.3g GB free", precision, free / 1e9)
+        cache_kw = dict(cache_kw)
+        if not cache_kw.get("batch_size"):
+            cache_kw.pop("batch_size", None)
+        fc = FeatureCache(cache, device="cpu", precision=precision, progress=progress,
+                          **cache_kw)
+        shards = len(pool.alive) if sharded else 1
+        runner = pool.runner if sharded else local_runner(device)
+        totals: dict[str, Any] = extract_groups(fc, cfg, ("train", "val"), requests,
+                                                shards=shards, runner=runner)
+        if sharded:
+            totals["loads"] = [s["loads"] for s in pool.stats()]
+    finally:
+        if own:
+            pool.close()
     totals["wall_s"] = time.monotonic() - began
     totals["shards"] = shards
     totals["precision"] = precision
@@ -249,5 +349,48 @@ def extract_plan(space, plan, *, cache: str, workers: Workers | None, progress: 
     return totals
 
 
-__all__ = ["MAX_RETRIES", "Workers", "cluster_workers", "extract_plan", "planned_requests",
-           "ray_runner", "space_config", "why_not"]
+def extract_prefixes(cfg: TrialConfig, requests: Sequence[Request], rows: Mapping[str, int],
+                     *, cache: str, pool: WorkerPool, view: int = 0,
+                     **cache_kw: Any) -> dict[str, Any]:
+    """Extend the prefix entries of ``requests`` ((t, block, pool)) on each split of ``rows``
+    to that split's first ``rows[split]`` images in its interleaved order (a rung's sample:
+    :func:`~difftune.trainables.data.order.rung_rows`) across ``pool``'s workers, before the
+    trials of the rung read them. One call per (split, t), on the worker with the least work
+    queued; each runs :meth:`~difftune.trainables.cache.feature_cache.FeatureCache.get_prefix`
+    in the worker, under the group's lock, passing only the images the entries lack (none
+    when they hold ``rows`` already). ``cache_kw``: the trials' FeatureCache options
+    (``store_pool``, ``extra_blocks``, ``budget``, ``data_files``, ``data_hash``,
+    ``batch_size``; the precision is the worker's device's, as a trial's there).
+
+    Example (a rung of 10 % before its trials, the search's pool kept)::
+
+        with WorkerPool(cluster_workers()) as pool:
+            extract_plan(space, plan, cache=root, workers=pool.workers, pool=pool, **kw)
+            extract_prefixes(cfg, requests, {"train": 108, "val": 36}, cache=root,
+                             pool=pool, **kw)
+
+    :return: counts: ``images`` (U-Net image-passes), ``written`` and ``reused`` (entries),
+        ``units`` (split, t), ``wall_s``."""
+    by_t: dict[int, list[Request]] = {}
+    for r in requests:
+        by_t.setdefault(r[0], []).append(tuple(r))
+    units = [(split, sorted(reqs)) for split in rows for _, reqs in sorted(by_t.items())]
+    sizes = [int(rows[split]) for split, _ in units]
+    began = time.monotonic()
+    totals: dict[str, Any] = {"images": 0, "written": 0, "reused": 0, "units": len(units)}
+    what = (f"extend {'+'.join(rows)} t={','.join(str(t) for t in sorted(by_t))} to "
+            + ", ".join(f"{rows[s]} {s}" for s in rows) + " images")
+
+    def call(actor, unit):
+        split, reqs = unit
+        return actor.extend.remote(cache, cache_kw, cfg, split, reqs, int(rows[split]), view)
+
+    for _, done in pool.schedule(units, sizes, call, what, batches=False):
+        for k in ("images", "written", "reused"):
+            totals[k] += done[k]
+    totals["wall_s"] = time.monotonic() - began
+    return totals
+
+
+__all__ = ["MAX_RETRIES", "WorkerPool", "Workers", "cluster_workers", "extract_plan",
+           "extract_prefixes", "planned_requests", "space_config", "why_not"]

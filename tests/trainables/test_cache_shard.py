@@ -1,6 +1,8 @@
 """Sharded cache entries (trainables/cache/shard.py, parts.py) without Ray: shards in this
-process read back row for row as the unsharded entry; a half-written part is never read and
-an entry without all its parts is not visible; what a failed extraction left is swept."""
+process read back row for row as the unsharded entry; one work list over several splits and
+timesteps, run by one worker that keeps its model, publishes each group as soon as its last
+part is in; a half-written part is never read and an entry without all its parts is not
+visible; what a failed extraction left is swept."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from difftune.trainables.cache.feature_cache import FeatureCache
 from difftune.trainables.cache.parts import PART_NAME
 from difftune.trainables.cache.policy import usage
 from difftune.trainables.cache.shard import (
+    ShardWorker,
+    extract_groups,
     extract_sharded,
     local_runner,
     run_shard,
@@ -65,19 +69,51 @@ def test_two_shards_read_back_identical_to_the_unsharded_entry(tmp_path):
     assert not list((tmp_path / "sharded").rglob("*.arrow"))
 
 
+def test_one_work_list_over_splits_and_timesteps_publishes_each_group_when_its_parts_are_in(
+        tmp_path):
+    requests = [(30, 2, 2), (70, 2, 2), (70, 4, 2)]  # shallow blocks: short passes
+    worker = ShardWorker(threads=None)
+    cache = FeatureCache(str(tmp_path / "c"), batch_size=BATCH)
+    root = tmp_path / "c"
+    seen = []  # (job, manifests published when it was about to run)
+
+    def runner(jobs):
+        assert len(jobs) == 8  # (train, val) x (t 30, 70) x 2 shards, handed over at once
+        for i, job in enumerate(jobs):
+            seen.append((job.label, len(list(root.rglob("*.json")))))
+            yield i, worker.run(job)
+
+    counts = extract_groups(cache, CFG, ("train", "val"), requests, shards=2, runner=runner)
+    assert counts["written"] == 6 and counts["reused"] == 0
+    assert worker.jobs_done == 8 and worker.images_done == counts["images"]
+    # the jobs run group by group, and each group is published before the next one runs
+    assert [label for label, _ in seen] == ["train t=30"] * 2 + ["train t=70"] * 2 + \
+        ["val t=30"] * 2 + ["val t=70"] * 2
+    assert [n for _, n in seen][::2] == [0, 1, 3, 4]  # t=30: 1 entry, t=70: 2 entries
+    plain = FeatureCache(str(tmp_path / "plain"), batch_size=BATCH)
+    for split in ("train", "val"):
+        ref, got = plain.get(CFG, split, requests), cache.get(CFG, split, requests)
+        for key in [(30, 2), (70, 2), (70, 4)]:
+            assert isinstance(got.entries[key][0], tuple)  # parts: from the work list
+            for a, b in zip(rows(ref, key), rows(got, key), strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert cache.stats.forward_images == 0
+    again = extract_groups(cache, CFG, ("train", "val"), requests, shards=2, runner=runner)
+    assert again["written"] == 0 and again["reused"] == 6 and len(seen) == 8
+
+
 def test_half_written_parts_and_incomplete_entries_are_never_read(tmp_path):
     root = str(tmp_path / "c")
     cache = FeatureCache(root, batch_size=BATCH)
     runner = local_runner("cpu")
 
     def dies_mid_shard(jobs):  # shard 0 completes; shard 1's node dies after a batch
-        first = runner(jobs[:1])
+        yield 0, run_shard(jobs[0])
 
         def die(done):
             raise RuntimeError("node lost")
 
         run_shard(jobs[1], on_batch=die)
-        return first
 
     with pytest.raises(RuntimeError, match="node lost"):
         extract_sharded(cache, CFG, "train", REQUESTS[:1], shards=2, runner=dies_mid_shard)
