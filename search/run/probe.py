@@ -51,13 +51,17 @@ from difftune.search.report.probe_figure import (
     summary_tag,
 )
 from difftune.search.run.cluster import cluster_gpus, trial_resources
+from difftune.search.run.extract import WorkerPool, cluster_workers, extract_prefixes
 from difftune.search.space import distributions
 from difftune.search.space.spec import Space
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import targets_of
 from difftune.trainables.data.order import DEFAULT_FLOOR, rung_rows
+from difftune.trainables.model.cost import model_costs
 from difftune.trainables.model.features import block_sizes
+from difftune.trainables.model.unet import model_geometry
 from difftune.trainables.params import decode
+from difftune.trainables.pipeline import trial_dataset
 from difftune.trainables.train.ridge import LAMBDAS, PROJECT_TO, StreamingRidge, score_solution
 from difftune.trainables.trainable import RuntimeOptions, make_source
 
@@ -218,9 +222,32 @@ def _resources(space: Space) -> dict[str, float]:
     return {"num_cpus": float(res.get("cpu", 1.0)), "num_gpus": float(res.get("gpu", 0.0))}
 
 
+def extend_on_pool(space: Space, runtime: RuntimeOptions, pool: WorkerPool) -> int:
+    """Extend the probe's prefix entries (every t x the block set, rung 0's sample of train
+    and val) across ``pool``'s workers first (:func:`~.extract.extract_prefixes`), so that
+    the probe's task only reads. :return: the U-Net image-passes it took."""
+    blocks, timesteps, size = probe_cells(space)
+    cfg = probe_config(space)
+    sides = {b: c.side for b, c in model_costs(space.model, space.checkpoint).items()}
+    image_size = model_geometry(space.model, space.checkpoint).image_size
+    floor = int(space.search.get("image_floor") or DEFAULT_FLOOR)
+    rows = {s: rung_rows(targets_of(trial_dataset(cfg, s, image_size)[0]),
+                         probe_fraction(space), floor) for s in ("train", "val")}
+    requests = [(t, b, min(size, sides[b])) for t in timesteps for b in blocks]
+    counts = extract_prefixes(
+        cfg, requests, rows, cache=runtime.cache, pool=pool, store_pool=runtime.store_pool,
+        extra_blocks=runtime.extra_blocks, budget=runtime.cache_budget,
+        data_files=dict(runtime.data_files), data_hash=runtime.data_hash,
+        batch_size=runtime.extract_batch)
+    logger.info("probe rung: its entries extended on %s (%d image-passes, %.1f s)",
+                pool.workers.describe(), counts["images"], counts["wall_s"])
+    return int(counts["images"])
+
+
 def run_probe(space: Space, runtime: RuntimeOptions, *, local: bool = False) -> dict[str, Any]:
     """Compute the probe rung's map as one Ray task (or in this process with ``local``),
-    its progress lines logged here."""
+    its progress lines logged here. On a cluster of several workers, the U-Net passes are
+    spread over them first (:func:`extend_on_pool`, one pool, one U-Net load per worker)."""
     blocks, timesteps, pool = probe_cells(space)
     kw = {"blocks": blocks, "timesteps": timesteps, "pool": pool,
           "fraction": probe_fraction(space),
@@ -232,6 +259,11 @@ def run_probe(space: Space, runtime: RuntimeOptions, *, local: bool = False) -> 
         return probe_map(probe_config(space), runtime=runtime, say=logger.info, **kw)
     import ray  # Ray: only for the task
 
+    passes = 0
+    workers = cluster_workers(gpus=bool(_resources(space)["num_gpus"]))
+    if runtime.cache and not runtime.online and workers.shards > 1:
+        with WorkerPool(workers, progress=False, lines_s=runtime.progress_s) as pool:
+            passes = extend_on_pool(space, runtime, pool)
     board = ray.remote(num_cpus=0)(_Board).remote()
     ref = ray.remote(_task).options(**_resources(space), max_retries=1).remote(
         probe_config(space).to_dict(), kw, runtime.to_dict(), board)
@@ -241,7 +273,9 @@ def run_probe(space: Space, runtime: RuntimeOptions, *, local: bool = False) -> 
             for line in ray.get(board.drain.remote()):
                 logger.info("%s", line)
             if ready:
-                return ray.get(ref)
+                pmap = ray.get(ref)
+                pmap["unet_images"] = int(pmap["unet_images"]) + passes
+                return pmap
     except BaseException:  # Ctrl-C, or the task failed: nothing of it left running
         with contextlib.suppress(Exception):
             ray.cancel(ref, force=True)

@@ -7,6 +7,7 @@ local probe wrote."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -125,3 +126,22 @@ def test_the_ray_task_reads_the_entries_the_probe_wrote(probed, ray_session):
     want = {(c["block"], c["t"]): c["val_top1"] for c in probed["map"]["cells"]}
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[k] for k in want], list(want.values()))
+
+
+def test_on_several_workers_the_pool_extracts_and_the_probe_only_reads(probed, ray_session,
+                                                                       tmp_path):
+    """``extend_on_pool``: the probe's entries extended across a pool of 2 workers (each
+    loading the U-Net once) before its task; the probe then passes no image and finds the
+    same map as one process extracting alone."""
+    from difftune.search.run.extract import WorkerPool, Workers
+
+    runtime = dataclasses.replace(probed["runtime"], cache=str(tmp_path / "cache"))
+    with WorkerPool(Workers(2, {"num_cpus": 1}), progress=False) as pool:
+        passes = probe.extend_on_pool(probed["space"], runtime, pool)
+    want = probed["map"]
+    assert passes == want["unet_images"]  # every image of each sample and t, once
+    again = probe.run_probe(probed["space"], runtime, local=True)
+    assert again["unet_images"] == 0
+    got = {(c["block"], c["t"]): c["val_top1"] for c in again["cells"]}
+    np.testing.assert_allclose([got[(c["block"], c["t"])] for c in want["cells"]],
+                               [c["val_top1"] for c in want["cells"]])
