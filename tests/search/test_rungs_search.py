@@ -54,8 +54,14 @@ def search(ray_session, tmp_path: Path, space: Path, experiment: str
 
 
 def test_search_with_rungs_decides_at_rung_ends(ray_session, tmp_path):
+    """A search with rungs and the probe rung (``probe_rung: true``): ASHA stops trials only
+    at rung ends, the champion saw every image; the probe's map is on the parent run before
+    the first trial, the first trials are its best cells, and no trial pays a U-Net pass at
+    rung 0 (the probe's prefix entries serve it)."""
+    raw = yaml.safe_load(space_text(6))
+    raw["search"]["probe_rung"] = True
     space = tmp_path / "space.yaml"
-    space.write_text(space_text(6))
+    space.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     r = search(ray_session, tmp_path, space, "rungs")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -79,6 +85,24 @@ def test_search_with_rungs_decides_at_rung_ends(ray_session, tmp_path):
     (best,) = [x for x in runs if x.info.run_id == champion]
     assert best.data.metrics["image_rung"] == len(RUNGS) - 1
     assert best.data.metrics["rung_images"] == 1078  # every digits training image
+    # the probe rung: every cell mapped on rung 0's sample, its best cells tried first,
+    # its entries read by every trial's rung 0
+    from difftune.search.report.probe_figure import best_cells, read_probe_map
+
+    exp = client.get_experiment_by_name("rungs")
+    (parent,) = [x for x in client.search_runs([exp.experiment_id])
+                 if x.data.tags.get("difftune.role") == "search"]
+    pmap = read_probe_map(client, parent.info.run_id)
+    assert {(c["block"], c["t"]) for c in pmap["cells"]} == {
+        (b, t) for b in (3, 10, 13) for t in (10, 200)}
+    assert parent.data.metrics["probe_unet_images"] == 2 * (54 + 50)  # 2 t x rung 0's rows
+    first = sorted(runs, key=lambda x: x.info.start_time)[:2]  # startup_trials(6) == 2
+    assert {(json.loads(x.data.tags["difftune.config"])["block"],
+             json.loads(x.data.tags["difftune.config"])["t"]) for x in first} == {
+        (c["block"], c["t"]) for c in best_cells(pmap, 2)}
+    for x in runs:
+        history = client.get_metric_history(x.info.run_id, "unet_images")
+        assert [m.value for m in history if m.step <= EPOCHS] == [0] * EPOCHS
     # train and val only in prefix entries (the last rung extended them to every image; no
     # whole-split entry), each holding the rows of the deepest rung read at its timestep;
     # test (the champion's one evaluation) as a whole split
@@ -182,35 +206,3 @@ def test_image_rungs_flag_is_checked_and_overrides_the_space(tmp_path):
     on = load_space("demo", search_overrides={"image_rungs": [0.1, 1.0]})
     assert on.search["image_rungs"] == [0.1, 1.0]
 
-
-def test_probe_rung_maps_every_cell_and_the_trials_rung_0_reads_its_entries(ray_session,
-                                                                           tmp_path):
-    """``probe_rung: true``: the map is on the parent run before the first trial, the first
-    trials are its best cells, and no trial pays a U-Net pass at rung 0 (the probe's prefix
-    entries serve it)."""
-    raw = yaml.safe_load(space_text(2, concurrent=1))
-    raw["search"].update(probe_rung=True, seed=0)
-    raw["params"]["block"] = {"choice": [3, 13]}
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(raw))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    r = search(ray_session, tmp_path, space, "probe")
-    assert r.returncode == 0, r.stderr[-3000:]
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("probe")
-    (parent,) = [x for x in client.search_runs([exp.experiment_id])
-                 if x.data.tags.get("difftune.role") == "search"]
-    from difftune.search.report.probe_figure import best_cells, read_probe_map
-
-    pmap = read_probe_map(client, parent.info.run_id)
-    assert {(c["block"], c["t"]) for c in pmap["cells"]} == {
-        (b, t) for b in (3, 13) for t in (10, 200)}
-    train, val = 54, 50  # rung 0 (0.05, at least 5 per class) of the digits' train and val
-    assert parent.data.metrics["probe_unet_images"] == 2 * (train + val)
-    runs = sorted(trial_runs(client, "probe"), key=lambda x: x.info.start_time)
-    first = json.loads(runs[0].data.tags["difftune.config"])
-    best = best_cells(pmap, 1)[0]
-    assert (first["block"], first["t"]) == (best["block"], best["t"])
-    for x in runs:  # rung 0 of every trial: its features were the probe's
-        history = client.get_metric_history(x.info.run_id, "unet_images")
-        assert [m.value for m in history if m.step <= EPOCHS] == [0] * EPOCHS
