@@ -19,9 +19,7 @@ memory, an I/O error) raises and is retried up to ``max_failures``.
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -236,7 +234,7 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = read_resume(d, grid=grid is not None)
-            start_rung = read_rung(d)
+        start_rung = resume["rung"]
         logger.info("resuming trial at rung %d, epoch %d", start_rung, resume["epoch"])
         if rungs and resume["epoch"] >= trial.cfg.epochs:  # killed between two rungs
             start_rung, resume = start_rung + 1, None
@@ -252,30 +250,10 @@ def _train(config: dict[str, Any], runtime: RuntimeOptions, grid: Grid | None) -
             report = {**ep.metrics, "gflops": ep.gflops,
                       "unet_images": source.unet_images + data["grid"].unet_images,
                       "node_id": node_id, **rung_metrics(ep, data)}
-            if ep.rung is not None:
-                write_rung(d, ep.rung.index)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
     run(trial, source=source, device=device, on_epoch=on_epoch, resume=resume,
         on_data=data.update, rungs=rungs, start_rung=start_rung)
-
-
-#: the file in a trial's checkpoint folder naming the rung over images it was saved at
-RUNG_FILE = "rung.json"
-
-
-def write_rung(path: str, index: int) -> None:
-    with open(os.path.join(path, RUNG_FILE), "w") as f:
-        json.dump({"image_rung": int(index)}, f)
-
-
-def read_rung(path: str) -> int:
-    """The rung a checkpoint folder was saved at (0 without rungs)."""
-    f = os.path.join(path, RUNG_FILE)
-    if not os.path.isfile(f):
-        return 0
-    with open(f) as fh:
-        return int(json.load(fh)["image_rung"])
 
 
 def rung_metrics(ep: Epoch, data: dict[str, Any]) -> dict[str, Any]:

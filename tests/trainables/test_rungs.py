@@ -13,6 +13,7 @@ from difftune.trainables.cache.feature_cache import FeatureCache
 from difftune.trainables.config import TrialConfig
 from difftune.trainables.data.datasets import shared_dataset, targets_of
 from difftune.trainables.data.order import Rung, interleaved_order, ladder, rung_rows, rung_subset
+from difftune.trainables.heads.checkpoint import read_resume, save_epoch
 from difftune.trainables.pipeline import DirectFeatures, run
 from difftune.trainables.trial import resolve
 
@@ -23,7 +24,8 @@ FRACTIONS = [0.02, 0.1, 1.0]
 
 def test_budgets_fall_on_asha_milestones():
     rungs = ladder([0.1, 0.3, 1.0], floor=3, factor=3)
-    assert [r.index for r in rungs] == [0, 1, 2] and rungs[-1].last and not rungs[0].last
+    assert [(r.index, r.fraction, r.floor) for r in rungs] == [(0, 0.1, 3), (1, 0.3, 3),
+                                                               (2, 1.0, 3)]
     assert [r.budget(end=True) for r in rungs] == [1.0, 3.0, 9.0]  # grace 1, rf 3: 1, 3, 9
     # before a rung's end the budget repeats a milestone already decided (ASHA: no decision)
     assert [r.budget(end=False) for r in rungs] == [0.0, 1.0, 3.0]
@@ -32,13 +34,13 @@ def test_budgets_fall_on_asha_milestones():
 def test_rung_subset_is_a_prefix_of_the_interleaved_order():
     ds, _ = shared_dataset("digits", "train", 16, None, 0, None, "stop")
     targets = targets_of(ds)
-    small, big = (Rung(0, 0.02, 5, 2), Rung(1, 0.5, 5, 2))
+    small, big = (Rung(0, 0.02, 5), Rung(1, 0.5, 5))
     a, b = rung_subset(ds, small), rung_subset(ds, big)
     assert len(a) == rung_rows(targets, 0.02, 5) >= 50  # 10 classes x floor 5
     assert set(a.indices) < set(b.indices)  # the sample grows by a prefix of one order
     assert list(a.indices) == sorted(interleaved_order(targets)[:len(a)].tolist())
     assert np.bincount(targets_of(a), minlength=10).min() >= 5
-    assert rung_subset(ds, Rung(1, 1.0, 5, 2)) is ds and rung_subset(ds, None) is ds
+    assert rung_subset(ds, Rung(1, 1.0, 5)) is ds and rung_subset(ds, None) is ds
 
 
 def test_each_rung_reads_its_sample_and_every_image_passes_once(tmp_path):
@@ -52,6 +54,9 @@ def test_each_rung_reads_its_sample_and_every_image_passes_once(tmp_path):
     def on_epoch(ep):
         seen.append((ep.rung.index, ep.epoch, len(ep.grid.heads) if hasattr(ep.grid, "heads")
                      else 1))
+        if (ep.rung.index, ep.epoch) == (1, 2):  # a checkpoint names its rung, to resume at
+            save_epoch(tmp_path / "ckpt", ep)
+            assert read_resume(tmp_path / "ckpt", grid=False)["rung"] == 1
 
     rungs = ladder(FRACTIONS, factor=2)
     _, history = run(resolve(CFG), source=cache, rungs=rungs, on_epoch=on_epoch,

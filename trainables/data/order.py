@@ -146,7 +146,7 @@ class Rung:
     of each split's :func:`interleaved_order` (``fraction`` of them, at least ``floor`` per
     class).
 
-    :param index: 0-based, among ``count`` rungs (the last reads every image).
+    :param index: 0-based (the last rung reads every image).
     :param factor: the scheduler's reduction factor: the rung's end is reported at
         ``rung_budget = factor ** index`` (ASHA's milestones, :meth:`budget`).
     """
@@ -154,12 +154,7 @@ class Rung:
     index: int
     fraction: float
     floor: int = DEFAULT_FLOOR
-    count: int = 1
     factor: float = 2.0
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.count - 1
 
     def rows(self, ds: Dataset) -> int:
         """The images of ``ds`` (a split) this rung reads: its prefix length."""
@@ -177,8 +172,7 @@ class Rung:
 def ladder(fractions: Sequence[float], *, floor: int = DEFAULT_FLOOR, factor: float = 2.0
            ) -> list[Rung]:
     """The rungs of ``fractions`` (increasing, the last 1.0), each a :class:`Rung`."""
-    fr = [float(f) for f in fractions]
-    return [Rung(i, f, floor, len(fr), float(factor)) for i, f in enumerate(fr)]
+    return [Rung(i, float(f), floor, float(factor)) for i, f in enumerate(fractions)]
 
 
 def rung_subset(ds: Dataset, rung: Rung | None) -> Dataset:
@@ -189,6 +183,6 @@ def rung_subset(ds: Dataset, rung: Rung | None) -> Dataset:
         return ds
     targets = targets_of(ds)
     rows = rung_rows(targets, rung.fraction, rung.floor)
-    if rows >= len(targets) and rung.fraction >= 1:
+    if rows >= len(targets):
         return ds
     return Subset(ds, np.sort(interleaved_order(targets)[:rows]).tolist())

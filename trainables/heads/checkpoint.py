@@ -28,6 +28,8 @@ META_FILE = "meta.json"
 #: the file in a grid trial's checkpoint folder holding every head and the optimizer, to
 #: resume the grid (``head.pt`` + ``meta.json`` beside it hold the best head alone)
 GRID_FILE = "grid.pt"
+#: the key in ``meta.json`` (and a grid's resume state) of the rung over images an epoch is of
+RUNG_KEY = "image_rung"
 
 
 def save_head(path: str | Path, head: nn.Module, cfg: TrialConfig, *, epoch: int,
@@ -78,16 +80,18 @@ def load_head(path: str | Path, *, device: str = "cpu"
 
 def save_epoch(path: str | Path, ep: Epoch) -> None:
     """A trial's checkpoint after epoch ``ep``: its best head as a plain head (a single head
-    with its optimizer and scheduler, to resume it); a grid's adds :data:`GRID_FILE`."""
+    with its optimizer and scheduler, to resume it); a grid's adds :data:`GRID_FILE`. With
+    rungs over images, ``meta.json`` names the rung (``image_rung``) the epoch is of."""
     grid = ep.grid
+    rung = {RUNG_KEY: ep.rung.index} if ep.rung is not None else {}
     if ep.spec is None:
         save_head(path, ep.best_head(), ep.config, epoch=ep.epoch, shapes=grid.shapes,
                   num_classes=grid.num_classes, optimizer=ep.optimizer,
-                  scheduler=ep.scheduler)
+                  scheduler=ep.scheduler, extra=rung)
         return
     save_head(path, ep.best_head(), ep.config, epoch=ep.epoch, shapes=grid.shapes,
               num_classes=grid.num_classes,
-              extra={GRID_BEST: ep.metrics[GRID_BEST], GRID_INDEX: ep.best})
+              extra={GRID_BEST: ep.metrics[GRID_BEST], GRID_INDEX: ep.best, **rung})
     torch.save(ep.resume_state(), Path(path) / GRID_FILE)
 
 
@@ -102,14 +106,16 @@ def read_resume_state(path: str | Path) -> dict[str, Any] | None:
 def read_resume(path: str | Path, *, grid: bool) -> dict[str, Any]:
     """What a trial resumes from in its checkpoint folder (an
     :meth:`~difftune.trainables.train.loop.Epoch.resume_state`): a grid's :data:`GRID_FILE`,
-    or a single head's ``head.pt`` as a grid of one."""
+    or a single head's ``head.pt`` as a grid of one; ``rung``: the rung over images it is
+    of (0 without rungs)."""
     if grid:
         state = read_resume_state(path)
         if state is None:
             raise RuntimeError("the checkpoint to resume this grid trial from holds no grid "
                                f"state ({GRID_FILE})")
-        return state
+        rung = json.loads((Path(path) / META_FILE).read_text()).get(RUNG_KEY, 0)
+        return {**state, "rung": int(rung)}
     state, meta = read_checkpoint(path)
-    return {"epoch": int(meta["epoch"]),
+    return {"epoch": int(meta["epoch"]), "rung": int(meta.get(RUNG_KEY, 0)),
             "heads": {f"heads.0.{k}": v for k, v in state["head"].items()},
             "optimizer": state.get("optimizer"), "scheduler": state.get("scheduler")}
