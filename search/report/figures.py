@@ -110,9 +110,11 @@ def _row_label(r: tuple[int, int]) -> str:
 
 
 def grid_cells(data: SearchData) -> tuple[list[str], list[int], list[tuple[int, int]],
-                                          dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+                                          dict[str, np.ndarray], dict[str, tuple[int, int]],
+                                          dict[str, np.ndarray]]:
     """(heads, blocks, t rows, head -> best score grid [rows x blocks] (NaN = never tried),
-    head -> the champion's (row, col))."""
+    head -> the champion's (row, col), head -> the rung over images each cell's score was
+    measured at [rows x blocks] (0 without rungs))."""
     single: dict[str, list] = {}
     for t in data.trials:
         if not t.finished:
@@ -130,8 +132,7 @@ def grid_cells(data: SearchData) -> tuple[list[str], list[int], list[tuple[int, 
     rows = _t_rows(t_vals)
     sign = 1.0 if data.mode == "max" else -1.0
     champ = data.champion
-    grids, marks = {}, {}
-    data.cell_rungs = {}
+    grids, marks, rungs = {}, {}, {}
     for h in heads:
         g = np.full((len(rows), len(blocks)), np.nan)
         rung = np.full_like(g, np.nan)
@@ -143,9 +144,8 @@ def grid_cells(data: SearchData) -> tuple[list[str], list[int], list[tuple[int, 
                 g[r, c], rung[r, c] = t.score, t.rung
             if champ is not None and t.run_id == champ.run_id:
                 marks[h] = (r, c)
-        grids[h] = g
-        data.cell_rungs[h] = rung
-    return heads, blocks, rows, grids, marks
+        grids[h], rungs[h] = g, rung
+    return heads, blocks, rows, grids, marks, rungs
 
 
 def _block_axis_label(data: SearchData) -> str:
@@ -164,7 +164,7 @@ def block_timestep(data: SearchData) -> Figure | None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    heads, blocks, rows, grids, marks = grid_cells(data)
+    heads, blocks, rows, grids, marks, cell_rungs = grid_cells(data)
     if not heads:
         return None
     rungs = len((data.space.search.get("image_rungs") or []) if data.space else [])
@@ -198,8 +198,8 @@ def block_timestep(data: SearchData) -> Figure | None:
             for (r, c), v in np.ndenumerate(grids[h]):
                 if not np.isnan(v):
                     frac = (v - vmin) / (vmax - vmin)
-                    early = rungs and data.cell_rungs[h][r, c] < rungs - 1
-                    text = f"{_cell(v)}\nr{int(data.cell_rungs[h][r, c]) + 1}" if early \
+                    early = rungs and cell_rungs[h][r, c] < rungs - 1
+                    text = f"{_cell(v)}\nr{int(cell_rungs[h][r, c]) + 1}" if early \
                         else _cell(v)
                     ax.text(c, r, text, ha="center", va="center", zorder=2,
                             fontsize=5.5 if early else 7, linespacing=0.9,

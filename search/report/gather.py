@@ -100,8 +100,6 @@ class SearchData:
     parent_metrics: dict[str, float] = field(default_factory=dict)
     #: the confirm stage's runs (the search's top configs retrained), in order
     confirmed: list[TrialRow] = field(default_factory=list)
-    #: head -> the rung of each block x t cell's best trial (set by the figures' grid_cells)
-    cell_rungs: dict[str, Any] = field(default_factory=dict)
 
     def ranked(self) -> list[TrialRow]:
         """Finished trials, best first (:mod:`.best`'s rule)."""

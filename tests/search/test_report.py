@@ -7,6 +7,7 @@ per trial with its config tag, params and per-epoch metrics), without running tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import matplotlib.image
@@ -122,7 +123,7 @@ def test_trial_labels_name_what_the_head_reads():
 
 
 def test_block_timestep_grid_keeps_the_best_per_cell_and_leaves_the_rest_empty(data):
-    heads, blocks, rows, grids, marks = grid_cells(data)
+    heads, blocks, rows, grids, marks, _ = grid_cells(data)
     assert heads == ["linear", "mlp", "attention", "diffeed"]  # difformer reads 2 maps
     assert blocks == list(range(1, 20))
     assert len(rows) <= 12 and rows[0][0] == 0 and rows[-1][1] == 500  # t 0..500 binned
@@ -179,7 +180,7 @@ def test_grid_trials_read_as_their_best_head_and_confirm_runs_stay_apart(tmp_pat
     study = study_of(data)  # the grid's best lr shown in slices, not weighed by fANOVA
     assert [t.params["lr"] for t in study.trials] == [0.1, 0.01]
     assert "lr" not in importance_params(study)[0]
-    _, blocks, rows, _, marks = grid_cells(data)  # marked on the trial it retrained
+    _, blocks, rows, _, marks, _ = grid_cells(data)  # marked on the trial it retrained
     assert marks == {"linear": (next(i for i, (lo, hi) in enumerate(rows) if lo <= 90 <= hi),
                                 blocks.index(10))}
     text = note(data, [])
@@ -279,3 +280,18 @@ def test_live_report_redraws_in_the_background_at_a_bounded_rate(store):
     assert "(running)" in client.get_run(parent).data.tags[NOTE_TAG]
     restored = pickle.loads(pickle.dumps(report))  # as Tune keeps its callbacks
     assert restored._next == 0.0 and restored._proc is None  # a resumed driver starts afresh
+
+
+def test_with_rungs_a_cell_holds_the_score_measured_on_the_most_images(data):
+    """A trial stopped at rung 0 (a score on a small sample) loses its cell to a trial of
+    the same cell that went on to a later rung, however high its score."""
+    early, late = (next(t for t in data.trials if t.name == n)
+                   for n in ("linear b7 t20 p2", "linear b7 t30 p4"))
+    rungs = dataclasses.replace(data, trials=[
+        dataclasses.replace(t, metrics={**t.metrics, "image_rung": 0 if t is early else 2})
+        for t in data.trials])
+    _, blocks, rows, grids, _, cell_rungs = grid_cells(rungs)
+    r = next(i for i, (lo, hi) in enumerate(rows) if lo <= 20 <= hi)
+    assert early.score > late.score
+    assert grids["linear"][r, blocks.index(7)] == late.score
+    assert cell_rungs["linear"][r, blocks.index(7)] == 2
