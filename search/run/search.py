@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,17 +116,13 @@ def run_search(
         callbacks.append(ConsoleTable(metric=space.search["metric"], mode=space.search["mode"],
                                       total=int(space.search["trials"])))
         verbose = 1 if console.verbose else 0
-    stop = StopSignals()
-    try:  # the probe rung (when asked): Ctrl-C or SIGTERM there ends the search as in the trials
-        with stop:
-            points = first_points(space, runtime, client=client, parent=parent)
-    except KeyboardInterrupt:
-        mark(client, parent, "KILLED")
-        raise _interrupted(space, None, stop.received or signal.SIGINT,
-                           {"experiment": experiment, "tracking_uri": tracking_uri}) from None
-    tuner = build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
-                        callbacks=callbacks, verbose=verbose,
-                        study_storage=optuna_store.open_storage(study_url), points=points)
+
+    def tuner() -> tune.Tuner:  # after the probe rung, when asked (its map: the first points)
+        points = first_points(space, runtime, client=client, parent=parent)
+        return build_tuner(space, runtime=runtime, storage_path=storage_path, name=name,
+                           callbacks=callbacks, verbose=verbose,
+                           study_storage=optuna_store.open_storage(study_url), points=points)
+
     result = _fit_and_finish(tuner, space, client=client, parent=parent, experiment=experiment,
                              tracking_uri=tracking_uri, tune_path=tune_path,
                              model_name=model_name, runtime=runtime, verbose=verbose,
@@ -202,9 +199,12 @@ def resume_search(plan: ResumePlan, *, tracking_uri: str, address: str | None = 
     return annotate(result, plan.study_storage, plan.study_name, links, console)
 
 
-def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, parent: str,
+def _fit_and_finish(tuner: tune.Tuner | Callable[[], tune.Tuner], space: Space, *,
+                    client: MlflowClient, parent: str,
                     console: SearchConsole | None = None, **finish: Any) -> SearchResult:
     """Run the trials, then :func:`~.finish.finish_search` (``finish``: its arguments).
+    ``tuner``: the Tuner, or what builds it (the probe rung runs there, under the same
+    signal handling as the trials).
 
     Stopped by Ctrl-C or SIGTERM (:mod:`.interrupt`), the search does not finish: its parent
     run is ``KILLED``, no champion is chosen, and :class:`SearchInterrupted` says how many
@@ -213,7 +213,7 @@ def _fit_and_finish(tuner: tune.Tuner, space: Space, *, client: MlflowClient, pa
     try:
         with console.library_stdout() if console is not None else contextlib.nullcontext(), \
                 signals:
-            results = tuner.fit()
+            results = (tuner() if callable(tuner) else tuner).fit()
     except KeyboardInterrupt:
         mark(client, parent, "KILLED")
         raise _interrupted(space, None, signals.received or signal.SIGINT, finish) from None

@@ -36,9 +36,10 @@ def runs(client: MlflowClient, experiment: str, role: str):
             if r.data.tags.get("difftune.role") == role]
 
 
-def start(tmp_path, address: str, experiment: str) -> tuple[subprocess.Popen, list[str]]:
+def start(tmp_path, address: str, experiment: str, text: str = SPACE
+          ) -> tuple[subprocess.Popen, list[str]]:
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(text)
     common = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--address", address]
     cmd = [sys.executable, "-m", "difftune", "search", "--space", str(space), "--experiment",
            experiment, "--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
@@ -113,3 +114,32 @@ def test_sigterm_stops_the_search_and_a_second_signal_ends_it_at_once(ray_sessio
     assert "interrupted (SIGTERM)" in last and "--resume term" in last, err[-3000:]
     assert "Traceback" not in err
     assert_killed_without_champion(client, "term")
+
+
+def test_sigterm_during_the_probe_rung_ends_the_search_killed(ray_session, tmp_path):
+    """The probe rung runs before the first trial under the same signal handling: SIGTERM
+    there ends the search at once (exit 143), its parent run KILLED, no trial started."""
+    probed = SPACE.replace("cpus_per_trial: 1}", "cpus_per_trial: 1, image_rungs: [0.05, "
+                           "1.0], probe_rung: true}").replace(
+        "block: {choice: [7, 10, 13]}", "block: {int: [1, 19]}").replace(
+        "t: {choice: [10, 90]}", "t: {int: [0, 500], step: 10}")  # 969 cells: long enough
+    driver, _ = start(tmp_path, ray_session.get_runtime_context().gcs_address, "probeterm",
+                      probed)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        deadline = time.monotonic() + 120
+        while not runs(client, "probeterm", "search"):  # the parent run: the probe is next
+            assert driver.poll() is None, driver.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the search never started"
+            time.sleep(0.2)
+        time.sleep(4)
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143, err[-3000:]
+    assert "probe rung:" in err and "Traceback" not in err, err[-3000:]
+    assert "interrupted (SIGTERM)" in err.strip().splitlines()[-1]
+    assert_killed_without_champion(client, "probeterm")
+    assert runs(client, "probeterm", "trial") == []
