@@ -133,6 +133,13 @@ def _batches(features, key: tuple[int, int], chunk: int):
         yield _rows(features, key, at), features.labels[at]
 
 
+def sample_rows(cfg: TrialConfig, image_size: int, fraction: float, floor: int
+                ) -> dict[str, int]:
+    """``{"train": n, "val": m}``: the rows of the probe's sample of each split."""
+    return {s: rung_rows(targets_of(trial_dataset(cfg, s, image_size)[0]), fraction, floor)
+            for s in ("train", "val")}
+
+
 def probe_map(cfg: TrialConfig, *, blocks: tuple[int, ...], timesteps: tuple[int, ...],
               pool: int, fraction: float, floor: int = DEFAULT_FLOOR,
               runtime: RuntimeOptions, device: str = "cpu",
@@ -151,10 +158,8 @@ def probe_map(cfg: TrialConfig, *, blocks: tuple[int, ...], timesteps: tuple[int
         run = runtime if runtime.cache and not runtime.online else RuntimeOptions(
             cache=scratch, store_pool=pool, extra_blocks=tuple(blocks))
         cache = make_source(run, device, on_progress=say)
-        model, _, train_ds, *_ = cache.resolve(cfg, "train", [(timesteps[0], blocks[0], 1)])
-        _, _, val_ds, *_ = cache.resolve(cfg, "val", [(timesteps[0], blocks[0], 1)])
-        rows = {"train": rung_rows(targets_of(train_ds), fraction, floor),
-                "val": rung_rows(targets_of(val_ds), fraction, floor)}
+        model = cache.resolve(cfg, "train", [(timesteps[0], blocks[0], 1)])[0]
+        rows = sample_rows(cfg, model.image_size, fraction, floor)
         native = block_sizes(model)
         pools = {b: min(pool, native[b]) for b in blocks}
         cells, total, last = [], len(blocks) * len(timesteps), time.monotonic()
@@ -230,9 +235,8 @@ def extend_on_pool(space: Space, runtime: RuntimeOptions, pool: WorkerPool) -> i
     cfg = probe_config(space)
     sides = {b: c.side for b, c in model_costs(space.model, space.checkpoint).items()}
     image_size = model_geometry(space.model, space.checkpoint).image_size
-    floor = int(space.search.get("image_floor") or DEFAULT_FLOOR)
-    rows = {s: rung_rows(targets_of(trial_dataset(cfg, s, image_size)[0]),
-                         probe_fraction(space), floor) for s in ("train", "val")}
+    rows = sample_rows(cfg, image_size, probe_fraction(space),
+                       int(space.search.get("image_floor") or DEFAULT_FLOOR))
     requests = [(t, b, min(size, sides[b])) for t in timesteps for b in blocks]
     counts = extract_prefixes(
         cfg, requests, rows, cache=runtime.cache, pool=pool, store_pool=runtime.store_pool,
