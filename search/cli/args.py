@@ -119,12 +119,13 @@ def rungs(text: str) -> list[float]:
     (``0.02,0.1,0.5,1``), or ``off`` (``[]``: every trial reads every image)."""
     if text.strip().lower() in ("off", "none"):
         return []
+    from difftune.search.space.checks import is_rungs
+
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
-    if not values or values[-1] != 1 or any(not 0 < v <= 1 for v in values) \
-            or any(a >= b for a, b in zip(values, values[1:], strict=False)):
+    if not is_rungs(values):
         raise argparse.ArgumentTypeError(
             f"{text!r} is invalid; allowed: increasing fractions in (0, 1] ending at 1, e.g. "
             "0.02,0.1,0.5,1, or off")

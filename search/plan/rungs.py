@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from difftune.search.plan.data import DataSize
+from difftune.search.space.checks import SEARCH_LIMITS, is_rungs
 from difftune.search.space.spec import Space
 from difftune.trainables.data.order import DEFAULT_FLOOR, sample_size
 from difftune.trainables.errors import UserError
@@ -116,16 +117,11 @@ def rungs_of(space: Space, data: DataSize, *, label_fraction: float | str | None
     given = s.get("image_rungs") if fractions == "space" else fractions
     if not given:
         return None
-    if not isinstance(given, (list, tuple)) or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) for f in given):
-        raise RungError(f"search.image_rungs={given!r} is invalid; allowed: a list of "
-                        "increasing fractions in (0, 1], the last 1.0")
+    if not is_rungs(list(given) if isinstance(given, tuple) else given):
+        raise RungError(f"search.image_rungs={given!r} is invalid; allowed: "
+                        f"{SEARCH_LIMITS['image_rungs'][1]}")
     fr = tuple(float(f) for f in given)
-    if any(b <= a for a, b in zip(fr[:-1], fr[1:], strict=True)) or fr[-1] != 1.0 or fr[0] <= 0:
-        raise RungError(f"search.image_rungs={list(given)} is invalid; allowed: increasing "
-                        "fractions in (0, 1], the last 1.0 (e.g. [0.02, 0.1, 0.5, 1.0])")
-    floor = int(s.get("image_floor", DEFAULT_FLOOR) if s.get("image_floor") is not None
-                else DEFAULT_FLOOR)
+    floor = int(s.get("image_floor") or DEFAULT_FLOOR)
     rf = float(s["reduction_factor"])
     train, val = split_counts(data, label_fraction)
     return Rungs(fractions=fr, floor=floor, reduction_factor=rf,

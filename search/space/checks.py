@@ -62,7 +62,7 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
     "confirm_top": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no confirm stage)"),
     "confirm_label_fraction": (lambda v: v is None or (_is_num(v) and 0 < v <= 1),
                                "a fraction in (0, 1], or unset (all labels)"),
-    "image_rungs": (lambda v: v is None or v == [] or _is_rungs(v),
+    "image_rungs": (lambda v: v is None or v == [] or is_rungs(v),
                     "increasing fractions of each split in (0, 1] ending at 1.0, e.g. "
                     "[0.02, 0.1, 0.5, 1.0], or unset or [] (every trial reads every image)"),
     "image_floor": (lambda v: _is_int(v) and v >= 1,
@@ -71,7 +71,8 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
 }
 
 
-def _is_rungs(v: Any) -> bool:
+def is_rungs(v: Any) -> bool:
+    """``image_rungs`` as allowed: increasing fractions in (0, 1], the last 1 (at least one)."""
     if not isinstance(v, list) or not v or not all(_is_num(f) and 0 < f <= 1 for f in v):
         return False
     return v[-1] == 1 and all(a < b for a, b in zip(v, v[1:], strict=False))
