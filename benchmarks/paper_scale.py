@@ -148,7 +148,7 @@ def rung_rows(name: str, plan: Plan) -> list[str]:
     if r["probe"]:
         p = r["probe"]
         out.append(f"| `{name}` | probe | {r['fractions'][0]:g} | | {p['train_rows']:,} | "
-                   f"{p['val_rows']:,} | {_m(p['image_passes'])} | not cached | "
+                   f"{p['val_rows']:,} | {_m(p['image_passes'])} | in rung 0's | "
                    f"{_h(p['gpu_hours'])} | |")
     for row in r["rows"]:
         out.append(f"| `{name}` | {row['rung']} | {row['fraction']:g} | {row['trials']:.3g} | "

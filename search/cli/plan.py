@@ -259,7 +259,7 @@ def render_rungs(plan) -> list[str]:
         p = r["probe"]
         lines.append(cols.format("probe", f"{r['fractions'][0]:g}", "-",
                                  f"{p['train_rows']:,}", f"{p['val_rows']:,}",
-                                 _n(p["image_passes"]), "not cached", f"{p['gpu_hours']:.3g}",
+                                 _n(p["image_passes"]), "in rung 0", f"{p['gpu_hours']:.3g}",
                                  "-"))
     for row in r["rows"]:
         lines.append(cols.format(row["rung"], f"{row['fraction']:g}", f"{row['trials']:.3g}",

@@ -105,19 +105,19 @@ class Numbers:
     test_passes: int = 0
     test_gflops: float = 0.0
     test_evaluations: int = 0
-    #: per rung (one without rungs): the search trials' (passes, GFLOPs) and cache bytes
-    #: added under the chosen policy, and the trials that reach it
+    #: per rung (one without rungs): the trials' (passes, GFLOPs), cache bytes, trials
     rung_costs: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     rung_bytes: list[float] = dataclasses.field(default_factory=list)
     rung_trials: list[float] = dataclasses.field(default_factory=list)
-    #: the probe rung's (passes, GFLOPs): every timestep on rung 0's sample, not cached
+    #: the probe rung's (passes, GFLOPs) and cache bytes: rung 0's sample of every timestep
     probe: tuple[float, float] = (0.0, 0.0)
+    probe_bytes: float = 0.0
     #: head training GFLOPs: the search's per rung (confirm apart), and the paper's way's
     rung_heads: list[float] = dataclasses.field(default_factory=list)
     head_gflops: float = 0.0
     head_gflops_paper: float = 0.0
-    #: the paper's way with the same rungs over images (every epoch of every rung reruns the
-    #: U-Net on that rung's sample): passes, GFLOPs
+    #: the paper's way with the same rungs (every epoch of a rung reruns its sample): passes,
+    #: GFLOPs
     paper_rungs: tuple[float, float] = (0.0, 0.0)
 
 
@@ -195,8 +195,8 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
             [m * epochs * r for m, r in zip(reach(n), sample, strict=True)]
         return [(r * live.passes, r * live.gflops) for r in rows]
 
-    # head training: 3 forwards per train image (forward, backward), 1 per val image, per
-    # epoch; under rungs every epoch at each rung a trial reaches, on that rung's sample
+    # head training: 3 forwards per train image, 1 per val image, per epoch (every epoch of
+    # each rung a trial reaches, on that rung's sample)
     conf_heads = confirm_k * epochs * (3 * (r_conf or r_train) + r_val) * head_gflops
     heads_single = trials * expected * (3 * r_train + r_val) * head_gflops
     rung_heads = [m * epochs * (3 * t + v) * head_gflops for m, t, v in zip(
@@ -226,27 +226,29 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
         return max((_addl(live_of(n), feature_cost(trials - n)) for n in range(trials + 1)),
                    key=lambda costs: _sum(costs)[1])
 
-    # block-set: every block of every timestep asked, at the store pool; odd pools apart.
-    # Each pass runs to the deepest block of the set.
+    # block-set: every block of every timestep asked, at the store pool (odd pools apart),
+    # each pass to the deepest block of the set
     deep_gflops = costs[blocks[-1]].gflops_to if blocks else 0.0
     odd_all = sum(row_bytes(costs, b, p) for _, b, p in unserved)
     odd_one = max((sum(row_bytes(costs, b, p) for _, b, p in c if (_, b, p) in unserved)
                    for c in combos), default=0)
-    # an entry extends to the deepest rung a trial at it reached: each rung's rows for the
-    # timesteps the trials reaching it can ask
+    # an entry extends to the deepest rung reached at it: each rung's rows, its timesteps
     bs_bytes = [(min(m * tpt, len(timesteps)) * per_t + min(odd_all, m * odd_one)) * d
                 for m, d in zip(reach(trials), added, strict=True)]
     bs_total = sum(bs_bytes) + confirm_bytes
+    probed = bool(rungs and rungs.probe and combos)  # its entries serve the trials' rung 0
 
     def bs_cost(n: float) -> list[tuple[float, float]]:
         out = []
         for m, d in zip(reach(n), added, strict=True):
             p = (m * tpt if unserved else min(m * tpt, len(timesteps))) * d
             out.append((p, p * deep_gflops))
-        return out
+        return probe_served(out)
 
-    # per-request: what each trial asks (one pass per timestep to its own deepest block),
-    # evicting beyond the budget
+    def probe_served(out: list) -> list:
+        return [(0.0, 0.0), *out[1:]] if probed else out
+
+    # per-request: what each trial asks (a pass per timestep to its deepest block), evicted
     all_bytes = sum(row_bytes(costs, b, p) for _, b, p in requests)
     pr_bytes = [min(all_bytes, m * per_trial) * d
                 for m, d in zip(reach(trials), added, strict=True)]
@@ -255,8 +257,8 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                                               views), confirm_working)
 
     def pr_cost(n: float) -> list[tuple[float, float]]:
-        return [(m * feature.passes * d, m * feature.gflops * d)
-                for m, d in zip(reach(n), added, strict=True)]
+        return probe_served([(m * feature.passes * d, m * feature.gflops * d)
+                             for m, d in zip(reach(n), added, strict=True)])
 
     conf_train = (r_conf * views or r_search - r_val) + r_val
     conf = max(((feature.passes * conf_train, feature.gflops * conf_train) if combos
@@ -264,9 +266,12 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                key=lambda pg: pg[1])
     conf = (confirm_k * conf[0], confirm_k * conf[1])
     limit = float("inf") if budget is None else budget
-    probe = (0.0, 0.0)
-    if rungs and rungs.probe and combos:  # every timestep once, to the deepest block
+    probe, probe_bytes = (0.0, 0.0), 0.0
+    if probed:  # every timestep once, to the deepest block (every block stored)
         probe = (len(timesteps) * sample[0], len(timesteps) * sample[0] * deep_gflops)
+        probe_bytes = len(timesteps) * per_t * sample[0]
+        bs_bytes[0], pr_bytes[0] = max(bs_bytes[0], probe_bytes), max(pr_bytes[0], probe_bytes)
+        bs_total, pr_unevicted = sum(bs_bytes) + confirm_bytes, sum(pr_bytes) + confirm_bytes
     # confirm trials that did not reach the last rung extend their timesteps' entries
     late = max(0.0, confirm_k - reach(trials)[-1]) * tpt * r_search if rungs else 0.0
     bs_rungs, pr_rungs = worst(bs_cost), worst(pr_cost)
@@ -319,7 +324,8 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
                    test_passes=int(round(evaluations * data.test * paper_kind.passes)),
                    test_gflops=evaluations * data.test * paper_kind.gflops,
                    test_evaluations=evaluations, rung_costs=chosen, rung_bytes=chosen_bytes,
-                   rung_trials=reach(trials), probe=probe, rung_heads=rung_heads,
+                   rung_trials=reach(trials), probe=probe, probe_bytes=probe_bytes,
+                   rung_heads=rung_heads,
                    head_gflops=sum(rung_heads) + conf_heads,
                    head_gflops_paper=heads_single + conf_heads, paper_rungs=paper_rungs)
 

@@ -16,8 +16,9 @@ rung any trial at it reached. :mod:`.arithmetic` prices each rung's *extension* 
 search.
 
 The probe rung (``probe_rung: true``) passes rung 0's sample once per timestep the space can
-ask, to the deepest block it can ask (every block read on the way), and fits its probes from
-the stream: its passes are counted, its features are not cached.
+ask, to the deepest block it can ask (every block read on the way), and stores it as prefix
+entries (every block at the store pool), which the trials' rung 0 then reads: its passes
+replace theirs.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def rung_table(n: Any, single: Any, rungs: Rungs, rate: float, *, deepest: int
         probe = {"timesteps": len(n.timesteps), "block": deepest,
                  "train_rows": rungs.train[0], "val_rows": rungs.val[0],
                  "image_passes": int(round(n.probe[0])), "gpu_hours": hours(n.probe[1]),
-                 "cache_bytes": 0}
+                 "cache_bytes": int(n.probe_bytes)}
     rest = (n.passes - sum(r["image_passes"] for r in rows) - (probe or {}).get(
         "image_passes", 0), hours(n.gflops - sum(g for _, g in n.rung_costs) - n.probe[1]))
     return {**rungs.to_dict(), "max_t": round(rungs.reduction_factor ** (len(rows) - 1)),

@@ -175,6 +175,8 @@ def test_the_working_set_counts_trials_at_the_rung_they_reach():
 
 
 def test_the_probe_rung_passes_rung_0_once_per_timestep_to_the_deepest_block(imagenet):
+    """... and stores it: the trials' rung 0 reads the probe's entries (search/run/probe.py
+    reads them through the cache's prefix entries), so its passes replace theirs."""
     plain = make_plan(space_with(), imagenet)
     probed = make_plan(space_with(probe_rung=True), imagenet)
     p = probed.rungs["probe"]
@@ -183,9 +185,15 @@ def test_the_probe_rung_passes_rung_0_once_per_timestep_to_the_deepest_block(ima
     gflops = unet_costs(model_flags(load_space("linear")))[37].gflops_to
     assert p["gpu_hours"] == pytest.approx(p["image_passes"] * gflops / probed.gflops_per_s
                                            / 3600)
-    assert p["cache_bytes"] == 0 and probed.cache_bytes_bound == plain.cache_bytes_bound
-    assert probed.unet_image_passes == plain.unet_image_passes + p["image_passes"]
-    assert probed.gpu_hours == pytest.approx(plain.gpu_hours + p["gpu_hours"])
+    rung0 = plain.rungs["rows"][0]
+    assert probed.rungs["rows"][0]["image_passes"] == 0  # served by the probe's entries
+    assert probed.unet_image_passes == \
+        plain.unet_image_passes - rung0["image_passes"] + p["image_passes"]
+    assert probed.gpu_hours == pytest.approx(
+        plain.gpu_hours - rung0["gpu_hours"] + p["gpu_hours"])
+    # its entries: every timestep x every block of the space at the store pool, rung 0's rows
+    assert p["cache_bytes"] >= probed.rungs["rows"][0]["cache_bytes"] > 0
+    assert probed.cache_bytes_bound >= plain.cache_bytes_bound
     assert plain.rungs["probe"] is None
 
 
