@@ -29,7 +29,7 @@ from difftune.trainables.data.datasets import (
     shared_dataset,
     targets_of,
 )
-from difftune.trainables.data.order import Rung, rung_subset
+from difftune.trainables.data.order import Rung, repeat_for, rung_subset
 from difftune.trainables.data.views import ViewCycle, view_batch
 from difftune.trainables.heads import Request
 from difftune.trainables.model.features import Extractor, block_sizes
@@ -231,8 +231,8 @@ def run(
 ) -> tuple[HeadGrid, list[dict[str, Any]]]:
     """Train and evaluate the heads of ``trial`` (one, or its grid's) in one pass over the
     data of each epoch; with ``rungs`` over images, once per rung from ``start_rung`` on:
-    the heads built afresh at each rung and trained for their epochs on its sample of train,
-    scored on its sample of val (each :class:`~.train.loop.Epoch` carries its ``rung``; the
+    the heads built afresh at each rung and trained for their epochs on its sample of train
+    (each epoch reads it :meth:`~.data.order.Rung.passes` times), scored on its sample of val (each :class:`~.train.loop.Epoch` carries its ``rung``; the
     caller may stop between rungs by raising from ``on_epoch``).
 
     :param source: where feature heads' features come from (default: in memory).
@@ -263,7 +263,8 @@ def run(
             if on_epoch is not None:
                 on_epoch(ep)
 
-        history = train_heads(grid, list(trial.cfgs), data.train, data.val, spec=trial.grid,
+        train = repeat_for(data.train, rung, trial.cfgs[0].batch_size)
+        history = train_heads(grid, list(trial.cfgs), train, data.val, spec=trial.grid,
                               device=device, wrap=data.wrap, on_epoch=at_rung, resume=resume)
         resume = None
     return grid, history

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from difftune.trainables.data.order import DEFAULT_FLOOR, Rung, ladder
+from difftune.trainables.data.order import DEFAULT_FLOOR, DEFAULT_STEPS, Rung, ladder
 from difftune.trainables.errors import DataError, UserError
 from difftune.trainables.heads.checkpoint import (
     HEAD_FILE,
@@ -111,6 +111,8 @@ class RuntimeOptions:
         ASHA decides whether it goes on.
     :param image_floor: images per class a rung's sample holds at least.
     :param rung_factor: the scheduler's reduction factor (the rungs' ``rung_budget``).
+    :param rung_steps: the fewest SGD steps an epoch at an early rung takes, its sample read
+        again where it is small (:meth:`~.data.order.Rung.passes`).
     """
 
     cache: str | None = None
@@ -127,10 +129,12 @@ class RuntimeOptions:
     image_rungs: tuple[float, ...] = field(default_factory=tuple)
     image_floor: int = DEFAULT_FLOOR
     rung_factor: float = 2.0
+    rung_steps: int = DEFAULT_STEPS
 
     def rungs(self) -> list[Rung]:
         """The trials' :class:`~.data.order.Rung` ladder (empty without rungs)."""
-        return ladder(self.image_rungs, floor=self.image_floor, factor=self.rung_factor)
+        return ladder(self.image_rungs, floor=self.image_floor, factor=self.rung_factor,
+                      min_steps=self.rung_steps)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

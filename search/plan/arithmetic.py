@@ -167,10 +167,11 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
     views = max(1, int(lv.views))
     r_search = r_train * views + r_val  # cached: K views of every train image, one of val
     r_paper = r_train + r_val  # the paper's way draws a fresh view at every pass, stores none
-    # per rung: the trials of n that reach it, the rows it adds to an entry, its images
+    # per rung: trials of n reaching it, rows it adds to an entry, its images, an epoch's rows
     reach = rungs.trials if rungs else (lambda n: [float(n)])
     added = rungs.added(views) if rungs else [r_search]
     sample = [t + v for t, v in zip(rungs.train, rungs.val, strict=True)] if rungs else None
+    read = [t + v for t, v in zip(rungs.trained(), rungs.val, strict=True)] if rungs else None
     confirm_k = min(confirm_top, trials)
     same = confirm_fraction in (None, 1, 1.0) and lv.label_fraction in (None, 1, 1.0) or \
         confirm_fraction == lv.label_fraction
@@ -192,19 +193,18 @@ def evaluate(asks: Asks, costs: dict[int, BlockCost], data: DataSize, lv: Levers
 
     def live_of(n: float) -> list[tuple[float, float]]:  # live heads rerun every epoch
         rows = [n * expected * r_paper] if not rungs else \
-            [m * epochs * r for m, r in zip(reach(n), sample, strict=True)]
+            [m * epochs * r for m, r in zip(reach(n), read, strict=True)]
         return [(r * live.passes, r * live.gflops) for r in rows]
 
-    # head training: 3 forwards per train image, 1 per val image, per epoch (every epoch of
-    # each rung a trial reaches, on that rung's sample)
+    # head training: 3 forwards per train row, 1 per val row, per epoch of each rung reached
     conf_heads = confirm_k * epochs * (3 * (r_conf or r_train) + r_val) * head_gflops
     heads_single = trials * expected * (3 * r_train + r_val) * head_gflops
     rung_heads = [m * epochs * (3 * t + v) * head_gflops for m, t, v in zip(
-        reach(trials), rungs.train, rungs.val, strict=True)] if rungs else [heads_single]
+        reach(trials), rungs.trained(), rungs.val, strict=True)] if rungs else [heads_single]
     # the paper's way under the same rungs: every epoch of each rung on its sample
     paper_list = [paper] if not rungs else [
         (m * r * epochs * paper_kind.passes, m * r * epochs * paper_kind.gflops)
-        for m, r in zip(reach(trials), sample, strict=True)]
+        for m, r in zip(reach(trials), read, strict=True)]
     paper_rungs = _add(_sum(paper_list), (conf_rows * epochs * paper_kind.passes,
                                           conf_rows * epochs * paper_kind.gflops)) \
         if rungs else (0.0, 0.0)

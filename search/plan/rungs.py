@@ -31,7 +31,8 @@ from typing import Any
 from difftune.search.plan.data import DataSize
 from difftune.search.space.checks import SEARCH_LIMITS, is_rungs
 from difftune.search.space.spec import Space
-from difftune.trainables.data.order import DEFAULT_FLOOR, sample_size
+from difftune.trainables.config import TrialConfig
+from difftune.trainables.data.order import DEFAULT_FLOOR, DEFAULT_STEPS, ladder, sample_size
 from difftune.trainables.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class Rungs:
     :param val: [K] val rows of each rung's sample.
     :param reach: [K] the fraction of trials that reaches each rung, before the cap of one
         (``reduction_factor ** -k``).
+    :param passes: [K] times an epoch reads each rung's train sample
+        (:meth:`~difftune.trainables.data.order.Rung.passes` at the space's fixed batch size;
+        head training only).
     """
 
     fractions: tuple[float, ...]
@@ -65,6 +69,11 @@ class Rungs:
     val: tuple[int, ...]
     reach: tuple[float, ...]
     probe: bool = False
+    passes: tuple[int, ...] = ()
+
+    def trained(self) -> list[int]:
+        """[K] train rows one epoch of each rung reads (its sample, :attr:`passes` times)."""
+        return [t * (self.passes[k] if self.passes else 1) for k, t in enumerate(self.train)]
 
     def trials(self, n: float) -> list[float]:
         """[K] trials of ``n`` that reach each rung in expectation, at least one (the first
@@ -84,7 +93,8 @@ class Rungs:
     def to_dict(self) -> dict[str, Any]:
         return {"fractions": list(self.fractions), "floor": self.floor,
                 "reduction_factor": self.reduction_factor, "train_rows": list(self.train),
-                "val_rows": list(self.val), "reach": list(self.reach), "probe": self.probe}
+                "val_rows": list(self.val), "reach": list(self.reach), "probe": self.probe,
+                "passes": list(self.passes)}
 
 
 def split_counts(data: DataSize, label_fraction: float | str | None
@@ -125,11 +135,15 @@ def rungs_of(space: Space, data: DataSize, *, label_fraction: float | str | None
     floor = int(s.get("image_floor") or DEFAULT_FLOOR)
     rf = float(s["reduction_factor"])
     train, val = split_counts(data, label_fraction)
-    return Rungs(fractions=fr, floor=floor, reduction_factor=rf,
-                 train=tuple(sample_size(train, f, floor) for f in fr),
+    train_rows = tuple(sample_size(train, f, floor) for f in fr)
+    return Rungs(fractions=fr, floor=floor, reduction_factor=rf, train=train_rows,
                  val=tuple(sample_size(val, f, floor) for f in fr),
                  reach=tuple(rf ** -k for k in range(len(fr))),
-                 probe=bool(s.get("probe_rung", False)))
+                 probe=bool(s.get("probe_rung", False)),
+                 passes=tuple(r.passes(n, int(space.fixed.get("batch_size", TrialConfig.batch_size)))
+                              for r, n in zip(ladder(fr, min_steps=int(
+                                  s.get("rung_steps") or DEFAULT_STEPS)), train_rows,
+                                  strict=True)))
 
 
 def running_rows(rungs: Rungs | None, trials: int, at_once: int, rows: int,

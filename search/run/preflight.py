@@ -171,6 +171,7 @@ def prepare_search(request: SearchRequest, *, echo: Echo = _log) -> Prepared:
                              image_rungs=tuple(space.search.get("image_rungs") or ()),
                              image_floor=int(space.search.get("image_floor", 5)),
                              rung_factor=float(space.search["reduction_factor"]),
+                             rung_steps=int(space.search.get("rung_steps", 16)),
                              progress_s=float(os.environ.get("DIFFTUNE_PROGRESS_S",
                                                              DEFAULT_EVERY_S)),
                              **cache_options(cost, cache, explicit, request.data_hash,

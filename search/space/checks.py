@@ -67,6 +67,9 @@ SEARCH_LIMITS: dict[str, tuple[Any, str]] = {
                     "[0.02, 0.1, 0.5, 1.0], or unset or [] (every trial reads every image)"),
     "image_floor": (lambda v: _is_int(v) and v >= 1,
                     "an integer >= 1 (images per class a rung's sample holds at least)"),
+    "rung_steps": (lambda v: _is_int(v) and v >= 1,
+                   "an integer >= 1 (the fewest SGD steps an epoch at an early rung takes; "
+                   "1: its sample read once)"),
     "probe_rung": (lambda v: isinstance(v, bool), "true or false"),
 }
 

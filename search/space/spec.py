@@ -77,7 +77,7 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     objectives=None,
     cache_policy="auto", cache_budget=None, extract_batch=None, confirm_top=0,
     confirm_label_fraction=None, prior="none", image_rungs=None, image_floor=5,
-    probe_rung=False,
+    rung_steps=16, probe_rung=False,
 )
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
 TIME_KEYS = ("t", "timesteps")

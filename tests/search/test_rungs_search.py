@@ -189,6 +189,10 @@ def test_a_wrong_image_rungs_is_one_line(tmp_path, value, fragment):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SpaceError, match="search.image_floor=0 is invalid"):
         load_space(str(path))
+    raw["search"].update(image_floor=5, rung_steps=0)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpaceError, match=r"search.rung_steps=0 is invalid; allowed: an int"):
+        load_space(str(path))
 
 
 def test_image_rungs_flag_is_checked_and_overrides_the_space(tmp_path):

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from difftune.trainables.cache.feature_cache import FeatureCache
 from difftune.trainables.data.datasets import shared_dataset, targets_of
-from difftune.trainables.data.order import Rung, interleaved_order, ladder, rung_rows, rung_subset
+from difftune.trainables.data.order import (
+    Repeated,
+    Rung,
+    interleaved_order,
+    ladder,
+    repeat_for,
+    rung_rows,
+    rung_subset,
+)
+from difftune.trainables.data.views import ViewCycle
 from difftune.trainables.heads.checkpoint import read_resume, save_epoch
 from difftune.trainables.pipeline import DirectFeatures, run
+from difftune.trainables.train.loop import FeatureTensors
 from difftune.trainables.trial import resolve
 
 CFG = {"model": "demo", "data": "digits", "head": "linear", "block": 10, "t": 50, "pool": 2,
@@ -104,3 +115,39 @@ def test_the_last_rung_trains_on_what_a_trial_without_rungs_does(tmp_path):
     for a, b in zip(with_rungs, without, strict=True):
         assert a["val_top1"] == pytest.approx(b["val_top1"], abs=0.3)  # one val image
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+def test_an_early_rung_epoch_reads_a_small_sample_until_it_takes_its_steps():
+    r0, r1, r2, last = ladder([0.02, 0.1, 0.5, 1.0])  # 16 steps at least
+    # the demo's samples (50, 108, 539 of 1078 train images) at batch 64: 8 passes at most,
+    # ceil(1 / fraction) at most, ceil(16 x 64 / rows) at most
+    assert [r0.passes(50, 64), r1.passes(108, 64), r2.passes(539, 64), last.passes(1078, 64)
+            ] == [8, 8, 2, 1]
+    assert r0.passes(23_064, 128) == 1  # ImageNet's rung 0 takes 180 steps read once
+    assert Rung(0, 0.3, min_steps=3).passes(40, 32) == 3  # ceil(3 x 32 / 40)
+    assert Rung(0, 0.3, min_steps=100).passes(40, 32) == 4  # ceil(1 / 0.3): a whole epoch
+    assert Rung(0, 0.02, min_steps=1).passes(50, 64) == 2
+    feats = FeatureTensors({(0, 1): torch.arange(5.0).reshape(5, 1, 1, 1)},
+                           torch.tensor([0, 1, 2, 3, 4]))
+    views = ViewCycle([feats, FeatureTensors({(0, 1): -feats.feats[(0, 1)]}, feats.labels)])
+    rep = repeat_for(views, Rung(0, 0.3, 1, 2.0, min_steps=3), batch_size=5)
+    assert isinstance(rep, Repeated) and len(rep) == 15 and rep.shapes() == feats.shapes()
+    loader = torch.utils.data.DataLoader(rep, batch_size=4, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([y for _, y in loader])
+    assert torch.bincount(seen).tolist() == [3] * 5  # every image 3 times in one epoch
+    rep.set_epoch(1)  # reaches the views: epoch 1 reads view 1
+    assert rep[7][0][(0, 1)].item() == -2.0
+    assert repeat_for(feats, last, 64) is feats and repeat_for(feats, None, 64) is feats
+
+
+def test_a_rung_epoch_that_reads_its_sample_more_often_trains_the_head_further():
+    """Rung 0 of digits is 50 train images, one SGD step per epoch at batch 64: read 8 times
+    an epoch, the head's train loss after 2 epochs is far lower (a rung ranks trained
+    heads, not untrained ones)."""
+    losses = {}
+    for steps in (1, 16):  # 1: read once (one step); 16: read 8 times
+        hist = run(resolve(CFG), source=DirectFeatures(),
+                   rungs=ladder(FRACTIONS, min_steps=steps)[:1])[1]
+        losses[steps] = hist[-1]["train_loss"]
+    assert losses[16] < 0.7 * losses[1]

@@ -40,6 +40,11 @@ ORDER = "interleaved-v1"
 ORDER_SEED = 0
 #: images per class a rung's sample holds at least (while the class has them)
 DEFAULT_FLOOR = 5
+#: the fewest SGD steps one epoch at an early rung takes where its sample allows
+#: (:meth:`Rung.passes`)
+DEFAULT_STEPS = 16
+#: the most times one epoch reads a rung's sample
+MAX_PASSES = 8
 
 
 @functools.lru_cache(maxsize=16)
@@ -149,12 +154,26 @@ class Rung:
     :param index: 0-based (the last rung reads every image).
     :param factor: the scheduler's reduction factor: the rung's end is reported at
         ``rung_budget = factor ** index`` (ASHA's milestones, :meth:`budget`).
+    :param min_steps: the fewest SGD steps one epoch of the rung takes (:meth:`passes`).
     """
 
     index: int
     fraction: float
     floor: int = DEFAULT_FLOOR
     factor: float = 2.0
+    min_steps: int = DEFAULT_STEPS
+
+    def passes(self, rows: int, batch_size: int) -> int:
+        """Times one training epoch reads the rung's train sample of ``rows`` images at
+        ``batch_size`` (each pass reshuffled): enough for ``min_steps`` SGD steps, at most
+        ``ceil(1 / fraction)`` (no more steps than an epoch over the whole split) and at most
+        :data:`MAX_PASSES`; 1 at the last rung. (Read once, the demo's rung 0, 50 images at
+        batch 64, gives a head one step per epoch: too few to rank configs by. ImageNet's,
+        23,000 images, gives 180 at batch 128, and is read once.)"""
+        if self.fraction >= 1 or rows <= 0:
+            return 1
+        need = math.ceil(self.min_steps * batch_size / rows)
+        return max(1, min(MAX_PASSES, math.ceil(round(1 / self.fraction, 9)), need))
 
     def rows(self, ds: Dataset) -> int:
         """The images of ``ds`` (a split) this rung reads: its prefix length."""
@@ -169,10 +188,44 @@ class Rung:
         return float(self.factor ** (self.index - 1)) if self.index else 0.0
 
 
-def ladder(fractions: Sequence[float], *, floor: int = DEFAULT_FLOOR, factor: float = 2.0
-           ) -> list[Rung]:
+def ladder(fractions: Sequence[float], *, floor: int = DEFAULT_FLOOR, factor: float = 2.0,
+           min_steps: int = DEFAULT_STEPS) -> list[Rung]:
     """The rungs of ``fractions`` (increasing, the last 1.0), each a :class:`Rung`."""
-    return [Rung(i, float(f), floor, float(factor)) for i, f in enumerate(fractions)]
+    return [Rung(i, float(f), floor, float(factor), int(min_steps))
+            for i, f in enumerate(fractions)]
+
+
+class Repeated(Dataset):
+    """``ds`` read ``passes`` times in one epoch: item i is ``ds[i mod len(ds)]`` (a shuffled
+    loader reshuffles every pass's items together). ``set_epoch``, ``shapes()``,
+    ``classes`` and ``labels`` are those of ``ds``."""
+
+    def __init__(self, ds: Dataset, passes: int):
+        self.ds, self.passes, self.n = ds, int(passes), len(ds)
+
+    def __len__(self) -> int:
+        return self.n * self.passes
+
+    def __getitem__(self, i: int):
+        return self.ds[i % self.n]
+
+    def __getitems__(self, indices: Sequence[int]):
+        rows = [i % self.n for i in indices]
+        if hasattr(self.ds, "__getitems__"):
+            return self.ds.__getitems__(rows)
+        return [self.ds[i] for i in rows]
+
+    def __getattr__(self, name: str):  # set_epoch, shapes(), classes, labels: those of ds
+        if name in ("ds", "passes", "n"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+
+def repeat_for(ds: Dataset, rung: Rung | None, batch_size: int) -> Dataset:
+    """A rung's train sample as one epoch reads it: :meth:`Rung.passes` times (``ds`` itself
+    without a rung, or at one pass)."""
+    passes = rung.passes(len(ds), batch_size) if rung is not None else 1
+    return Repeated(ds, passes) if passes > 1 else ds
 
 
 def rung_subset(ds: Dataset, rung: Rung | None) -> Dataset:
