@@ -1,18 +1,25 @@
 """Rungs over images (issue 23): the U-Net image-passes (and compute seconds) a search spends
 until its pick is as good on **test** as the val-oracle's pick, with and without rungs over
-images, replayed over the demo grid of :mod:`benchmarks.optuna_vs_random` (456 linear-head
-configs, block x t x pool, 4 epochs); and how well each rung's scores rank the configs.
+images, replayed over the demo space's linear-head configs (blocks 1-19 x every timestep of
+``spaces/demo.yaml``, 0 to 500 step 10 x pool {1, 2, 4}: 2,907 configs, the recipe of
+:mod:`benchmarks.optuna_vs_random`'s grid, which holds 8 of the timesteps); and how well each
+rung's scores rank the configs.
 
 The table (:mod:`benchmarks.data_fidelity_table`, ``benchmarks/demo_rungs.json``,
 ``--rebuild``): every config trained from scratch at each rung of ``[0.02, 0.1, 0.5, 1.0]``
 (a floor of 5 images per class) on the rung's sample of train (a prefix of the split's
-interleaved order, read with ``FeatureCache.get_prefix``) for its full 4 epochs and scored
-on the rung's sample of val; the last rung reproduces the grid (``full_equals_grid``).
+interleaved order, read with ``FeatureCache.get_prefix``; an epoch reads it
+``Rung.passes`` times, as a search's trial does: 8, 8, 2, 1) for its full 4 epochs and
+scored on the rung's sample of val; the last rung reproduces the grid at its 8 timesteps
+(``full_equals_grid``).
 ``spearman_rungK``: Spearman's rho between rung K's val and the full val over the configs;
-``spearman_probe``: between the probe rung's map and each (block, t)'s best full val.
+``spearman_probe``: between the probe rung's map and each (block, t)'s best full val;
+``oracle_rank_rungK``: rung K's rank of the val-oracle's config (how early a rung could
+single out the config a search must find).
 
-Three searches per report seed, each of ``--max-trials`` trials (the space's seed, its
-enqueued paper config and difftune's TPE, :func:`difftune.search.run.tuner.sampler_for`, 2
+Three searches per report seed, each of ``--max-trials`` trials over that space (``t`` an
+int with step 10, as the demo space gives it to TPE; the space's seed, its enqueued paper
+config and difftune's TPE, :func:`difftune.search.run.tuner.sampler_for`, 2
 trials in flight):
 
 - **no rungs** (``flat``): :mod:`benchmarks.time_to_answer`'s replay: every trial trains on
@@ -79,6 +86,9 @@ from benchmarks.data_fidelity_table import (
     spearman,
 )
 from benchmarks.optuna_vs_random import (
+    TIMESTEPS as GRID_TIMESTEPS,
+)
+from benchmarks.optuna_vs_random import (
     TUNE_SEEDS,
     Key,
     load,
@@ -91,10 +101,21 @@ from benchmarks.optuna_vs_random import (
     tpe,
 )
 from benchmarks.time_to_answer import TOLERANCE, answer_time, cache_passes, kept_time, median_ci
+from difftune.trainables.data.order import DEFAULT_STEPS
 
 logger = logging.getLogger("data_fidelity")
 
 ARMS = ("flat", "rungs", "probe")
+#: the demo space's timesteps (``spaces/demo.yaml``: t from 0 to 500, step 10); the table
+#: holds every one (optuna_vs_random's grid holds 8 of them)
+TIMESTEPS = list(range(0, 501, 10))
+
+
+def table_keys() -> list[Key]:
+    """The table's configs: blocks 1-19 x :data:`TIMESTEPS` x pool {1, 2, 4} (2,907)."""
+    from benchmarks.optuna_vs_random import BLOCKS, POOLS
+
+    return [(b, t, p) for b in BLOCKS for t in TIMESTEPS for p in POOLS]
 
 
 # --------------------------------------------------------------------- the rung search
@@ -214,13 +235,26 @@ def probe_startup(space, table: Table) -> list[dict]:
 
 # --------------------------------------------------------------------------- the report
 def space_text(keys: Sequence[Key]) -> str:
-    """The replayed space: :data:`benchmarks.optuna_vs_random.SPACE` for the whole grid,
-    else the same over ``keys``'s blocks, timesteps and pools (``--tiny``)."""
+    """The replayed space: :data:`benchmarks.optuna_vs_random.SPACE` over ``keys``'s blocks,
+    timesteps and pools; over :data:`TIMESTEPS` the demo space's own ``t`` (an int, step 10,
+    as TPE sees it in ``spaces/demo.yaml``), else a choice of them (``--tiny``)."""
     from benchmarks.optuna_vs_random import SPACE
+    from benchmarks.optuna_vs_random import TIMESTEPS as GRID_T
 
     blocks, ts, pools = (sorted({k[i] for k in keys}) for i in range(3))
+    t = "{int: [0, 500], step: 10}" if ts == TIMESTEPS else f"{{choice: {ts}}}"
     return SPACE.replace("[1, 19]", f"[{blocks[0]}, {blocks[-1]}]").replace(
-        str([0, 10, 30, 50, 90, 150, 300, 500]), str(ts)).replace(str([1, 2, 4]), str(pools))
+        f"{{choice: {GRID_T}}}", t).replace(str([1, 2, 4]), str(pools))
+
+
+def oracle_ranks(table: Table) -> list[int]:
+    """At each rung, the rank (1: the best val there; ties share the better rank) of the
+    val-oracle's config (the best of its ties): how early a rung could single it out."""
+    keys = sorted(table.scores)
+    top = max(table.scores[k][-1] for k in keys)
+    best = [k for k in keys if table.scores[k][-1] == top]
+    return [min(1 + sum(table.scores[o][r] > table.scores[k][r] for o in keys) for k in best)
+            for r in range(table.rungs)]
 
 
 def median_ratio(num: Sequence[float], den: Sequence[float], *, reps: int = 10000,
@@ -297,9 +331,12 @@ def report(table: Table, seeds: range, budget: int, *, task: str = "digits",
         summary.update({f"noise_{k}": v for k, v in noise.items()})
     if task == "digits":  # the last rung against the shipped grid, config by config
         ref = load_grid()
-        summary["full_equals_grid"] = all(ref[k] == v for k, v in grid.items())
+        common = [k for k in grid if k in ref]  # (the grid's 8 timesteps)
+        summary["full_equals_grid"] = bool(common) and all(grid[k] == ref[k] for k in common)
     for k, r in enumerate(rho):
         summary[f"spearman_rung{k}"] = r
+    for k, rank in enumerate(oracle_ranks(table)[:-1]):
+        summary[f"oracle_rank_rung{k}"] = rank
     summary["spearman_probe"] = probe_spearman(table)
     runs = []
     with space_file(space_text(list(grid))) as path:
@@ -348,6 +385,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                     help="digits (the demo's), or noisy: the harder task (default digits)")
     ap.add_argument("--reduction-factor", type=int, default=None,
                     help="ASHA's over the rungs (default: the demo space's, 2)")
+    ap.add_argument("--timesteps", choices=("space", "grid"), default="space",
+                    help="space: the demo space's 51 (default); grid: the 8 of "
+                    "optuna_vs_random's grid (the table's configs at those)")
+    ap.add_argument("--rung-steps", type=int, default=DEFAULT_STEPS,
+                    help="the fewest SGD steps of an early rung's epoch, as search.rung_steps "
+                    f"(default {DEFAULT_STEPS}; 1: each rung's sample read once, a table of "
+                    "its own)")
     ap.add_argument("--tiny", metavar="DIR", default=None,
                     help="a tiny table (8 configs) built in DIR, no RESULTS row (tests)")
     args = ap.parse_args(argv)
@@ -356,15 +400,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     if set(seeds) & set(seed_range(TUNE_SEEDS)):
         raise SystemExit(f"seeds overlap the tuning range {TUNE_SEEDS}")
-    path = TASKS[args.task][0]
+    path, keys = TASKS[args.task][0], table_keys()
+    if args.timesteps == "grid":
+        keys = [k for k in keys if k[1] in GRID_TIMESTEPS]
+    if args.rung_steps != DEFAULT_STEPS:  # another recipe: a table of its own
+        path = path.with_name(f"{path.stem}_steps{args.rung_steps}_{args.timesteps}.json")
     if args.tiny:
-        table = make_table(Path(args.tiny) / "tiny_rungs.json", tiny_keys(), args.task)
+        table = make_table(Path(args.tiny) / "tiny_rungs.json", tiny_keys(), args.task,
+                           args.rung_steps)
     elif args.rebuild or not path.exists():
-        table = make_table(path, sorted(load_grid()), args.task)
+        table = make_table(path, keys, args.task, args.rung_steps)
     else:
         table = read_table(path)
+    table = table.only(keys)
     load_start = os.getloadavg()[0]
     summary = report(table, seeds, args.max_trials, task=args.task, rf=args.reduction_factor)
+    summary.update(timesteps=len({t for _, t, _ in table.scores}), rung_steps=args.rung_steps)
     summary["load_1min"] = f"{load_start:.1f}-{os.getloadavg()[0]:.1f}"  # the seconds' context
     if args.tiny:
         print(" ".join(["data_fidelity_tiny", *(f"{k}={v}" for k, v in summary.items())]))

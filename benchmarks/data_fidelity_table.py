@@ -1,6 +1,8 @@
 """The per-rung score table behind :mod:`benchmarks.data_fidelity`: every config of the demo
-grid (a linear head on block x t x pool, 4 epochs, :mod:`benchmarks.optuna_vs_random`'s recipe)
-trained and scored at every rung over images, through the real pipeline.
+space's linear heads (block x t x pool, 4 epochs, :mod:`benchmarks.optuna_vs_random`'s
+recipe) trained and scored at every rung over images, through the real pipeline (an epoch
+reads a rung's train sample :meth:`~difftune.trainables.data.order.Rung.passes` times, as a
+search's trial does).
 
 A rung's sample of a split is the first :func:`~difftune.trainables.data.order.rung_rows`
 images of the split's interleaved order, read with ``FeatureCache.get_prefix`` (float32
@@ -17,12 +19,13 @@ The harder task (``--task noisy``, ``benchmarks/demo_rungs_noisy.json``): the sa
 the same splits, each with seeded Gaussian pixel noise and a blanked square
 (:func:`noisy_digits`), read as an ImageFolder tree.
 
-``python -m benchmarks.data_fidelity --rebuild [--task noisy]`` rebuilds a table (a few
-minutes on 2 cores).
+``python -m benchmarks.data_fidelity --rebuild [--task noisy]`` rebuilds a table (about 30
+minutes on one core: 51 timesteps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -33,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from difftune.trainables.data.order import DEFAULT_STEPS
 
 logger = logging.getLogger("data_fidelity")
 
@@ -75,6 +80,17 @@ class Table:
         """Train + val images of rung ``k``."""
         return self.rows["train"][k] + self.rows["val"][k]
 
+    def only(self, keys: Sequence[Key]) -> Table:
+        """The table over those of ``keys`` it holds (the probe's map at their timesteps)."""
+        keep = [k for k in keys if k in self.scores] if set(keys) < set(self.scores) \
+            else list(self.scores)
+        ts, every = {t for _, t, _ in keep}, {t for _, t, _ in self.scores}
+        return dataclasses.replace(
+            self, probe_s=self.probe_s * len(ts) / max(1, len(every)),
+            scores={k: self.scores[k] for k in keep}, test={k: self.test[k] for k in keep},
+            probe={c: v for c, v in self.probe.items() if c[1] in ts},
+            unet_images={t: n for t, n in self.unet_images.items() if t in ts})
+
 
 def read_table(path: Path) -> Table:
     raw = json.loads(path.read_text())
@@ -87,12 +103,16 @@ def read_table(path: Path) -> Table:
                  unet_images={int(t): n for t, n in raw.get("unet_images", {}).items()})
 
 
-def make_table(path: Path, keys: Sequence[Key], task: str = "digits") -> Table:
-    """Build the table of ``keys`` on ``task`` (the grid's recipe) into ``path``."""
+def make_table(path: Path, keys: Sequence[Key], task: str = "digits",
+               min_steps: int = DEFAULT_STEPS) -> Table:
+    """Build the table of ``keys`` on ``task`` (the grid's recipe; an early rung's epoch
+    takes ``min_steps`` SGD steps where its sample allows, as ``search.rung_steps``) into
+    ``path``."""
     noise = TASKS[task][1]
     with tempfile.TemporaryDirectory() as d:
         data = "digits" if noise is None else str(noisy_digits(Path(d) / "noisy", **noise))
-        table = build(keys, fractions=FRACTIONS, floor=FLOOR, epochs=EPOCHS, lr=LR, data=data)
+        table = build(keys, fractions=FRACTIONS, floor=FLOOR, epochs=EPOCHS, lr=LR, data=data,
+                      min_steps=min_steps)
     save(path, table, model="demo", task=task, data="digits", **(noise or {}),
          recipe=f"linear probe, {EPOCHS} epochs, lr {LR}, momentum 0.9, from scratch per rung")
     return read_table(path)
@@ -117,7 +137,7 @@ def _read(cache, cfg, split: str, requests, rows: int) -> tuple[dict, np.ndarray
 
 def build(keys: Sequence[tuple[int, int, int]], *, fractions: Sequence[float], floor: int,
           epochs: int, lr: float, data: str = "digits", label_fraction: float | None = None,
-          root: str | None = None) -> dict:
+          root: str | None = None, min_steps: int = DEFAULT_STEPS) -> dict:
     """Val top-1 of every ``(block, t, pool)`` of ``keys`` at every rung, test top-1 at the
     last, and what the rungs cost.
 
@@ -129,7 +149,7 @@ def build(keys: Sequence[tuple[int, int, int]], *, fractions: Sequence[float], f
     """
     from difftune.trainables.cache.feature_cache import FeatureCache
     from difftune.trainables.data.datasets import load_dataset, targets_of
-    from difftune.trainables.data.order import interleaved_order, rung_rows
+    from difftune.trainables.data.order import interleaved_order, ladder, repeat_for, rung_rows
     from difftune.trainables.heads import build_head
     from difftune.trainables.model.unet import load_unet
     from difftune.trainables.train.loop import FeatureTensors, train_head
@@ -149,6 +169,7 @@ def build(keys: Sequence[tuple[int, int, int]], *, fractions: Sequence[float], f
     # the rows of a train sample, back in split order (positions in the prefix)
     order = interleaved_order(targets["train"])
     back = [np.argsort(order[:n], kind="stable") for n in rows["train"]]
+    rungs = ladder(fractions, floor=floor, min_steps=min_steps)  # rung.passes() per epoch
     scores: dict[tuple[int, int, int], list[float]] = {k: [] for k in keys}
     test: dict[tuple[int, int, int], float] = {}
     train_s = [0.0] * len(fractions)
@@ -187,7 +208,8 @@ def build(keys: Sequence[tuple[int, int, int]], *, fractions: Sequence[float], f
                                        label_fraction=label_fraction)
                     x, y = feats["train", p]
                     i = torch.from_numpy(back[k])
-                    train = FeatureTensors({(t, b): x[(t, b)][i]}, torch.from_numpy(y)[i])
+                    train = repeat_for(FeatureTensors({(t, b): x[(t, b)][i]},
+                                                      torch.from_numpy(y)[i]), rungs[k], 64)
                     x, y = feats["val", p]
                     val = FeatureTensors({(t, b): x[(t, b)]}, torch.from_numpy(y))
                     start = time.perf_counter()
@@ -201,6 +223,7 @@ def build(keys: Sequence[tuple[int, int, int]], *, fractions: Sequence[float], f
     per_t = len(keys) // len(timesteps)
     return {
         "rows": rows, "fractions": list(fractions), "floor": floor,
+        "rung_passes": [r.passes(n, 64) for r, n in zip(rungs, rows["train"], strict=True)],
         "unet_s_per_image": sum(s.forward_seconds for s in stats)
         / max(1, sum(s.timed_images for s in stats)),
         "train_s": [s / (per_t * len(timesteps)) for s in train_s],
