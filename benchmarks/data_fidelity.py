@@ -79,11 +79,16 @@ from benchmarks.data_fidelity_table import (
     FLOOR,
     FRACTIONS,
     TASKS,
+    TIMESTEPS,
     Table,
     make_table,
+    median_ratio,
+    oracle_ranks,
     probe_spearman,
     read_table,
     spearman,
+    table_keys,
+    tiny_keys,
 )
 from benchmarks.optuna_vs_random import (
     TIMESTEPS as GRID_TIMESTEPS,
@@ -106,16 +111,6 @@ from difftune.trainables.data.order import DEFAULT_STEPS
 logger = logging.getLogger("data_fidelity")
 
 ARMS = ("flat", "rungs", "probe")
-#: the demo space's timesteps (``spaces/demo.yaml``: t from 0 to 500, step 10); the table
-#: holds every one (optuna_vs_random's grid holds 8 of them)
-TIMESTEPS = list(range(0, 501, 10))
-
-
-def table_keys() -> list[Key]:
-    """The table's configs: blocks 1-19 x :data:`TIMESTEPS` x pool {1, 2, 4} (2,907)."""
-    from benchmarks.optuna_vs_random import BLOCKS, POOLS
-
-    return [(b, t, p) for b in BLOCKS for t in TIMESTEPS for p in POOLS]
 
 
 # --------------------------------------------------------------------- the rung search
@@ -247,31 +242,6 @@ def space_text(keys: Sequence[Key]) -> str:
         f"{{choice: {GRID_T}}}", t).replace(str([1, 2, 4]), str(pools))
 
 
-def oracle_ranks(table: Table) -> list[int]:
-    """At each rung, the rank (1: the best val there; ties share the better rank) of the
-    val-oracle's config (the best of its ties): how early a rung could single it out."""
-    keys = sorted(table.scores)
-    top = max(table.scores[k][-1] for k in keys)
-    best = [k for k in keys if table.scores[k][-1] == top]
-    return [min(1 + sum(table.scores[o][r] > table.scores[k][r] for o in keys) for k in best)
-            for r in range(table.rungs)]
-
-
-def median_ratio(num: Sequence[float], den: Sequence[float], *, reps: int = 10000,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """``median(num) / median(den)`` and its 95 % paired bootstrap interval over seeds
-    (medians without interpolation: a search that never answered counts as ``inf``)."""
-    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(reps, len(a)))
-    med = lambda x: np.quantile(x, 0.5, axis=-1, method="inverted_cdf")  # noqa: E731
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = med(a[idx]) / med(b[idx])
-        point = float(med(a) / med(b))
-    r = r[~np.isnan(r)]
-    return point, float(np.quantile(r, 0.025, method="inverted_cdf")), \
-        float(np.quantile(r, 0.975, method="inverted_cdf"))
-
-
 def run_seed(path: str, table: Table, seed: int, budget: int, threshold: float,
              rf: int | None = None) -> dict[str, dict[str, float]]:
     """One seed's three searches: per arm, passes and seconds to the answer and to the kept
@@ -366,11 +336,6 @@ def report(table: Table, seeds: range, budget: int, *, task: str = "digits",
                 summary[f"{name}{key}_hi"] = v, lo, hi
     summary["goal"] = "pass_ratio<=0.25"
     return summary
-
-
-def tiny_keys() -> list[Key]:
-    """The ``--tiny`` grid: blocks 1-2 x t {0, 30} x pool {1, 2} (the U-Net stops early)."""
-    return [(b, t, p) for b in (1, 2) for t in (0, 30) for p in (1, 2)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:

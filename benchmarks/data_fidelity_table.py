@@ -287,3 +287,45 @@ def probe_spearman(table: Table) -> float:
         best[b, t] = max(best.get((b, t), -1.0), v[-1])
     cells = sorted(table.probe)
     return float(spearmanr([table.probe[c] for c in cells], [best[c] for c in cells]).statistic)
+
+
+#: the demo space's timesteps (``spaces/demo.yaml``: t from 0 to 500, step 10); the table
+#: holds every one (optuna_vs_random's grid holds 8 of them)
+TIMESTEPS = list(range(0, 501, 10))
+
+
+def table_keys() -> list[Key]:
+    """The table's configs: blocks 1-19 x :data:`TIMESTEPS` x pool {1, 2, 4} (2,907)."""
+    from benchmarks.optuna_vs_random import BLOCKS, POOLS
+
+    return [(b, t, p) for b in BLOCKS for t in TIMESTEPS for p in POOLS]
+
+
+def oracle_ranks(table: Table) -> list[int]:
+    """At each rung, the rank (1: the best val there; ties share the better rank) of the
+    val-oracle's config (the best of its ties): how early a rung could single it out."""
+    keys = sorted(table.scores)
+    top = max(table.scores[k][-1] for k in keys)
+    best = [k for k in keys if table.scores[k][-1] == top]
+    return [min(1 + sum(table.scores[o][r] > table.scores[k][r] for o in keys) for k in best)
+            for r in range(table.rungs)]
+
+
+def median_ratio(num: Sequence[float], den: Sequence[float], *, reps: int = 10000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """``median(num) / median(den)`` and its 95 % paired bootstrap interval over seeds
+    (medians without interpolation: a search that never answered counts as ``inf``)."""
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(reps, len(a)))
+    med = lambda x: np.quantile(x, 0.5, axis=-1, method="inverted_cdf")  # noqa: E731
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = med(a[idx]) / med(b[idx])
+        point = float(med(a) / med(b))
+    r = r[~np.isnan(r)]
+    return point, float(np.quantile(r, 0.025, method="inverted_cdf")), \
+        float(np.quantile(r, 0.975, method="inverted_cdf"))
+
+
+def tiny_keys() -> list[Key]:
+    """The ``--tiny`` grid: blocks 1-2 x t {0, 30} x pool {1, 2} (the U-Net stops early)."""
+    return [(b, t, p) for b in (1, 2) for t in (0, 30) for p in (1, 2)]
