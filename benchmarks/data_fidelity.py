@@ -234,12 +234,11 @@ def space_text(keys: Sequence[Key]) -> str:
     timesteps and pools; over :data:`TIMESTEPS` the demo space's own ``t`` (an int, step 10,
     as TPE sees it in ``spaces/demo.yaml``), else a choice of them (``--tiny``)."""
     from benchmarks.optuna_vs_random import SPACE
-    from benchmarks.optuna_vs_random import TIMESTEPS as GRID_T
 
     blocks, ts, pools = (sorted({k[i] for k in keys}) for i in range(3))
     t = "{int: [0, 500], step: 10}" if ts == TIMESTEPS else f"{{choice: {ts}}}"
     return SPACE.replace("[1, 19]", f"[{blocks[0]}, {blocks[-1]}]").replace(
-        f"{{choice: {GRID_T}}}", t).replace(str([1, 2, 4]), str(pools))
+        f"{{choice: {GRID_TIMESTEPS}}}", t).replace(str([1, 2, 4]), str(pools))
 
 
 def run_seed(path: str, table: Table, seed: int, budget: int, threshold: float,

@@ -82,8 +82,8 @@ class Table:
 
     def only(self, keys: Sequence[Key]) -> Table:
         """The table over those of ``keys`` it holds (the probe's map at their timesteps)."""
-        keep = [k for k in keys if k in self.scores] if set(keys) < set(self.scores) \
-            else list(self.scores)
+        wanted = set(keys)
+        keep = [k for k in self.scores if k in wanted]
         ts, every = {t for _, t, _ in keep}, {t for _, t, _ in self.scores}
         return dataclasses.replace(
             self, probe_s=self.probe_s * len(ts) / max(1, len(every)),

@@ -136,14 +136,14 @@ def rungs_of(space: Space, data: DataSize, *, label_fraction: float | str | None
     rf = float(s["reduction_factor"])
     train, val = split_counts(data, label_fraction)
     train_rows = tuple(sample_size(train, f, floor) for f in fr)
+    batch = int(space.fixed.get("batch_size", TrialConfig.batch_size))
+    by_rung = ladder(fr, min_steps=int(s.get("rung_steps") or DEFAULT_STEPS))
     return Rungs(fractions=fr, floor=floor, reduction_factor=rf, train=train_rows,
                  val=tuple(sample_size(val, f, floor) for f in fr),
                  reach=tuple(rf ** -k for k in range(len(fr))),
                  probe=bool(s.get("probe_rung", False)),
-                 passes=tuple(r.passes(n, int(space.fixed.get("batch_size", TrialConfig.batch_size)))
-                              for r, n in zip(ladder(fr, min_steps=int(
-                                  s.get("rung_steps") or DEFAULT_STEPS)), train_rows,
-                                  strict=True)))
+                 passes=tuple(r.passes(n, batch)
+                              for r, n in zip(by_rung, train_rows, strict=True)))
 
 
 def running_rows(rungs: Rungs | None, trials: int, at_once: int, rows: int,

@@ -43,6 +43,7 @@ from difftune.search.run.tuner import DEFAULT_STORAGE
 from difftune.search.space.spec import Space, load_space, parse_set
 from difftune.trainables.cache.feature_cache import default_root
 from difftune.trainables.data.datasets import check_data
+from difftune.trainables.data.order import DEFAULT_STEPS
 from difftune.trainables.model.unet import check_model
 from difftune.trainables.progress import DEFAULT_EVERY_S
 from difftune.trainables.trainable import RuntimeOptions
@@ -171,7 +172,7 @@ def prepare_search(request: SearchRequest, *, echo: Echo = _log) -> Prepared:
                              image_rungs=tuple(space.search.get("image_rungs") or ()),
                              image_floor=int(space.search.get("image_floor", 5)),
                              rung_factor=float(space.search["reduction_factor"]),
-                             rung_steps=int(space.search.get("rung_steps", 16)),
+                             rung_steps=int(space.search.get("rung_steps", DEFAULT_STEPS)),
                              progress_s=float(os.environ.get("DIFFTUNE_PROGRESS_S",
                                                              DEFAULT_EVERY_S)),
                              **cache_options(cost, cache, explicit, request.data_hash,

@@ -60,6 +60,7 @@ from difftune.search.space.checks import (
 from difftune.search.space.grid import check_grid, grid_axes
 from difftune.search.space.paths import MODEL_PRESETS, user_path
 from difftune.trainables.config import TrialConfig, check_setting
+from difftune.trainables.data.order import DEFAULT_STEPS
 from difftune.trainables.errors import UserError
 from difftune.trainables.heads import HEAD_TYPES, checked_config
 from difftune.trainables.model.unet import model_geometry
@@ -77,7 +78,7 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(
     objectives=None,
     cache_policy="auto", cache_budget=None, extract_batch=None, confirm_top=0,
     confirm_label_fraction=None, prior="none", image_rungs=None, image_floor=5,
-    rung_steps=16, probe_rung=False,
+    rung_steps=DEFAULT_STEPS, probe_rung=False,
 )
 BLOCK_KEYS = ("block", "blocks", "feedback_blocks")
 TIME_KEYS = ("t", "timesteps")
