@@ -13,9 +13,6 @@ from difftune.search.cli.args import integer
 
 logger = logging.getLogger(__name__)
 
-#: default ports of the databases MLflow stores runs in
-DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -49,11 +46,22 @@ def search_links(uri: str, address: str) -> list[tuple[str, str]]:
     cannot be read yet (``mlflow ui`` says why)."""
     from mlflow.tracking import MlflowClient
 
-    from difftune.search.records.uris import redact_text
+    from difftune.search.records.uris import (
+        TrackingError,
+        check_database,
+        is_database,
+        redact_text,
+    )
     from difftune.search.report.ui_view import experiment_links
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return []  # reading must not create the store: mlflow ui does
+    if is_database(uri):  # one connection with a timeout: MLflow retries one for minutes
+        try:
+            check_database(uri, timeout=3.0)
+        except TrackingError as exc:
+            logger.warning("no links to the searches: %s", exc)
+            return []
     try:
         return experiment_links(MlflowClient(uri), address)
     except Exception as exc:  # the links are a nicety; the UI shows every experiment
@@ -61,30 +69,6 @@ def search_links(uri: str, address: str) -> list[tuple[str, str]]:
                        redact_text(str(exc).strip().splitlines()[0]) if str(exc).strip()
                        else type(exc).__name__)
         return []
-
-
-def answers(uri: str, timeout_s: float = 3.0) -> bool:
-    """Whether a database store's host accepts a connection within ``timeout_s`` (a sqlite
-    file, a socket path or an unparsable URI: True). MLflow retries a refused connection
-    for minutes, which must not hold the UI back: ``mlflow ui`` then says what is wrong."""
-    import socket
-
-    from sqlalchemy.engine import make_url
-
-    if uri.startswith("sqlite:"):
-        return True
-    try:
-        url = make_url(uri)
-    except Exception:
-        return True
-    port = url.port or DB_PORTS.get(url.get_backend_name())
-    if not url.host or not port:
-        return True
-    try:
-        socket.create_connection((url.host, port), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,11 +82,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = ui_command(args.host, args.port)
     address = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {address}  (mlflow ui on {redact(uri)})", flush=True)
-    reachable = answers(uri)
-    if not reachable:
-        logger.warning("no links to the searches: %s does not answer", redact(uri))
-    links = search_links(uri, address) if reachable else []
-    for name, link in links:
+    for name, link in search_links(uri, address):
         print(f"  {name}: {link}", flush=True)
     os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
     return 0  # not reached
