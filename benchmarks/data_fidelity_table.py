@@ -17,7 +17,11 @@ compute time is made of).
 
 The harder task (``--task noisy``, ``benchmarks/demo_rungs_noisy.json``): the same digits in
 the same splits, each with seeded Gaussian pixel noise and a blanked square
-(:func:`noisy_digits`), read as an ImageFolder tree.
+(:func:`benchmarks.data_fidelity_tasks.noisy_digits`), read as an ImageFolder tree. The
+larger task (``--task augmented``, ``benchmarks/demo_rungs_augmented.json``): 8 seeded
+rotated, shifted, noisy copies of every digit
+(:func:`~benchmarks.data_fidelity_tasks.augmented_digits`), so that rung 0's 2 % clears the
+floor of 5 images per class.
 
 ``python -m benchmarks.data_fidelity --rebuild [--task noisy]`` rebuilds a table (about 30
 minutes on one core: 51 timesteps).
@@ -46,10 +50,14 @@ HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.02, 0.1, 0.5, 1.0)
 FLOOR = 5
 EPOCHS, LR = 4, 0.05  # the demo grid's recipe (benchmarks/optuna_vs_random.py)
-#: task -> (its table, how its images are made: None for the digits themselves)
+#: task -> (its table, how its images are made: None for the digits themselves; a
+#: ``copies`` key: :func:`benchmarks.data_fidelity_tasks.augmented_digits`, else
+#: :func:`~benchmarks.data_fidelity_tasks.noisy_digits`)
 TASKS: dict[str, tuple[Path, dict | None]] = {
     "digits": (HERE / "demo_rungs.json", None),
     "noisy": (HERE / "demo_rungs_noisy.json", {"sigma": 0.4, "patch": 6, "seed": 0}),
+    "augmented": (HERE / "demo_rungs_augmented.json",
+                  {"copies": 8, "degrees": 20, "shift": 2, "sigma": 0.3, "seed": 0}),
 }
 Key = tuple[int, int, int]
 
@@ -104,18 +112,54 @@ def read_table(path: Path) -> Table:
 
 
 def make_table(path: Path, keys: Sequence[Key], task: str = "digits",
-               min_steps: int = DEFAULT_STEPS) -> Table:
+               min_steps: int = DEFAULT_STEPS, jobs: int = 1) -> Table:
     """Build the table of ``keys`` on ``task`` (the grid's recipe; an early rung's epoch
     takes ``min_steps`` SGD steps where its sample allows, as ``search.rung_steps``) into
-    ``path``."""
+    ``path``, its timesteps dealt to ``jobs`` processes of one thread each."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from benchmarks.data_fidelity_tasks import task_images
+
     noise = TASKS[task][1]
     with tempfile.TemporaryDirectory() as d:
-        data = "digits" if noise is None else str(noisy_digits(Path(d) / "noisy", **noise))
-        table = build(keys, fractions=FRACTIONS, floor=FLOOR, epochs=EPOCHS, lr=LR, data=data,
-                      min_steps=min_steps)
+        data = "digits" if noise is None else str(task_images(Path(d) / task, noise))
+        kw = dict(fractions=FRACTIONS, floor=FLOOR, epochs=EPOCHS, lr=LR, data=data,
+                  min_steps=min_steps)
+        ts = sorted({t for _, t, _ in keys})
+        parts = [[k for k in keys if k[1] in ts[j::jobs]] for j in range(jobs)]
+        parts = [p for p in parts if p]
+        if len(parts) == 1:
+            table = build(keys, **kw)
+        else:
+            with ProcessPoolExecutor(len(parts), mp_context=get_context("spawn")) as pool:
+                table = merge(list(pool.map(_build_part, [(p, kw) for p in parts])), keys)
     save(path, table, model="demo", task=task, data="digits", **(noise or {}),
          recipe=f"linear probe, {EPOCHS} epochs, lr {LR}, momentum 0.9, from scratch per rung")
     return read_table(path)
+
+
+def _build_part(args: tuple[Sequence[Key], dict]) -> dict:
+    """:func:`build` of one process's keys (a picklable call for the process pool)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    keys, kw = args
+    return build(keys, **kw)
+
+
+def merge(parts: Sequence[dict], keys: Sequence[Key]) -> dict:
+    """One table from :func:`build`'s tables of disjoint timesteps (configs in ``keys``'
+    order; the measured seconds averaged over the parts, weighted by their configs)."""
+    n = [len(p["configs"]) for p in parts]
+    w = [k / sum(n) for k in n]
+    by = {(c["block"], c["t"], c["pool"]): c for p in parts for c in p["configs"]}
+    out = {**parts[0], "configs": [by[k] for k in keys], "probe_s": sum(p["probe_s"] for p in parts),
+           "unet_s_per_image": sum(x * p["unet_s_per_image"] for x, p in zip(w, parts, strict=True)),
+           "train_s": [sum(x * p["train_s"][r] for x, p in zip(w, parts, strict=True))
+                       for r in range(len(parts[0]["train_s"]))],
+           "unet_images": {t: v for p in parts for t, v in p["unet_images"].items()},
+           "probe": sorted((q for p in parts for q in p["probe"]),
+                           key=lambda q: (q["block"], q["t"]))}
+    return out
 
 
 def spearman(table: Table) -> list[float]:
@@ -248,31 +292,6 @@ def save(path: Path, table: dict, **about: object) -> None:
     lines = [json.dumps(c) for c in configs]
     path.write_text(json.dumps(head, indent=1)[:-2] + ',\n "configs": [\n'
                     + ",\n".join(lines) + "\n]}\n")
-
-
-def noisy_digits(root: Path, *, sigma: float, patch: int, seed: int = 0) -> Path:
-    """The harder task: scikit-learn's digits as the demo sees them (16 x 16, in the same
-    train / val / test splits), each with seeded Gaussian pixel noise of ``sigma`` (images in
-    [-1, 1]) and a ``patch`` x ``patch`` square blanked at a seeded place, written as an
-    ImageFolder tree (``train/``, ``val/``, ``test/``: one folder per split, so no image
-    changes split and the U-Net never saw a val or test digit). :return: the tree's root."""
-    from PIL import Image
-
-    from difftune.trainables.data.datasets import load_dataset
-
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val", "test"):
-        ds, classes = load_dataset("digits", split=split, image_size=16)
-        for i in range(len(ds)):
-            x, y = ds[i]
-            x = x[0].numpy() + sigma * rng.standard_normal(x.shape[1:])
-            r, c = rng.integers(0, 16 - patch + 1, size=2)
-            x[r:r + patch, c:c + patch] = -1.0
-            pixels = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
-            folder = root / split / classes[y]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2)).save(folder / f"{i:04d}.png")
-    return root
 
 
 def probe_spearman(table: Table) -> float:

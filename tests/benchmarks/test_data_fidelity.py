@@ -8,7 +8,9 @@ import importlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = [(1, 0, 1), (1, 0, 2), (2, 0, 1), (2, 0, 2), (1, 30, 1), (1, 30, 2), (2, 30, 1),
@@ -67,7 +69,9 @@ def test_asha_keeps_only_the_top_half_of_a_rung_and_passes_follow_the_deepest_ru
 
 
 def test_the_tiny_mode_reproduces_the_grid_at_the_last_rung(fid, tmp_path):
-    summary = fid.main(["--tiny", str(tmp_path), "--seeds", "2", "--max-trials", "6"])
+    # two processes, a timestep each: the merged table is the one-process table
+    summary = fid.main(["--tiny", str(tmp_path), "--seeds", "2", "--max-trials", "6",
+                        "--jobs", "2"])
     assert summary["full_equals_grid"] is True  # trained from the prefix entries
     assert summary["spearman_rung3"] == pytest.approx(1.0)
     raw = json.loads((tmp_path / "tiny_rungs.json").read_text())
@@ -77,3 +81,24 @@ def test_the_tiny_mode_reproduces_the_grid_at_the_last_rung(fid, tmp_path):
     for arm in ("flat", "rungs", "probe"):
         assert summary[f"{arm}_search_passes"] <= 2 * 1437
     assert 1 <= summary["rungs_full_trials"] <= summary["flat_full_trials"] == 6
+
+
+def test_the_augmented_task_keeps_each_digits_copies_in_its_split_and_lifts_rung0_off_the_floor(
+        fid, tmp_path):
+    from difftune.trainables.data.datasets import load_dataset, targets_of
+    from difftune.trainables.data.order import rung_rows
+
+    tasks = importlib.import_module("benchmarks.data_fidelity_tasks")
+    root = tasks.augmented_digits(tmp_path, copies=3, degrees=20, shift=2, sigma=0.3)
+    sizes = {"train": 1078, "val": 359, "test": 360}
+    for split, n in sizes.items():
+        files = sorted((root / split).glob("*/*.png"))
+        assert len(files) == 3 * n
+        stems = {f.stem.split("_")[0] for f in files}  # a digit's copies share its number
+        assert len(stems) == n
+        first = files[0]
+        a, b = (np.asarray(Image.open(first.with_name(f"{first.stem[:-2]}_{c}.png")))
+                for c in (0, 1))
+        assert (a != b).any()  # each copy drawn on its own
+    ds, _ = load_dataset(str(root), split="train", image_size=16)
+    assert rung_rows(targets_of(ds), 0.02, 5) == 65 > 50  # 2 % of 3,234: above the floor
