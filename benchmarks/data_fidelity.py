@@ -91,6 +91,7 @@ from benchmarks.data_fidelity_table import (
     table_keys,
     tiny_keys,
 )
+from benchmarks.data_fidelity_tasks import MAKERS
 from benchmarks.optuna_vs_random import (
     TIMESTEPS as GRID_TIMESTEPS,
 )
@@ -298,8 +299,7 @@ def report(table: Table, seeds: range, budget: int, *, task: str = "digits",
         "top10_val_spread": float(val.max() - np.sort(val)[-min(10, len(val))])}
     noise = TASKS[task][1]
     if noise:  # how the harder task's images were made
-        made = "aug" if "copies" in noise else "noise"
-        summary.update({f"{made}_{k}": v for k, v in noise.items()})
+        summary.update({f"{MAKERS[task][0]}_{k}": v for k, v in noise.items()})
     if task == "digits":  # the last rung against the shipped grid, config by config
         ref = load_grid()
         common = [k for k in grid if k in ref]  # (the grid's 8 timesteps)

@@ -24,7 +24,7 @@ rotated, shifted, noisy copies of every digit
 floor of 5 images per class.
 
 ``python -m benchmarks.data_fidelity --rebuild [--task noisy]`` rebuilds a table (about 30
-minutes on one core: 51 timesteps).
+minutes on one core: 51 timesteps; ``--task augmented``: about 80 minutes with ``--jobs 2``).
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.02, 0.1, 0.5, 1.0)
 FLOOR = 5
 EPOCHS, LR = 4, 0.05  # the demo grid's recipe (benchmarks/optuna_vs_random.py)
-#: task -> (its table, how its images are made: None for the digits themselves; a
-#: ``copies`` key: :func:`benchmarks.data_fidelity_tasks.augmented_digits`, else
-#: :func:`~benchmarks.data_fidelity_tasks.noisy_digits`)
+#: task -> (its table, the parameters its images are made with, by
+#: :data:`benchmarks.data_fidelity_tasks.MAKERS`: None for the digits themselves)
 TASKS: dict[str, tuple[Path, dict | None]] = {
     "digits": (HERE / "demo_rungs.json", None),
     "noisy": (HERE / "demo_rungs_noisy.json", {"sigma": 0.4, "patch": 6, "seed": 0}),
@@ -123,7 +122,7 @@ def make_table(path: Path, keys: Sequence[Key], task: str = "digits",
 
     noise = TASKS[task][1]
     with tempfile.TemporaryDirectory() as d:
-        data = "digits" if noise is None else str(task_images(Path(d) / task, noise))
+        data = "digits" if noise is None else str(task_images(Path(d) / task, task, noise))
         kw = dict(fractions=FRACTIONS, floor=FLOOR, epochs=EPOCHS, lr=LR, data=data,
                   min_steps=min_steps)
         ts = sorted({t for _, t, _ in keys})
@@ -152,14 +151,13 @@ def merge(parts: Sequence[dict], keys: Sequence[Key]) -> dict:
     n = [len(p["configs"]) for p in parts]
     w = [k / sum(n) for k in n]
     by = {(c["block"], c["t"], c["pool"]): c for p in parts for c in p["configs"]}
-    out = {**parts[0], "configs": [by[k] for k in keys], "probe_s": sum(p["probe_s"] for p in parts),
+    return {**parts[0], "configs": [by[k] for k in keys], "probe_s": sum(p["probe_s"] for p in parts),
            "unet_s_per_image": sum(x * p["unet_s_per_image"] for x, p in zip(w, parts, strict=True)),
            "train_s": [sum(x * p["train_s"][r] for x, p in zip(w, parts, strict=True))
                        for r in range(len(parts[0]["train_s"]))],
            "unet_images": {t: v for p in parts for t, v in p["unet_images"].items()},
            "probe": sorted((q for p in parts for q in p["probe"]),
                            key=lambda q: (q["block"], q["t"]))}
-    return out
 
 
 def spearman(table: Table) -> list[float]:
